@@ -1,0 +1,241 @@
+"""GcApiClient: the only place that talks HTTP to Grand Challenge.
+
+It knows the API's conventions (gc-api.md): `Authorization: Bearer`, trailing slashes,
+limit/offset pages, 404 for hidden and absent objects alike, the 400-vs-empty-200 filter oracle
+and the website pages that tell "hidden" from "absent" for algorithm and reader-study slugs.
+It turns HTTP outcomes into `GcfsError`s and hands out parsed JSON; it caches nothing.
+
+The token is sent only to the API origin, never to website pages (they ignore it and we do not
+want it in their logs) and never logged: the request log line carries method, URL and status.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+import trio
+
+from .config import Secret
+from .errors import BadResponse, GcfsError, NotFound, PermissionDenied, Unavailable
+
+log = logging.getLogger(__name__)
+
+JSON = Any  # parsed JSON: what the server sent, checked by the caller before use
+Params = Mapping[str, str | int]
+
+# DRF's MaxLimit1000OffsetPagination clamps larger limits to 1000 (gc-api.md §2); asking for the
+# maximum makes a 10,000-item listing 10 requests instead of gcapi's 101.
+PAGE_SIZE = 1000
+# Pages after the first are fetched concurrently once `count` is known; 8 keeps a big listing
+# fast without monopolising the connection pool shared with file reads.
+PAGE_CONCURRENCY = 8
+# Connections to the API origin. pyfuse3 runs up to 99 handlers at once; beyond ~16 parallel
+# requests a Django server only queues them.
+MAX_CONNECTIONS = 16
+
+
+class Existence(enum.Enum):
+    """What an existence oracle says about an object we cannot see."""
+
+    HIDDEN = "hidden"  # exists, but this token may not see it
+    ABSENT = "absent"  # does not exist
+    UNKNOWN = "unknown"  # the API cannot tell (archive slugs), or the answer was unexpected
+    VISIBLE = "visible"  # anyone may see it (a public page answered 200)
+
+
+class GcApiClient:
+    """Async, typed access to the Grand Challenge API of one site."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: Secret | None,
+        *,
+        http_timeout: float,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_url = f"{self.base_url}/api/v1/"
+        self._auth_headers = {"Authorization": f"Bearer {token.reveal()}"} if token else {}
+        self._limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(http_timeout),
+            limits=httpx.Limits(max_connections=MAX_CONNECTIONS),
+            follow_redirects=False,
+            headers={"User-Agent": "gcfs", "Accept": "application/json"},
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> GcApiClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- single requests -------------------------------------------------------------------
+
+    async def _send(self, url: str, params: Params | None, *, auth: bool) -> httpx.Response:
+        headers = self._auth_headers if auth else {}
+        async with self._limiter:
+            start = trio.current_time()
+            try:
+                response = await self._http.get(url, params=params, headers=headers)
+            except httpx.TimeoutException as exc:
+                raise Unavailable(f"GET {url}: timed out") from exc
+            except httpx.HTTPError as exc:
+                raise Unavailable(f"GET {url}: {type(exc).__name__}: {exc}") from exc
+        log.debug(
+            "GET %s -> %d (%.0f ms)",
+            response.request.url,
+            response.status_code,
+            (trio.current_time() - start) * 1000,
+        )
+        return response
+
+    async def get_json(self, path: str, params: Params | None = None) -> JSON:
+        """GET an API path (relative to /api/v1/, with trailing slash) and parse the JSON."""
+        response = await self._send(self.api_url + path, params, auth=True)
+        _raise_for_status(response)
+        return _parse_json(response)
+
+    async def whoami(self) -> str:
+        """The username behind the token; the one request made at mount time."""
+        body = await self.get_json("profiles/users/self/")
+        try:
+            username = body["user"]["username"]
+        except (KeyError, TypeError):
+            username = None
+        if not isinstance(username, str):
+            raise BadResponse("profiles/users/self/ answered without user.username")
+        return username
+
+    # -- listings --------------------------------------------------------------------------
+
+    async def list_all(self, path: str, params: Params | None = None) -> list[dict[str, Any]]:
+        """Every object of a list endpoint: the first page, then the rest concurrently.
+
+        Uses `count` from the first page to know how many pages follow, so a listing costs
+        one round trip plus ceil(count / 1000) - 1 requests in parallel. Objects are
+        de-duplicated by pk: archive items have no ordering, so offset pages can overlap.
+        """
+        base = dict(params or {})
+        first = await self._page(path, base, offset=0)
+        total = first[0]
+        pages: dict[int, list[dict[str, Any]]] = {0: first[1]}
+        offsets = range(PAGE_SIZE, total, PAGE_SIZE)
+        if offsets:
+            limiter = trio.CapacityLimiter(PAGE_CONCURRENCY)
+
+            async def fetch(offset: int) -> None:
+                async with limiter:
+                    pages[offset] = (await self._page(path, base, offset=offset))[1]
+
+            async with trio.open_nursery() as nursery:
+                for offset in offsets:
+                    nursery.start_soon(fetch, offset)
+        seen: set[object] = set()
+        objects: list[dict[str, Any]] = []
+        for offset in sorted(pages):
+            for obj in pages[offset]:
+                key = obj.get("pk", id(obj))
+                if key not in seen:
+                    seen.add(key)
+                    objects.append(obj)
+        log.debug(
+            "listed %s %s: %d objects in %d pages",
+            path,
+            dict(base),
+            len(objects),
+            max(1, math.ceil(total / PAGE_SIZE)),
+        )
+        return objects
+
+    async def _page(
+        self, path: str, params: dict[str, str | int], *, offset: int
+    ) -> tuple[int, list[dict[str, Any]]]:
+        body = await self.get_json(path, {**params, "limit": PAGE_SIZE, "offset": offset})
+        if not isinstance(body, dict):
+            raise BadResponse(f"{path}: a list page is not a JSON object")
+        count, results = body.get("count"), body.get("results")
+        if not isinstance(count, int) or not isinstance(results, list):
+            raise BadResponse(f"{path}: a list page lacks count or results")
+        if not all(isinstance(obj, dict) for obj in results):
+            raise BadResponse(f"{path}: a list page holds something other than objects")
+        return count, results
+
+    # -- existence oracles (gc-api.md §4) --------------------------------------------------
+
+    async def filter_oracle(self, path: str, param: str, pk: str) -> Existence:
+        """Tell a hidden pk from an absent one: the filter answers 400 for a pk that does not
+        exist and 200 (with whatever we may see) for one that does."""
+        response = await self._send(self.api_url + path, {param: pk, "limit": 1}, auth=True)
+        if response.status_code == 400:
+            return Existence.ABSENT
+        _raise_for_status(response)
+        return Existence.HIDDEN
+
+    async def website_oracle(self, collection: str, slug: str) -> Existence:
+        """Ask the public page `/<collection>/<slug>/` without a token, not following redirects.
+
+        For algorithms and reader studies it answers 302 to the permission-request page when
+        the object exists and we lack access, 404 when it does not exist, 200 when it is public.
+        """
+        url = f"{self.base_url}/{collection}/{slug}/"
+        response = await self._send(url, None, auth=False)
+        status = response.status_code
+        if status == 404:
+            return Existence.ABSENT
+        if status in (301, 302, 303, 307, 308):
+            location = response.headers.get("location", "")
+            if "permission-requests" in location:
+                return Existence.HIDDEN
+            return Existence.UNKNOWN
+        if status == 200:
+            return Existence.VISIBLE
+        if status >= 500 or status == 429:
+            raise Unavailable(f"GET {url}: HTTP {status}")
+        return Existence.UNKNOWN
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    status = response.status_code
+    if status < 300:
+        return
+    where = f"GET {response.request.url.copy_with(query=None)}"
+    if status == 404:
+        raise NotFound(f"{where}: not found")
+    if status == 401:
+        raise PermissionDenied(f"{where}: the server rejected the API token ({_detail(response)})")
+    if status == 403:
+        raise PermissionDenied(f"{where}: forbidden ({_detail(response)})")
+    if status == 429 or status >= 500:
+        raise Unavailable(f"{where}: HTTP {status}")
+    raise BadResponse(f"{where}: unexpected HTTP {status} ({_detail(response)})")
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return "no JSON body"
+    if isinstance(body, dict) and isinstance(body.get("detail"), str):
+        return str(body["detail"])[:200]
+    return "no detail"
+
+
+def _parse_json(response: httpx.Response) -> JSON:
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise BadResponse(f"GET {response.request.url}: the body is not JSON") from exc
+
+
+__all__ = ["Existence", "GcApiClient", "GcfsError"]

@@ -1,0 +1,113 @@
+"""MetadataCache: TTL cache of API answers with single-flight fetching.
+
+Concurrent callers asking for the same key share one fetch: `ls -l` of a fresh directory makes
+the kernel send a readdir and many lookups at once, and all of them need the same listing.
+The first caller (the leader) fetches; the others wait on its `trio.Event` and get the same
+value or the same exception. Failures are not cached, so the next caller after a failure tries
+again. There are no detached tasks: the leader fetches in its own task.
+
+The cache is touched only from the trio thread, and `get_nowait`/`put` have no checkpoint, so
+each of them is atomic with respect to other tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import trio
+from cachetools import TTLCache
+
+from .errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Entries are whole listings or single objects. 20,000 of them covers a user walking through
+# thousands of items; a listing of 10,000 items is one entry of a few MiB.
+DEFAULT_MAXSIZE = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStatistics:
+    hits: int
+    misses: int
+    shared: int  # callers that waited for another caller's fetch instead of fetching
+    size: int
+
+
+class _Flight(Generic[T]):
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.value: T | None = None
+        self.error: BaseException | None = None
+
+
+class MetadataCache:
+    """Values by key for `ttl` seconds, fetched once even when asked for concurrently."""
+
+    def __init__(
+        self,
+        ttl: float,
+        *,
+        maxsize: int = DEFAULT_MAXSIZE,
+        timer: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self._entries: TTLCache[Hashable, Any] = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
+        self._flights: dict[Hashable, _Flight[Any]] = {}
+        self._hits = self._misses = self._shared = 0
+
+    def get_nowait(self, key: Hashable) -> Any | None:
+        """The cached value, or None. Sync on purpose: no checkpoint, so atomic."""
+        return self._entries.get(key)
+
+    def put(self, key: Hashable, value: Any) -> None:
+        self._entries[key] = value
+
+    def forget(self, key: Hashable) -> None:
+        self._entries.pop(key, None)
+
+    async def get(self, key: Hashable, fetch: Callable[[], Awaitable[T]]) -> T:
+        """The value for `key`, from the cache or from one shared call of `fetch()`."""
+        cached = self._entries.get(key)
+        if cached is not None:
+            self._hits += 1
+            return cached  # type: ignore[no-any-return]
+        flight = self._flights.get(key)
+        if flight is not None:
+            self._shared += 1
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.value  # type: ignore[return-value]
+        self._misses += 1
+        flight = _Flight()
+        self._flights[key] = flight
+        try:
+            value = await fetch()
+        except BaseException as exc:
+            # Followers see the leader's error; Cancelled (the leader's own deadline) becomes
+            # a plain error for them rather than a cancellation they did not ask for.
+            flight.error = exc if isinstance(exc, Exception) else _LeaderCancelled(key)
+            raise
+        else:
+            flight.value = value
+            if value is not None:
+                self._entries[key] = value
+            return value
+        finally:
+            del self._flights[key]
+            flight.done.set()
+
+    def statistics(self) -> CacheStatistics:
+        return CacheStatistics(self._hits, self._misses, self._shared, len(self._entries))
+
+
+class _LeaderCancelled(Unavailable):
+    def __init__(self, key: Hashable) -> None:
+        super().__init__(f"the shared fetch of {key!r} was cancelled")

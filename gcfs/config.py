@@ -1,0 +1,156 @@
+"""Configuration of one mount: flags, environment and token file, validated without network.
+
+The token is wrapped in `Secret` as soon as it is read, so it cannot reach a log line, an error
+message or a repr by accident; only `Secret.reveal()` gives it out, and only the HTTP client
+calls it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .errors import UserError
+
+DEFAULT_BASE_URL = "https://grand-challenge.org"
+TOKEN_ENV = "GRAND_CHALLENGE_AUTHORIZATION"  # the variable the official client (gcapi) reads
+
+# How long listings and objects are trusted before they are fetched again. Grand Challenge has
+# no ETags or conditional GETs (gc-api.md §1), so the only choices are a TTL or a request per
+# stat. Archives, algorithms and reader studies change on the scale of hours (uploads, new
+# permissions); 60 s makes a second `ls` or a script's repeated `stat` free while an upload
+# shows up within a minute. The kernel's entry/attr caches use the same number.
+DEFAULT_TTL = 60.0
+# Deadline of one filesystem operation. pyfuse3 handlers cannot be interrupted from outside, so
+# without it a stuck server would hang the reader forever. 60 s is gcapi's default timeout.
+DEFAULT_OP_TIMEOUT = 60.0
+# Deadline of one HTTP request; below the operation's deadline so a listing that needs a
+# couple of requests in a row can still report a proper error in time.
+DEFAULT_HTTP_TIMEOUT = 30.0
+
+
+class Secret:
+    """A string that never shows itself in repr, str or format."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    mountpoint: Path
+    base_url: str  # site root without trailing slash, e.g. https://grand-challenge.org
+    token: Secret | None
+    ttl: float = DEFAULT_TTL
+    op_timeout: float = DEFAULT_OP_TIMEOUT
+    http_timeout: float = DEFAULT_HTTP_TIMEOUT
+    foreground: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.base_url}/api/v1/"
+
+
+def parse_token(text: str, source: str) -> Secret:
+    """Accept `<token>` or `<keyword> <token>` (e.g. `Bearer <token>`), as gcapi does."""
+    words = text.split()
+    if len(words) == 1:
+        return Secret(words[0])
+    if len(words) == 2:
+        return Secret(words[1])
+    if not words:
+        raise UserError(f"{source} is empty: put your Grand Challenge API token in it")
+    raise UserError(f"{source} does not hold a token: expected '<token>' or 'Bearer <token>'")
+
+
+def read_token_file(path: Path) -> Secret:
+    """Read a token file, refusing one that other users could read."""
+    try:
+        info = path.stat()
+        if info.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+            raise UserError(
+                f"token file {path} is readable by other users; fix it with: chmod 600 {path}"
+            )
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read token file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"token file {path} is not text") from None
+    return parse_token(text, f"token file {path}")
+
+
+def find_token(token_file: Path | None, environ: dict[str, str] | os._Environ[str]) -> Secret:
+    """The token from --token-file, else from GRAND_CHALLENGE_AUTHORIZATION."""
+    if token_file is not None:
+        return read_token_file(token_file)
+    value = environ.get(TOKEN_ENV)
+    if value:
+        return parse_token(value, TOKEN_ENV)
+    raise UserError(
+        f"no API token: use --token-file FILE or set {TOKEN_ENV} "
+        "(create a token at https://grand-challenge.org/settings/api-tokens/)"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def normalize_base_url(url: str) -> str:
+    """The site root without trailing slash; `.../api/v1/` is accepted and stripped.
+
+    Plain http is allowed only on loopback (the demo and the tests): anywhere else it would send
+    the token in clear text.
+    """
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"--base-url {url!r} is not an http(s) URL")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise UserError(f"--base-url {url!r} must use https (the token would travel in clear)")
+    if parts.query or parts.fragment:
+        raise UserError(f"--base-url {url!r} must not have a query or fragment")
+    path = parts.path.rstrip("/")
+    if path.endswith("/api/v1"):
+        path = path[: -len("/api/v1")]
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def check_mountpoint(path: Path) -> Path:
+    """An existing, empty directory we may use; resolved to an absolute path."""
+    resolved = path.expanduser().absolute()
+    if not resolved.is_dir():
+        raise UserError(f"mount point {path} is not a directory (create it with: mkdir -p {path})")
+    if os.path.ismount(resolved):
+        raise UserError(f"{path} is already a mount point (unmount it with: gcfs umount {path})")
+    try:
+        if any(resolved.iterdir()):
+            raise UserError(f"mount point {path} is not empty")
+    except PermissionError:
+        raise UserError(f"cannot read mount point {path}") from None
+    return resolved

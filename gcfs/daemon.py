@@ -1,0 +1,87 @@
+"""The daemon's lifecycle: check the token, mount, serve until unmounted or signalled, clean up.
+
+serve(cfg, on_ready)
+  GcApiClient  -> whoami (the only request at mount time; a bad token ends here)
+  GcFilesystem -> GcfsOperations -> pyfuse3.init (the mount appears)
+  on_ready()   -> the foreground caller or the waiting parent learns the mount is up
+  pyfuse3.main() until `fusermount3 -u` (the kernel ends the session) or SIGTERM/SIGINT
+                 (we call pyfuse3.terminate())
+  pyfuse3.close(unmount=True): the mount point is left clean in every case, crash
+                 included; a stale mount ("Transport endpoint is not connected") is
+                 worse for a user than a missing one.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from .api import GcApiClient
+from .config import Config
+from .errors import GcfsError, PermissionDenied, Unavailable, UserError
+from .fs import GcFilesystem
+from .fuse_ops import GcfsOperations
+
+log = logging.getLogger(__name__)
+
+MOUNT_OPTIONS = frozenset(
+    {
+        "fsname=gcfs",
+        "subtype=gcfs",
+        # The kernel refuses writes itself (EROFS) before they reach us; our handlers refuse
+        # them too, for the calls `ro` does not cover.
+        "ro",
+        # Let the kernel check the 0555/0444 modes, so we need no access() handler.
+        "default_permissions",
+        "noatime",
+    }
+)
+
+
+async def check_token(api: GcApiClient, cfg: Config) -> str:
+    """The username behind the token, or a UserError that says what to do."""
+    try:
+        with trio.fail_after(cfg.op_timeout):
+            return await api.whoami()
+    except PermissionDenied as exc:
+        raise UserError(
+            f"{exc}; create a new token at {cfg.base_url}/settings/api-tokens/"
+        ) from None
+    except Unavailable as exc:
+        raise UserError(f"cannot reach {cfg.base_url}: {exc}") from None
+    except trio.TooSlowError:
+        raise UserError(f"{cfg.base_url} did not answer within {cfg.op_timeout:g} s") from None
+    except GcfsError as exc:
+        raise UserError(f"{cfg.base_url} does not look like Grand Challenge: {exc}") from None
+
+
+async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
+    async with GcApiClient(cfg.base_url, cfg.token, http_timeout=cfg.http_timeout) as api:
+        username = await check_token(api, cfg)
+        fs = GcFilesystem(api, username=username, ttl=cfg.ttl)
+        operations = GcfsOperations(fs, op_timeout=cfg.op_timeout)
+        try:
+            pyfuse3.init(operations, str(cfg.mountpoint), set(MOUNT_OPTIONS))
+        except RuntimeError as exc:
+            raise UserError(f"cannot mount on {cfg.mountpoint}: {exc}") from None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_terminate_on_signals)
+                log.info("mounted %s on %s as %s", cfg.base_url, cfg.mountpoint, username)
+                on_ready()
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s; cache %s", cfg.mountpoint, fs.cache.statistics())
+
+
+async def _terminate_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()

@@ -1,0 +1,67 @@
+"""The one error tree of gcfs: every failure knows the errno the kernel should see.
+
+    GcfsError (EIO)
+    ├── NotFound (ENOENT)          the object or name does not exist (or is not visible)
+    ├── NotADirectory (ENOTDIR)    a directory operation on a file
+    ├── PermissionDenied (EACCES)  the server rejected our token (401) or refused the object (403)
+    ├── ReadOnly (EROFS)           any attempt to change something: gcfs never writes
+    ├── Unavailable (EIO)          the server could not be reached or kept failing
+    ├── BadResponse (EIO)          the server answered something we cannot understand
+    └── Timeout (EIO)              an operation ran past its deadline
+
+    UserError                      a problem the user must fix before mounting: one line, no
+                                   traceback, exit status 1 (s3ql's QuietError)
+
+The FUSE adapter (`fuse_ops.py`) is the only place that turns these into `pyfuse3.FUSEError`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import ClassVar
+
+
+class GcfsError(Exception):
+    """A request failed in a way the kernel should see as an errno."""
+
+    errno: ClassVar[int] = errno.EIO
+    log_level: ClassVar[int] = logging.WARNING
+
+
+class NotFound(GcfsError):
+    errno = errno.ENOENT
+    # Every probe of a missing name ends here; that is not news.
+    log_level = logging.DEBUG
+
+
+class NotADirectory(GcfsError):
+    errno = errno.ENOTDIR
+    log_level = logging.DEBUG
+
+
+class PermissionDenied(GcfsError):
+    errno = errno.EACCES
+    log_level = logging.ERROR
+
+
+class ReadOnly(GcfsError):
+    errno = errno.EROFS
+    log_level = logging.DEBUG
+
+
+class Unavailable(GcfsError):
+    errno = errno.EIO
+
+
+class BadResponse(GcfsError):
+    errno = errno.EIO
+    log_level = logging.ERROR
+
+
+class Timeout(GcfsError):
+    errno = errno.EIO
+
+
+class UserError(Exception):
+    """Something the user must fix; shown as one line without a traceback."""

@@ -1,0 +1,636 @@
+"""Request handling for the fake server, independent of sockets: route, authenticate, answer.
+
+`Site.handle(request)` maps one HTTP request to one `Reply`. It follows gc-api.md: Django's
+APPEND_SLASH redirect, DRF token authentication with knox's `Bearer` keyword, object-permission
+filtering (list omits, detail 404), django-filter validation of FK filters against *all* objects
+(the 400-vs-empty-200 existence oracle), DRF's LimitOffsetPagination, and the website's slug
+pages (302 to the permission-request page vs 404). `server.py` does the HTTP around it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+from gcfs.fakegc.serializers import Obj, Serializer
+from gcfs.fakegc.world import Username, World
+
+MAX_LIMIT = 1000  # MaxLimit1000OffsetPagination
+DEFAULT_LIMIT = 100  # REST_FRAMEWORK["PAGE_SIZE"]
+JSON_TYPE = "application/json"
+HTML_TYPE = "text/html; charset=utf-8"
+SLUG = r"[-a-zA-Z0-9_]+"  # Django's <slug:> converter
+LOOKUP = r"[^/.]+"  # DRF router's default lookup_value_regex
+
+READ_ONLY = "GET, HEAD, OPTIONS"
+LIST_CREATE = "GET, POST, HEAD, OPTIONS"
+DETAIL_UPDATE = "GET, PUT, PATCH, HEAD, OPTIONS"
+INVALID_CHOICE = "Select a valid choice. That choice is not one of the available choices."
+NOT_AUTHENTICATED = "Authentication credentials were not provided."
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    target: str  # the request-target as sent: path plus optional ?query
+    authorization: str | None = None
+
+
+@dataclass
+class Reply:
+    status: int
+    endpoint: str
+    body: bytes = b""
+    content_type: str | None = JSON_TYPE
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    user: str | None = None
+    results: int = 0  # serialized list results, for the per-item latency knob
+    is_api: bool = False
+
+
+class ApiError(Exception):
+    """A DRF-style JSON error; carries the status, the body and extra headers."""
+
+    def __init__(self, status: int, body: Obj, headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(status, body)
+        self.status = status
+        self.body = body
+        self.headers = list(headers)
+
+
+def json_bytes(data: Any) -> bytes:
+    """DRF's JSONRenderer: compact separators, UTF-8, non-ASCII kept as is."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def not_authenticated(detail: str) -> ApiError:
+    return ApiError(401, {"detail": detail}, [("WWW-Authenticate", "Bearer")])
+
+
+# -- filters ----------------------------------------------------------------------------------
+
+
+class FilterError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Filter(Protocol):
+    @property
+    def param(self) -> str:
+        """The query parameter, also the key of its error in a 400 body."""
+
+    def clean(self, world: World, values: list[str]) -> Any:
+        """The cleaned value, or None when the filter does not apply; FilterError if invalid."""
+
+    def keep(self, obj: Any, cleaned: Any) -> bool: ...
+
+
+def parse_uuid(text: str) -> str:
+    """Django's UUIDField.to_python; the error message has curly quotes, as the server's."""
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise FilterError(f"\u201c{text}\u201d is not a valid UUID.") from None
+
+
+@dataclass(frozen=True)
+class ExactFilter:
+    """A plain CharFilter (`?slug=`, `?creator=`): no validation, hence no oracle."""
+
+    param: str
+    attr: Callable[[Any], Any]
+
+    def clean(self, world: World, values: list[str]) -> Any:
+        return values[-1] if values and values[-1] != "" else None
+
+    def keep(self, obj: Any, cleaned: Any) -> bool:
+        return bool(self.attr(obj) == cleaned)
+
+
+@dataclass(frozen=True)
+class BoolFilter:
+    """django-filter's BooleanWidget: true/false/1/0 (any case); anything else is ignored."""
+
+    param: str
+    attr: Callable[[Any], bool]
+
+    def clean(self, world: World, values: list[str]) -> Any:
+        return {"true": True, "1": True, "false": False, "0": False}.get(
+            values[-1].lower() if values else ""
+        )
+
+    def keep(self, obj: Any, cleaned: Any) -> bool:
+        return self.attr(obj) is cleaned
+
+
+@dataclass(frozen=True)
+class ModelFilter:
+    """A ModelChoiceFilter over every object of a model, visible or not: the existence oracle."""
+
+    param: str
+    table: Callable[[World], Mapping[str, Any]]
+    attr: Callable[[Any], Any]
+
+    def clean(self, world: World, values: list[str]) -> Any:
+        if not values or values[-1] == "":
+            return None
+        target = self.table(world).get(parse_uuid(values[-1]))
+        if target is None:
+            raise FilterError(INVALID_CHOICE)
+        return target
+
+    def keep(self, obj: Any, cleaned: Any) -> bool:
+        return self.attr(obj) is cleaned
+
+
+@dataclass(frozen=True)
+class ModelMultipleFilter:
+    """A ModelMultipleChoiceFilter (OR of the given pks), validated against every object."""
+
+    param: str
+    table: Callable[[World], Mapping[str, Any]]
+    related: Callable[[Any], Iterable[Any]]
+
+    def clean(self, world: World, values: list[str]) -> Any:
+        values = [v for v in values if v != ""]
+        if not values:
+            return None
+        for value in values:
+            parse_uuid(value)
+        table = self.table(world)
+        targets = []
+        for value in values:
+            # Django compares the raw string with str(pk), so only canonical UUIDs match.
+            if value not in table:
+                raise FilterError(
+                    f"Select a valid choice. {value} is not one of the available choices."
+                )
+            targets.append(table[value])
+        return targets
+
+    def keep(self, obj: Any, cleaned: Any) -> bool:
+        related = self.related(obj)
+        return any(any(t is r for r in related) for t in cleaned)
+
+
+# -- resources ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One DRF viewset: where its objects live, how they sort, filter and serialize."""
+
+    name: str  # endpoint names are f"{name}-list" and f"{name}-detail"
+    model: str  # for "No <model> matches the given query."
+    table: Callable[[World], Mapping[Any, Any]]
+    ordered: Callable[[list[Any]], list[Any]]  # Meta.ordering
+    serialize: Callable[[Serializer, Any], Obj]
+    filters: tuple[Filter, ...] = ()
+    allow_list: str = READ_ONLY
+    allow_detail: str = READ_ONLY
+    int_pk: bool = False
+    authenticated_only: bool = False  # components/interfaces: IsAuthenticated, no object perms
+    scope: Callable[[Any, Username], bool] | None = None  # extra restriction (answers/mine)
+    has_detail: bool = True
+
+    def visible(self, obj: Any, user: Username) -> bool:
+        if self.authenticated_only:
+            return True
+        return bool(obj.visible_to(user))
+
+    def parse_pk(self, text: str) -> Any:
+        """The lookup value, or None when it cannot be a pk (→ 404 "Not found.")."""
+        if self.int_pk:
+            return int(text) if text.isdigit() else None
+        try:
+            return str(uuid.UUID(text))
+        except ValueError:
+            return None
+
+
+def _by_seq(objs: list[Any]) -> list[Any]:
+    return sorted(objs, key=lambda o: o.seq)
+
+
+def _by_order(objs: list[Any]) -> list[Any]:
+    return sorted(objs, key=lambda o: (o.order, o.seq))
+
+
+def _display_set(ser: Serializer, ds: Any) -> Obj:
+    return ser.display_set(ds, ser.display_set_index(ds))
+
+
+def _job_images(kind: str) -> Callable[[Any], list[Any]]:
+    return lambda job: [c.image for c in getattr(job, kind) if c.image is not None]
+
+
+ARCHIVES = Resource(
+    "archives",
+    "Archive",
+    lambda w: w.archives,
+    _by_seq,
+    Serializer.archive,
+    (ExactFilter("slug", lambda a: a.slug),),
+)
+ARCHIVE_ITEMS = Resource(
+    "archives-items",
+    "ArchiveItem",
+    lambda w: w.archive_items,
+    lambda objs: objs,  # ArchiveItem has no Meta.ordering; build order is stable enough
+    Serializer.archive_item,
+    (ModelFilter("archive", lambda w: w.archives, lambda i: i.archive),),
+    allow_list=LIST_CREATE,
+    allow_detail=DETAIL_UPDATE,
+)
+ALGORITHMS = Resource(
+    "algorithms",
+    "Algorithm",
+    lambda w: w.algorithms,
+    _by_seq,
+    Serializer.algorithm,
+    (ExactFilter("slug", lambda a: a.slug),),
+)
+ALGORITHM_IMAGES = Resource(
+    "algorithms-images",
+    "AlgorithmImage",
+    lambda w: w.algorithm_images,
+    _by_seq,
+    Serializer.algorithm_image,
+    (ModelFilter("algorithm", lambda w: w.algorithms, lambda ai: ai.algorithm),),
+)
+JOBS = Resource(
+    "algorithms-jobs",
+    "Job",
+    lambda w: w.jobs,
+    _by_seq,
+    Serializer.job,
+    (
+        ModelFilter("algorithm_image__algorithm", lambda w: w.algorithms, lambda j: j.algorithm),
+        ModelMultipleFilter("input_image", lambda w: w.images, _job_images("inputs")),
+        ModelMultipleFilter("output_image", lambda w: w.images, _job_images("outputs")),
+    ),
+    allow_list=LIST_CREATE,
+)
+READER_STUDIES = Resource(
+    "reader-studies",
+    "ReaderStudy",
+    lambda w: w.reader_studies,
+    _by_seq,
+    Serializer.reader_study,
+    (ExactFilter("slug", lambda r: r.slug),),
+)
+DISPLAY_SETS = Resource(
+    "display-sets",
+    "DisplaySet",
+    lambda w: w.display_sets,
+    _by_order,
+    _display_set,
+    (ModelFilter("reader_study", lambda w: w.reader_studies, lambda d: d.reader_study),),
+    allow_list=LIST_CREATE,
+    allow_detail=DETAIL_UPDATE,
+)
+QUESTIONS = Resource(
+    "questions",
+    "Question",
+    lambda w: w.questions,
+    _by_order,
+    Serializer.question,
+    (ModelFilter("reader_study", lambda w: w.reader_studies, lambda q: q.reader_study),),
+)
+_ANSWER_FILTERS: tuple[Filter, ...] = (
+    ExactFilter("creator", lambda a: a.creator),
+    ModelFilter(
+        "question__reader_study", lambda w: w.reader_studies, lambda a: a.question.reader_study
+    ),
+    ModelFilter("display_set", lambda w: w.display_sets, lambda a: a.display_set),
+    BoolFilter("is_ground_truth", lambda a: a.is_ground_truth),
+)
+ANSWERS = Resource(
+    "answers",
+    "Answer",
+    lambda w: w.answers,
+    _by_seq,
+    Serializer.answer,
+    _ANSWER_FILTERS,
+    allow_list=LIST_CREATE,
+    allow_detail=DETAIL_UPDATE,
+)
+ANSWERS_MINE = Resource(
+    "answers-mine",
+    "Answer",
+    lambda w: w.answers,
+    _by_seq,
+    Serializer.answer,
+    _ANSWER_FILTERS,
+    scope=lambda a, user: a.creator == user and not a.is_ground_truth,
+    has_detail=False,
+)
+IMAGES = Resource(
+    "cases-images",
+    "Image",
+    lambda w: w.images,
+    lambda objs: sorted(objs, key=lambda im: (im.name, im.seq)),
+    Serializer.image,
+    (
+        ModelMultipleFilter("archive", lambda w: w.archives, lambda im: im.archives),
+        ModelMultipleFilter(
+            "reader_study", lambda w: w.reader_studies, lambda im: im.reader_studies
+        ),
+        ModelMultipleFilter("job_input", lambda w: w.jobs, lambda im: im.job_inputs),
+        ModelMultipleFilter("job_output", lambda w: w.jobs, lambda im: im.job_outputs),
+    ),
+)
+SOCKETS = Resource(
+    "components-interfaces",
+    "ComponentInterface",
+    lambda w: w.sockets,
+    lambda objs: sorted(objs, key=lambda s: s.pk),
+    Serializer.socket,
+    (ExactFilter("slug", lambda s: s.slug),),
+    int_pk=True,
+    authenticated_only=True,
+)
+
+# Order matters: the fixed sub-paths (archives/items/) come before the <pk> detail routes.
+RESOURCES: tuple[tuple[str, Resource], ...] = (
+    ("archives/items", ARCHIVE_ITEMS),
+    ("archives", ARCHIVES),
+    ("algorithms/images", ALGORITHM_IMAGES),
+    ("algorithms/jobs", JOBS),
+    ("algorithms", ALGORITHMS),
+    ("reader-studies/display-sets", DISPLAY_SETS),
+    ("reader-studies/questions", QUESTIONS),
+    ("reader-studies/answers/mine", ANSWERS_MINE),
+    ("reader-studies/answers", ANSWERS),
+    ("reader-studies", READER_STUDIES),
+    ("cases/images", IMAGES),
+    ("components/interfaces", SOCKETS),
+)
+
+
+# -- pagination ---------------------------------------------------------------------------------
+
+
+def _positive_int(text: str, *, strict: bool = False, cutoff: int | None = None) -> int:
+    value = int(text)  # ValueError on garbage, as in DRF
+    if value < 0 or (value == 0 and strict):
+        raise ValueError(text)
+    return min(value, cutoff) if cutoff else value
+
+
+def page_params(query: Mapping[str, list[str]]) -> tuple[int, int]:
+    """(limit, offset) as LimitOffsetPagination reads them (last value of each param wins)."""
+    try:
+        limit = _positive_int(query["limit"][-1], strict=True, cutoff=MAX_LIMIT)
+    except (KeyError, ValueError):
+        limit = DEFAULT_LIMIT
+    try:
+        offset = _positive_int(query["offset"][-1])
+    except (KeyError, ValueError):
+        offset = 0
+    return limit, offset
+
+
+def _with_query(url: str, key: str, value: int | None) -> str:
+    """DRF's replace_query_param / remove_query_param (value None): params come out sorted."""
+    scheme, netloc, path, query, fragment = urlsplit(url)
+    params = parse_qs(query, keep_blank_values=True)
+    if value is None:
+        params.pop(key, None)
+    else:
+        params[key] = [str(value)]
+    return urlunsplit(
+        (scheme, netloc, path, urlencode(sorted(params.items()), doseq=True), fragment)
+    )
+
+
+def page_links(url: str, count: int, limit: int, offset: int) -> tuple[str | None, str | None]:
+    nxt = None
+    if offset + limit < count:
+        nxt = _with_query(_with_query(url, "limit", limit), "offset", offset + limit)
+    prev = None
+    if offset > 0:
+        prev = _with_query(url, "limit", limit)
+        # DRF drops offset from `previous` when that page starts at 0.
+        prev = _with_query(prev, "offset", None if offset - limit <= 0 else offset - limit)
+    return nxt, prev
+
+
+View = Callable[[Username, dict[str, list[str]], str, Serializer], tuple[Any, int]]
+
+
+# -- the site -----------------------------------------------------------------------------------
+
+
+class Site:
+    """Answers requests from one World, with URLs rooted at `base_url`."""
+
+    def __init__(self, world: World, base_url: str) -> None:
+        self.world = world
+        self.base_url = base_url
+
+    def handle(self, request: Request, *, socket_field: bool = False) -> Reply:
+        raw_path, _, query_string = request.target.partition("?")
+        path = unquote(raw_path)
+        if not path.endswith("/") and not path.startswith("/media/"):
+            return self._append_slash(raw_path, query_string)
+        if path.startswith("/api/"):
+            ser = Serializer(self.base_url, socket_field)
+            with self.world.lock:
+                return self._api(request, path[len("/api/") :], query_string, ser)
+        with self.world.lock:
+            return self._website(path)
+
+    # -- Django middleware and website -------------------------------------------------------
+
+    @staticmethod
+    def _append_slash(raw_path: str, query_string: str) -> Reply:
+        location = raw_path + "/" + (f"?{query_string}" if query_string else "")
+        return Reply(
+            301, "redirect-slash", content_type=HTML_TYPE, headers=[("Location", location)]
+        )
+
+    def _website(self, path: str) -> Reply:
+        # Website views never see the API token: they always behave as for an anonymous visitor.
+        if m := re.fullmatch(f"/(algorithms|reader-studies)/({SLUG})/", path):
+            kind, slug = m.group(1), m.group(2)
+            table = self.world.algorithms if kind == "algorithms" else self.world.reader_studies
+            endpoint = "website-algorithm" if kind == "algorithms" else "website-reader-study"
+            obj = self.world.find_by_slug(table.values(), slug)
+            if obj is None:
+                return self._html_404(path, endpoint)
+            if obj.public:
+                return self._html(200, endpoint, f"<h1>{obj.title}</h1>")
+            location = f"{self.base_url}/{kind}/{slug}/permission-requests/create/"
+            return Reply(302, endpoint, content_type=HTML_TYPE, headers=[("Location", location)])
+        if m := re.fullmatch(f"/archives/({SLUG})/", path):
+            # LoginRequiredMixin runs before the object lookup: existence does not matter.
+            location = f"/accounts/login/?next=/archives/{m.group(1)}/"
+            return Reply(
+                302, "website-archive", content_type=HTML_TYPE, headers=[("Location", location)]
+            )
+        # /media/... would be routed here; a later storage origin serves those files.
+        return self._html_404(path, "not-found")
+
+    @staticmethod
+    def _html(status: int, endpoint: str, body: str) -> Reply:
+        page = f'<!DOCTYPE html>\n<html lang="en"><body>{body}</body></html>\n'
+        return Reply(status, endpoint, page.encode(), HTML_TYPE)
+
+    def _html_404(self, path: str, endpoint: str) -> Reply:
+        return self._html(404, endpoint, f"<h1>Not Found</h1><p>{path}</p>")
+
+    # -- DRF ----------------------------------------------------------------------------------
+
+    def _api(self, request: Request, path: str, query_string: str, ser: Serializer) -> Reply:
+        route = self._route(path)
+        if route is None:
+            return self._html_404(f"/api/{path}", "not-found")
+        endpoint, allow, view = route
+        user: Username = None
+        try:
+            user = self._authenticate(request.authorization)
+            if request.method not in ("GET", "HEAD"):
+                raise ApiError(405, {"detail": f'Method "{request.method}" not allowed.'})
+            query: dict[str, list[str]] = {}
+            for key, value in parse_qsl(query_string, keep_blank_values=True):
+                query.setdefault(key, []).append(value)
+            url = f"{self.base_url}/api/{path}" + (f"?{query_string}" if query_string else "")
+            body, results = view(user, query, url, ser)
+            status, headers = 200, []
+        except ApiError as err:
+            body, results, status, headers = err.body, 0, err.status, err.headers
+        return Reply(
+            status,
+            endpoint,
+            json_bytes(body),
+            JSON_TYPE,
+            [("Allow", allow), *headers],
+            user,
+            results,
+            is_api=True,
+        )
+
+    def _route(self, path: str) -> tuple[str, str, View] | None:
+        if path == "v1/":
+            return "api-root", READ_ONLY, self._api_root
+        if path == "v1/profiles/users/self/":
+            return "profiles-self", READ_ONLY, self._profile
+        for prefix, res in RESOURCES:
+            if path == f"v1/{prefix}/":
+                name = f"{res.name}-list" if res.has_detail else res.name
+                return name, res.allow_list, self._lister(res)
+            if res.has_detail and (m := re.fullmatch(f"v1/{re.escape(prefix)}/({LOOKUP})/", path)):
+                return f"{res.name}-detail", res.allow_detail, self._detailer(res, m.group(1))
+        return None
+
+    def _authenticate(self, header: str | None) -> Username:
+        """knox TokenAuthentication (keyword Bearer); other schemes fall through to anonymous."""
+        parts = (header or "").split()
+        if not parts or parts[0].lower() != "bearer":
+            return None
+        if len(parts) == 1:
+            raise not_authenticated("Invalid token header. No credentials provided.")
+        if len(parts) > 2:
+            raise not_authenticated("Invalid token header. Token string should not contain spaces.")
+        user = self.world.users_by_token.get(parts[1])
+        if user is None:
+            raise not_authenticated("Invalid token.")
+        return user.username
+
+    def _api_root(self, user: Username, query: Any, url: str, ser: Serializer) -> tuple[Any, int]:
+        if user is None:
+            raise not_authenticated(NOT_AUTHENTICATED)
+        if not self.world.users[user].is_staff:
+            raise ApiError(403, {"detail": "You do not have permission to perform this action."})
+        return {prefix: ser.api(f"{prefix}/") for prefix, _ in RESOURCES}, 0
+
+    def _profile(self, user: Username, query: Any, url: str, ser: Serializer) -> tuple[Any, int]:
+        if user is None:
+            raise not_authenticated(NOT_AUTHENTICATED)
+        return ser.profile(self.world.users[user]), 0
+
+    def _check_access(self, res: Resource, user: Username) -> None:
+        if res.authenticated_only and user is None:
+            raise not_authenticated(NOT_AUTHENTICATED)
+
+    def _clean_filters(self, res: Resource, query: Mapping[str, list[str]]) -> list[Any]:
+        """Validate every filter first, as a django-filter form does, then report all errors."""
+        cleaned, errors = [], {}
+        for f in res.filters:
+            try:
+                cleaned.append(f.clean(self.world, query.get(f.param, [])))
+            except FilterError as err:
+                errors[f.param] = [err.message]
+        if errors:
+            raise ApiError(400, errors)
+        return cleaned
+
+    def _matches(self, res: Resource, obj: Any, user: Username, cleaned: list[Any]) -> bool:
+        if not res.visible(obj, user):
+            return False
+        if res.scope is not None and not res.scope(obj, user):
+            return False
+        return all(c is None or f.keep(obj, c) for f, c in zip(res.filters, cleaned, strict=True))
+
+    def _lister(self, res: Resource) -> View:
+        def view(
+            user: Username, query: dict[str, list[str]], url: str, ser: Serializer
+        ) -> tuple[Any, int]:
+            self._check_access(res, user)
+            cleaned = self._clean_filters(res, query)
+            objs = [
+                o for o in res.table(self.world).values() if self._matches(res, o, user, cleaned)
+            ]
+            objs = res.ordered(objs)
+            limit, offset = page_params(query)
+            count = len(objs)
+            page = [] if count == 0 or offset > count else objs[offset : offset + limit]
+            nxt, prev = page_links(url, count, limit, offset)
+            results = [res.serialize(ser, o) for o in page]
+            return {"count": count, "next": nxt, "previous": prev, "results": results}, len(page)
+
+        return view
+
+    def _detailer(self, res: Resource, raw_pk: str) -> View:
+        def view(
+            user: Username, query: dict[str, list[str]], url: str, ser: Serializer
+        ) -> tuple[Any, int]:
+            self._check_access(res, user)
+            # DRF's get_object filters the queryset first, so filter errors win over a bad pk.
+            cleaned = self._clean_filters(res, query)
+            pk = res.parse_pk(raw_pk)
+            if pk is None:
+                raise ApiError(404, {"detail": "Not found."})
+            obj = res.table(self.world).get(pk)
+            if obj is None or not self._matches(res, obj, user, cleaned):
+                raise ApiError(404, {"detail": f"No {res.model} matches the given query."})
+            return res.serialize(ser, obj), 0
+
+        return view
+
+
+ENDPOINTS: tuple[str, ...] = (
+    "api-root",
+    "profiles-self",
+    *(
+        f"{res.name}-{kind}"
+        for _, res in RESOURCES
+        if res.has_detail
+        for kind in ("list", "detail")
+    ),
+    "answers-mine",
+    "website-algorithm",
+    "website-reader-study",
+    "website-archive",
+    "redirect-slash",
+    "not-found",
+    "server-error",
+)

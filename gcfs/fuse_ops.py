@@ -1,0 +1,265 @@
+"""GcfsOperations: the thin pyfuse3 adapter over GcFilesystem.
+
+It converts bytes <-> str, nodes -> EntryAttributes, directory snapshots -> readdir replies,
+and every error -> FUSEError. Nothing else: logic belongs in fs.py.
+
+Invariant: only FUSEError leaves a handler. pyfuse3 lets any other exception end
+`pyfuse3.main()`, which takes the mount down ("Transport endpoint is not connected"), so
+`_guard` turns GcfsError into its errno, a deadline overrun into EIO, and anything unexpected
+into EIO with a logged traceback (a bug: the tests fail on it, users keep their mount).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import pyfuse3
+import trio
+from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
+
+from .errors import GcfsError, NotFound, ReadOnly
+from .fs import DirNode, GcFilesystem
+from .nodes import FileNode, Node, NodeKind, SymlinkNode
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Ctx = pyfuse3.RequestContext
+
+_MODES = {
+    NodeKind.DIR: stat.S_IFDIR | 0o555,
+    NodeKind.FILE: stat.S_IFREG | 0o444,
+    NodeKind.SYMLINK: stat.S_IFLNK | 0o777,
+}
+# Flags that ask to change a file; open() with any of them fails with EROFS.
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+class GcfsOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: GcFilesystem, *, op_timeout: float) -> None:
+        super().__init__()
+        self.fs = fs
+        self.op_timeout = op_timeout
+        self.uid, self.gid = os.getuid(), os.getgid()
+        # The API exposes no timestamps for most objects; the mount time is the honest answer
+        # to "when did this appear here" and keeps `make`-style tools stable.
+        self.mount_time_ns = time.time_ns()
+        self._open_files: dict[int, FileNode] = {}
+        self._open_dirs: dict[int, list[Node]] = {}
+        self._next_fh = 1
+
+    # -- the one translation point ------------------------------------------------------------
+
+    async def _guard(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            with trio.fail_after(self.op_timeout):
+                return await fn()
+        except pyfuse3.FUSEError:
+            raise
+        except GcfsError as exc:
+            log.log(exc.log_level, "%s failed: %s", op, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except trio.TooSlowError:
+            log.warning("%s did not finish within %g s; answering EIO", op, self.op_timeout)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("%s: unexpected error; answering EIO", op)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = node.inode
+        attrs.st_mode = _MODES[node.kind]
+        attrs.st_nlink = 2 if node.kind is NodeKind.DIR else 1
+        attrs.st_uid, attrs.st_gid = self.uid, self.gid
+        attrs.st_size = node.size
+        attrs.st_blksize = 4096
+        attrs.st_blocks = (node.size + 511) // 512
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self.mount_time_ns
+        attrs.entry_timeout = attrs.attr_timeout = self.fs.ttl
+        return attrs
+
+    def _new_fh(self) -> int:
+        self._next_fh += 1
+        return self._next_fh
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        text = os.fsdecode(name)
+
+        async def run() -> pyfuse3.EntryAttributes:
+            try:
+                return self._attributes(await self.fs.lookup(parent_inode, text))
+            except NotFound as exc:
+                log.debug("lookup %d %r: %s", parent_inode, text, exc)
+                # st_ino 0 is a negative entry: the kernel remembers the ENOENT for
+                # entry_timeout, so a shell probing `.git` a hundred times asks us once.
+                negative = pyfuse3.EntryAttributes()
+                negative.st_ino = 0
+                negative.entry_timeout = self.fs.ttl
+                return negative
+
+        return await self._guard(f"lookup {parent_inode} {text!r}", run)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        async def run() -> pyfuse3.EntryAttributes:
+            return self._attributes(self.fs.node(inode))
+
+        return await self._guard(f"getattr {inode}", run)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        async def run() -> bytes:
+            node = self.fs.node(inode)
+            if not isinstance(node, SymlinkNode):
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            return os.fsencode(node.target)
+
+        return await self._guard(f"readlink {inode}", run)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        async def run() -> pyfuse3.FileInfo:
+            if flags & _WRITE_FLAGS:
+                raise ReadOnly(f"open {inode} for writing")
+            node = self.fs.node(inode)
+            if not isinstance(node, FileNode):
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            fh = self._new_fh()
+            # The handle keeps the bytes as they were at open(), so a listing refreshed in
+            # the middle of a read cannot mix two versions of a file.
+            self._open_files[fh] = node
+            return pyfuse3.FileInfo(fh=fh)
+
+        return await self._guard(f"open {inode}", run)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        async def run() -> bytes:
+            node = self._open_files.get(fh)
+            if node is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            return node.data[off : off + size]
+
+        return await self._guard(f"read {fh}", run)
+
+    async def release(self, fh: int) -> None:
+        self._open_files.pop(fh, None)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        async def run() -> int:
+            # A snapshot per handle: readdir offsets then index a list that cannot change
+            # between two readdir calls, so no entry is skipped or repeated.
+            entries = await self.fs.listdir(inode)
+            fh = self._new_fh()
+            self._open_dirs[fh] = entries
+            return fh
+
+        return await self._guard(f"opendir {inode}", run)
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        async def run() -> None:
+            entries = self._open_dirs.get(fh)
+            if entries is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            for index in range(start_id, len(entries)):
+                node = entries[index]
+                attrs = self._attributes(node)
+                if not pyfuse3.readdir_reply(token, os.fsencode(node.name), attrs, index + 1):
+                    break
+
+        await self._guard(f"readdir {fh}", run)
+
+    async def releasedir(self, fh: int) -> None:
+        self._open_dirs.pop(fh, None)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # Nodes stay in the inode table (see InodeTable); nothing to release.
+        return None
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_namemax = 255
+        return data
+
+    # -- everything that would change something: EROFS ---------------------------------------
+
+    async def setattr(
+        self,
+        inode: InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: FileHandleT | None,
+        ctx: Ctx,
+    ) -> pyfuse3.EntryAttributes:
+        raise _refused("setattr")
+
+    async def mknod(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int, ctx: Ctx
+    ) -> pyfuse3.EntryAttributes:
+        raise _refused("mknod")
+
+    async def mkdir(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: Ctx
+    ) -> pyfuse3.EntryAttributes:
+        raise _refused("mkdir")
+
+    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: Ctx) -> None:
+        raise _refused("unlink")
+
+    async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: Ctx) -> None:
+        raise _refused("rmdir")
+
+    async def symlink(
+        self, parent_inode: InodeT, name: FileNameT, target: FileNameT, ctx: Ctx
+    ) -> pyfuse3.EntryAttributes:
+        raise _refused("symlink")
+
+    async def rename(
+        self,
+        parent_inode_old: InodeT,
+        name_old: FileNameT,
+        parent_inode_new: InodeT,
+        name_new: FileNameT,
+        flags: FlagT,
+        ctx: Ctx,
+    ) -> None:
+        raise _refused("rename")
+
+    async def link(
+        self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT, ctx: Ctx
+    ) -> pyfuse3.EntryAttributes:
+        raise _refused("link")
+
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+        raise _refused("write")
+
+    async def create(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT, ctx: Ctx
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise _refused("create")
+
+    async def setxattr(self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: Ctx) -> None:
+        raise _refused("setxattr")
+
+    async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: Ctx) -> None:
+        raise _refused("removexattr")
+
+
+def _refused(op: str) -> pyfuse3.FUSEError:
+    log.debug("%s refused: read-only", op)
+    return pyfuse3.FUSEError(errno.EROFS)
+
+
+__all__ = ["DirNode", "GcfsOperations"]

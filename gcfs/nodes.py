@@ -1,0 +1,112 @@
+"""What the tree is made of: nodes with stable inode numbers, and the table that finds them.
+
+A node is a value: a name, a kind and its content (bytes for small generated files, a target
+for symlinks). Directories know how to list and look up their children; those live in `fs.py`
+because they need the API. Every node has an identity string that names the object it shows
+(for example `archive:<pk>/archive.json`), and its inode number is derived from that identity,
+so the same object keeps its inode across listings, cache expiry and remounts.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+
+
+class NodeKind(enum.Enum):
+    DIR = "dir"
+    FILE = "file"
+    SYMLINK = "symlink"
+
+
+def inode_for(identity: str) -> int:
+    """A stable 63-bit inode number for an identity string (never 0 or the root's 1).
+
+    With 63 random bits, a collision among a million nodes has a probability of about 5e-8;
+    the table still detects one and moves the newcomer to the next free number.
+    """
+    digest = hashlib.blake2b(identity.encode("utf-8"), digest_size=8).digest()
+    number = int.from_bytes(digest, "big") & (2**63 - 1)
+    return number if number > ROOT_INODE else number + 2
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    """One entry of the tree. Subclasses in fs.py add directory behaviour."""
+
+    identity: str
+    name: str
+    inode: int = field(init=False, default=0)
+
+    kind = NodeKind.DIR
+
+    @property
+    def size(self) -> int:
+        return 0
+
+
+@dataclass(eq=False, slots=True)
+class FileNode(Node):
+    """A small file whose bytes we generate (metadata JSON, README)."""
+
+    data: bytes = b""
+    kind = NodeKind.FILE
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+@dataclass(eq=False, slots=True)
+class SymlinkNode(Node):
+    target: str = ""
+    kind = NodeKind.SYMLINK
+
+    @property
+    def size(self) -> int:
+        return len(self.target.encode("utf-8"))
+
+
+class InodeTable:
+    """inode number -> node, for every node the kernel has been told about.
+
+    Nodes are replaced, not mutated, when a listing is fetched again: the newest node for an
+    identity wins. Limitation: nodes are never dropped (we do not track the kernel's lookup
+    counts yet); memory grows with the number of distinct objects seen, about 300 bytes each.
+    """
+
+    def __init__(self) -> None:
+        self._nodes: dict[int, Node] = {}
+        self._by_identity: dict[str, int] = {}
+
+    def add(self, node: Node) -> Node:
+        """Give `node` its inode number and make it the current node for its identity."""
+        number = self._by_identity.get(node.identity)
+        if number is None:
+            number = inode_for(node.identity)
+            while number in self._nodes and self._nodes[number].identity != node.identity:
+                log.warning(
+                    "inode collision between %r and %r", node.identity, self._nodes[number].identity
+                )
+                number += 1
+            self._by_identity[node.identity] = number
+        node.inode = number
+        self._nodes[number] = node
+        return node
+
+    def add_root(self, node: Node) -> None:
+        node.inode = ROOT_INODE
+        self._nodes[ROOT_INODE] = node
+        self._by_identity[node.identity] = ROOT_INODE
+
+    def get(self, inode: int) -> Node | None:
+        return self._nodes.get(inode)
+
+    def __len__(self) -> int:
+        return len(self._nodes)

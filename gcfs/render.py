@@ -1,0 +1,87 @@
+"""Pure text and bytes of the files gcfs generates: metadata JSON, the root README, stubs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from . import __version__
+
+
+def metadata_json(obj: Any) -> bytes:
+    """An API object exactly as served: same keys in the same order, 2-space indent, UTF-8,
+    trailing newline (layout.md, "Metadata files")."""
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def root_readme(*, base_url: str, username: str, ttl: float) -> bytes:
+    text = f"""# Grand Challenge, mounted by gcfs {__version__}
+
+Server: {base_url}
+Signed in as: {username}
+
+This is a read-only view of what your API token can see on {base_url}.
+Nothing is downloaded until you look at it; what you look at is kept for {ttl:g} s,
+then fetched again.
+
+    archives/<slug>/archive.json             an archive, as the API serves it
+    algorithms/<slug>/algorithm.json         an algorithm, with its input and output sockets
+    reader-studies/<slug>/reader-study.json  a reader study, with its questions
+
+Directories are named by slug; a pk (UUID) also works and is a symlink to the slug.
+An object you may not see shows as a directory holding only README.md, which says how to
+request access. Every write fails with "Read-only file system".
+"""
+    return text.encode("utf-8")
+
+
+# The website's words for each collection; the request-access page lives under the same path.
+_KIND_NOUN = {"archives": "archive", "algorithms": "algorithm", "reader-studies": "reader study"}
+
+
+def stub_readme(
+    *,
+    collection: str,
+    name: str,
+    base_url: str,
+    username: str,
+    ttl: float,
+    certain: bool,
+) -> bytes:
+    """The README that stands in for an object the token may not see (layout.md).
+
+    `certain` says whether the server confirmed that the object exists; for archive slugs it
+    cannot (gc-api.md §4), and the text says so plainly.
+    """
+    noun = _KIND_NOUN[collection]
+    by_pk = "-" in name and len(name) == 36
+    if certain:
+        status = f"The {noun} `{name}` exists, but your account ({username}) lacks access to it."
+    else:
+        status = (
+            f"The {noun} `{name}` is not visible to you: it does not exist, or your account "
+            f"({username}) lacks access. Grand Challenge does not tell the two apart for "
+            f"{collection}."
+        )
+    if by_pk:
+        pages = (
+            f"This name is the {noun}'s primary key; its page is found by slug. Ask the owner\n"
+            f"for the slug, then request access on\n"
+            f"  {base_url}/{collection}/<slug>/permission-requests/create/"
+        )
+    else:
+        pages = (
+            f"Its page:            {base_url}/{collection}/{name}/\n"
+            f"Request access here: {base_url}/{collection}/{name}/permission-requests/create/"
+        )
+    text = f"""# {name}: no access
+
+{status}
+
+{pages}
+
+The {noun}'s editors approve requests by hand, so it can take a couple of hours.
+Once access is granted, this directory shows the {noun} within {ttl:g} s (the time gcfs
+trusts what it has seen); remounting shows it at once.
+"""
+    return text.encode("utf-8")
