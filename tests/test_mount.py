@@ -297,3 +297,27 @@ def test_find_walks_the_whole_tree(mount_gcfs: Callable[..., Mount], fake: FakeG
     for collection, metadata in COLLECTIONS:
         for obj in served(fake, f"{collection}/")["results"]:
             assert str(mount.path / collection / slug_of(obj, collection) / metadata) in paths
+
+
+def test_concurrent_listings_share_one_request(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC
+) -> None:
+    """Eight processes listing a cold directory at once cause one request, not eight."""
+    fake.per_item_latency = 0.05  # keeps the first request in flight while the others arrive
+    mount = mount_gcfs()
+    fake.reset_counts()
+    listers = [
+        subprocess.Popen(["ls", "-l", str(mount.path / "archives")], stdout=subprocess.PIPE)
+        for _ in range(8)
+    ]
+    outputs = {lister.communicate(timeout=30)[0] for lister in listers}
+    assert len(outputs) == 1
+    assert fake.count("archives-list") == 1
+
+
+def test_inodes_are_stable_across_mounts(mount_gcfs: Callable[..., Mount], fake: FakeGC) -> None:
+    """An object keeps its inode number in a second mount (derived from its identity)."""
+    first, second = mount_gcfs(), mount_gcfs()
+    slug = slug_of(served(fake, "archives/")["results"][0], "archives")
+    for relative in (f"archives/{slug}", f"archives/{slug}/archive.json", "reader-studies"):
+        assert (first.path / relative).stat().st_ino == (second.path / relative).stat().st_ino
