@@ -5,7 +5,8 @@
 - `world`: the data model, its builders and `demo_world()`;
 - `serializers`: objects to the JSON the real API emits, key order included;
 - `api`: routing, auth, filters, pagination and website pages, independent of sockets;
-- `server`: `FakeGC`, the threaded HTTP/1.1 server with request counters and latency knobs.
+- `storage`: the object store's signed URLs, object keys, Range parsing and S3-style errors;
+- `server`: `FakeGC`, the threaded HTTP/1.1 servers (site and storage) with counters and knobs.
 
 Standard library only at run time. See gc-api.md for the behaviour it follows.
 """
@@ -24,7 +25,9 @@ from gcfs.fakegc.world import (
     ArchiveItem,
     ComponentInterface,
     ComponentInterfaceValue,
+    DicomInstance,
     DisplaySet,
+    GeneratedContent,
     Image,
     ImageFile,
     Job,
@@ -50,8 +53,10 @@ __all__ = [
     "ArchiveItem",
     "ComponentInterface",
     "ComponentInterfaceValue",
+    "DicomInstance",
     "DisplaySet",
     "FakeGC",
+    "GeneratedContent",
     "Image",
     "ImageFile",
     "Job",

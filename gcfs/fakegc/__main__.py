@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     with fake:
         # The token itself stays out of the output; it is gcfs.fakegc.DEMO_TOKEN.
         print(f"fake Grand Challenge at {fake.base_url}/ (API {fake.base_url}/api/v1/)")
+        print(f"object store (the /media/ redirects' target) at {fake.storage_url}/")
         print("demo user: demo (token: gcfs.fakegc.DEMO_TOKEN)", flush=True)
         try:
             threading.Event().wait()

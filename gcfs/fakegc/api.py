@@ -18,7 +18,14 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from gcfs.fakegc.serializers import Obj, Serializer
-from gcfs.fakegc.world import Username, World
+from gcfs.fakegc.storage import (
+    Signer,
+    algorithm_image_key,
+    civ_file_key,
+    dicom_instance_path,
+    object_for_key,
+)
+from gcfs.fakegc.world import Image, Username, World
 
 MAX_LIMIT = 1000  # MaxLimit1000OffsetPagination
 DEFAULT_LIMIT = 100  # REST_FRAMEWORK["PAGE_SIZE"]
@@ -429,12 +436,24 @@ View = Callable[[Username, dict[str, list[str]], str, Serializer], tuple[Any, in
 # -- the site -----------------------------------------------------------------------------------
 
 
-class Site:
-    """Answers requests from one World, with URLs rooted at `base_url`."""
+@dataclass(frozen=True)
+class DjangoJson:
+    """A body rendered by Django's JsonResponse (default separators), not DRF's renderer."""
 
-    def __init__(self, world: World, base_url: str) -> None:
+    data: Any
+
+
+class Site:
+    """Answers requests from one World, with URLs rooted at `base_url`.
+
+    `signer` presigns the storage URLs that `/media/` redirects to and that DICOM instance
+    requests point at; without one, `/media/` is not served (404) as before.
+    """
+
+    def __init__(self, world: World, base_url: str, signer: Signer | None = None) -> None:
         self.world = world
         self.base_url = base_url
+        self.signer = signer
 
     def handle(self, request: Request, *, socket_field: bool = False) -> Reply:
         raw_path, _, query_string = request.target.partition("?")
@@ -446,7 +465,7 @@ class Site:
             with self.world.lock:
                 return self._api(request, path[len("/api/") :], query_string, ser)
         with self.world.lock:
-            return self._website(path)
+            return self._website(path, request)
 
     # -- Django middleware and website -------------------------------------------------------
 
@@ -457,7 +476,11 @@ class Site:
             301, "redirect-slash", content_type=HTML_TYPE, headers=[("Location", location)]
         )
 
-    def _website(self, path: str) -> Reply:
+    def _website(self, path: str, request: Request | None = None) -> Reply:
+        if path.startswith("/media/") and self.signer is not None and request is not None:
+            reply = self._media(path[len("/media/") :], request)
+            if reply is not None:
+                return reply
         # Website views never see the API token: they always behave as for an anonymous visitor.
         if m := re.fullmatch(f"/(algorithms|reader-studies)/({SLUG})/", path):
             kind, slug = m.group(1), m.group(2)
@@ -476,8 +499,103 @@ class Site:
             return Reply(
                 302, "website-archive", content_type=HTML_TYPE, headers=[("Location", location)]
             )
-        # /media/... would be routed here; a later storage origin serves those files.
         return self._html_404(path, "not-found")
+
+    # -- /media/ (serving/urls.py, serving/views.py) -----------------------------------------------
+
+    def _media_user(self, header: str | None) -> Username:
+        """TokenAuthentication().authenticate(request) or the anonymous user: never a 401."""
+        try:
+            return self._authenticate(header)
+        except ApiError:
+            return None
+
+    def _media(self, rest: str, request: Request) -> Reply | None:
+        """A /media/ route's reply, or None when no route matches (→ the HTML 404)."""
+        if request.method != "GET":
+            # Django function views answer any method; the fake serves GET only.
+            return None
+        if m := re.fullmatch(r"images/(?:([0-9a-fA-F]{2})/([0-9a-fA-F]{2})/)?([^/]+)/(.+)", rest):
+            return self._media_image(rest, m.group(3), request)
+        if m := re.fullmatch(
+            r"components/componentinterfacevalue/[0-9a-fA-F]{2}/[0-9a-fA-F]{2}/(\d+)/.+", rest
+        ):
+            return self._media_civ(int(m.group(1)), request)
+        if m := re.fullmatch(r"docker/images/algorithms/algorithmimage/([^/]+)/.+", rest):
+            return self._media_algorithm_image(m.group(1), request)
+        return None
+
+    def _media_image(self, key: str, raw_pk: str, request: Request) -> Reply | None:
+        endpoint = "media-image-file"
+        try:
+            pk = str(uuid.UUID(raw_pk))
+        except ValueError:
+            return None  # the <uuid:pk> converter does not match: no route
+        if raw_pk != pk:
+            return None
+        user = self._media_user(request.authorization)
+        image = self.world.images.get(pk)
+        if image is None:
+            return self._media_error(404, endpoint, "Image not found.", user)
+        if not image.visible_to(user):
+            return self._media_error(403, endpoint, "Forbidden", user)
+        return self._redirect_to_storage(key, endpoint, user)
+
+    def _media_civ(self, civ_pk: int, request: Request) -> Reply:
+        endpoint = "media-civ-file"
+        user = self._media_user(request.authorization)
+        civ = self.world.civs.get(civ_pk)
+        if civ is None or not self._civ_visible(civ_pk, user):
+            return self._media_error(404, endpoint, "Not Found", user)
+        if civ.file_name is None:
+            return self._media_error(404, endpoint, "File not found.", user)
+        return self._redirect_to_storage(civ_file_key(civ.pk, civ.file_name), endpoint, user)
+
+    def _civ_visible(self, civ_pk: int, user: Username) -> bool:
+        """get_component_interface_values_for_user: an item, display set or job holding it."""
+        w = self.world
+        holders: list[tuple[Any, list[Any]]] = [
+            *((i, i.values) for i in w.archive_items.values()),
+            *((d, d.values) for d in w.display_sets.values()),
+            *((j, [*j.inputs, *j.outputs]) for j in w.jobs.values()),
+        ]
+        return any(
+            any(c.pk == civ_pk for c in values) and obj.visible_to(user) for obj, values in holders
+        )
+
+    def _media_algorithm_image(self, raw_pk: str, request: Request) -> Reply | None:
+        endpoint = "media-algorithm-image"
+        try:
+            pk = str(uuid.UUID(raw_pk))
+        except ValueError:
+            return None
+        if raw_pk != pk:
+            return None
+        user = self._media_user(request.authorization)
+        ai = self.world.algorithm_images.get(pk)
+        if ai is None:
+            return self._media_error(404, endpoint, "Algorithm image not found.", user)
+        if not ai.visible_to(user):
+            return self._media_error(403, endpoint, "Forbidden", user)
+        if ai.file_name is None:
+            return self._media_error(404, endpoint, "File not found.", user)
+        return self._redirect_to_storage(algorithm_image_key(ai.pk, ai.file_name), endpoint, user)
+
+    def _redirect_to_storage(self, key: str, endpoint: str, user: Username) -> Reply:
+        """protected_storage_redirect: 404 "File not found." unless the key exists, else 302."""
+        assert self.signer is not None
+        if object_for_key(self.world, key) is None:
+            return self._media_error(404, endpoint, "File not found.", user)
+        location = self.signer.presign(key)
+        return Reply(
+            302, endpoint, content_type=HTML_TYPE, headers=[("Location", location)], user=user
+        )
+
+    def _media_error(self, status: int, endpoint: str, message: str, user: Username) -> Reply:
+        title = {403: "Permission Denied", 404: "Page Not Found"}[status]
+        reply = self._html(status, endpoint, f"<h1>{title}</h1><p>{message}</p>")
+        reply.user = user
+        return reply
 
     @staticmethod
     def _html(status: int, endpoint: str, body: str) -> Reply:
@@ -510,7 +628,7 @@ class Site:
         return Reply(
             status,
             endpoint,
-            json_bytes(body),
+            json.dumps(body.data).encode() if isinstance(body, DjangoJson) else json_bytes(body),
             JSON_TYPE,
             [("Allow", allow), *headers],
             user,
@@ -523,6 +641,8 @@ class Site:
             return "api-root", READ_ONLY, self._api_root
         if path == "v1/profiles/users/self/":
             return "profiles-self", READ_ONLY, self._profile
+        if m := re.fullmatch(f"v1/cases/images/({LOOKUP})/dicom/instances/", path):
+            return "cases-images-dicom-instances", READ_ONLY, self._dicom_instances(m.group(1))
         for prefix, res in RESOURCES:
             if path == f"v1/{prefix}/":
                 name = f"{res.name}-list" if res.has_detail else res.name
@@ -616,6 +736,47 @@ class Site:
 
         return view
 
+    def _dicom_instances(self, raw_pk: str) -> View:
+        """ImageViewSet.dicom_instances (cases/views.py): get_object, then signed requests."""
+        detail = self._detailer(IMAGES, raw_pk)
+
+        def view(
+            user: Username, query: dict[str, list[str]], url: str, ser: Serializer
+        ) -> tuple[Any, int]:
+            detail(user, query, url, ser)  # the same 404s as the detail view
+            image: Image = self.world.images[str(uuid.UUID(raw_pk))]
+            if not image.dicom_image_set:
+                raise ApiError(404, {"detail": "This image does not have a DICOM Image Set."})
+            image_set_id = image.dicom_image_set["image_set_id"]
+            instances = []
+            for instance in image.dicom_instances:
+                path = dicom_instance_path(
+                    instance.study_instance_uid,
+                    instance.series_instance_uid,
+                    instance.sop_instance_uid,
+                )
+                accept = f"application/dicom; transfer-syntax={instance.transfer_syntax_uid}"
+                headers = (
+                    self.signer.sign_headers("GET", path, accept)
+                    if self.signer is not None
+                    else {"Accept": accept}
+                )
+                storage = self.signer.storage_url if self.signer is not None else ""
+                instances.append(
+                    {
+                        "sop_instance_uid": instance.sop_instance_uid,
+                        "get_instance": {
+                            "url": f"{storage}{path}?imageSetId={image_set_id}",
+                            "method": "GET",
+                            "data": None,
+                            "headers": headers,
+                        },
+                    }
+                )
+            return DjangoJson({"image_set_id": image_set_id, "instances": instances}), 0
+
+        return view
+
 
 ENDPOINTS: tuple[str, ...] = (
     "api-root",
@@ -627,6 +788,12 @@ ENDPOINTS: tuple[str, ...] = (
         for kind in ("list", "detail")
     ),
     "answers-mine",
+    "cases-images-dicom-instances",
+    "media-image-file",
+    "media-civ-file",
+    "media-algorithm-image",
+    "storage-get",
+    "storage-rejected",
     "website-algorithm",
     "website-reader-study",
     "website-archive",

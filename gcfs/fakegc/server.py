@@ -11,6 +11,15 @@ expects. Knobs, settable while running: `latency` (seconds added to every API re
 `per_item_latency` (seconds per serialized result of a list page) and `socket_field` (values also
 carry `socket`, the live API's newer name for `interface`, gc-api.md §9).
 
+A second origin, the object store, runs beside the site on its own port (`fake.storage_url`):
+`/media/` answers 302 to presigned URLs there (see storage.py). Its knobs: `signature_lifetime`
+(X-Amz-Expires of new URLs, seconds, default 3600), `storage_latency` (seconds added to every
+storage request), `storage_bandwidth` (bytes per second per connection, None = unlimited) and
+`clock` (a time.time-like callable used to sign and to check expiry). Bodies are streamed in
+64 KiB writes from at most 1 MiB pieces, so 300 MiB objects need no 300 MiB of memory;
+`storage_bytes_sent` counts the body bytes handed to the socket. `presign(key)` builds a URL the
+way /media/ does, e.g. an expired one with `signed_at=`.
+
 Endpoint names in `RequestRecord.endpoint` and `count()`:
 
     api-root                    GET /api/v1/ (403 for non-staff, 401 anonymous)
@@ -26,16 +35,28 @@ Endpoint names in `RequestRecord.endpoint` and `count()`:
     answers-list/-detail        /api/v1/reader-studies/answers/[<pk>/]
     answers-mine                /api/v1/reader-studies/answers/mine/
     cases-images-list/-detail   /api/v1/cases/images/[<pk>/]
+    cases-images-dicom-instances  /api/v1/cases/images/<pk>/dicom/instances/ (signed requests)
     components-interfaces-list/-detail  /api/v1/components/interfaces/[<int pk>/]
     website-algorithm           /algorithms/<slug>/ (200 public, 302 hidden, 404 absent)
     website-reader-study        /reader-studies/<slug>/ (same)
     website-archive             /archives/<slug>/ (always 302 to the login page)
     redirect-slash              any path without a trailing slash (301), except /media/
-    not-found                   everything else, incl. /media/ for now (404 HTML)
+    media-image-file            GET /media/images/<hh>/<hh>/<image>/<file>/<name>: 302 to storage,
+                                403 hidden, 404 "Image not found." absent
+    media-civ-file              GET /media/components/componentinterfacevalue/<hh>/<hh>/<pk>/<name>:
+                                302, or 404 for hidden and absent alike
+    media-algorithm-image       GET /media/docker/images/algorithms/algorithmimage/<pk>/<name>:
+                                302 for the algorithm's editors, 403 others, 404 absent
+    not-found                   everything else, incl. other /media/ paths (404 HTML)
     server-error                a bug in the fake (500 {"detail": "fake server error"})
 
-`/media/` (file bytes behind 302s to a storage origin) is not served yet: `Site._website` is where
-those routes will go.
+On the storage origin (records carry `range` and `had_authorization`):
+
+    storage-get                 GET of a valid presigned URL: 200, or 206 for a single Range;
+                                GET of a DICOM instance with its signed headers, likewise
+    storage-rejected            400 (an Authorization header beside a presigned query: the
+                                client forwarded its token), 403 (HEAD, expired, bad or missing
+                                signature), 404 NoSuchKey, 416 unsatisfiable Range
 """
 
 from __future__ import annotations
@@ -46,14 +67,29 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 from gcfs.fakegc.api import JSON_TYPE, Reply, Request, Site, json_bytes
-from gcfs.fakegc.world import World
+from gcfs.fakegc.storage import (
+    BUCKET,
+    NO_SUCH_KEY,
+    OCTET_STREAM,
+    TWO_AUTH_MECHANISMS,
+    XML_TYPE,
+    Signer,
+    StorageError,
+    dicom_object,
+    object_for_key,
+    parse_range,
+)
+from gcfs.fakegc.world import Content, World, content_chunks, content_size
+
+SEND_CHUNK = 64 * 1024  # storage bodies leave in writes of this size
 
 
 @dataclass(frozen=True)
@@ -66,6 +102,8 @@ class RequestRecord:
     endpoint: str
     status: int
     user: str | None
+    range: str | None = None  # the Range header as sent (storage requests)
+    had_authorization: bool = False  # an Authorization header was present
 
 
 class _Server(ThreadingHTTPServer):
@@ -73,11 +111,16 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], fake: FakeGC) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        fake: FakeGC,
+        handler: type[BaseHTTPRequestHandler] | None = None,
+    ) -> None:
         self.fake = fake
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
-        super().__init__(address, _Handler)
+        super().__init__(address, handler or _Handler)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         with self._open_lock:
@@ -123,7 +166,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
         fake._delay(reply)
         # Record before replying, so a client that has its answer always sees it counted.
-        fake._record(request, reply)
+        fake._record(request, reply, had_authorization=request.authorization is not None)
         self._send(reply)
 
     def _drain_body(self) -> None:
@@ -147,6 +190,169 @@ class _Handler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
 
+@dataclass
+class _StorageAnswer:
+    status: int
+    endpoint: str
+    headers: list[tuple[str, str]]
+    length: int  # the Content-Length
+    body: bytes | None = None  # an error body, or None to stream content[start:end]
+    content: Content = b""
+    start: int = 0
+
+
+class _StorageHandler(BaseHTTPRequestHandler):
+    """The object store: presigned GETs of `/grand-challenge-protected/<key>`, DICOM instances."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > 0:
+            self.rfile.read(length)
+        fake = self.server.fake
+        raw_path, _, query_string = self.path.partition("?")
+        path = unquote(raw_path)
+        query = dict(parse_qsl(query_string, keep_blank_values=True))
+        range_header = self.headers.get("Range")
+        authorization = self.headers.get("Authorization")
+        try:
+            answer = self._answer(path, query, range_header, authorization)
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            answer = self._error(StorageError(500, "InternalError", "fake server error"), path)
+        if fake.storage_latency > 0:
+            time.sleep(fake.storage_latency)
+        fake._add_record(
+            RequestRecord(
+                self.command,
+                raw_path,
+                query,
+                answer.endpoint,
+                answer.status,
+                None,
+                range_header,
+                authorization is not None,
+            )
+        )
+        try:
+            self._send(answer)
+        except (BrokenPipeError, ConnectionResetError):
+            # The client hung up mid-body (a cancelled read): not an error of the store.
+            self.close_connection = True
+
+    def _answer(
+        self, path: str, query: dict[str, str], range_header: str | None, authorization: str | None
+    ) -> _StorageAnswer:
+        fake = self.server.fake
+        signer = fake.signer
+        world = fake.world
+        prefix = f"/{BUCKET}/"
+        content: Content | None
+        if path.startswith(prefix):
+            if authorization is not None and "X-Amz-Signature" in query:
+                return self._error(TWO_AUTH_MECHANISMS, path)
+            error = signer.check_query(self.command, path, query)
+            if error is not None:
+                return self._error(error, path)
+            with world.lock:
+                content = object_for_key(world, path[len(prefix) :])
+        elif path.startswith("/datastore/"):
+            error = signer.check_headers(
+                self.command,
+                path,
+                authorization,
+                self.headers.get("X-Amz-Date", ""),
+                self.headers.get("Accept", ""),
+            )
+            if error is not None:
+                return self._error(error, path)
+            with world.lock:
+                content = dicom_object(world, path, query.get("imageSetId"))
+        else:
+            content = None
+        if content is None:
+            return self._error(NO_SUCH_KEY, path)
+        total = content_size(content)
+        wanted = parse_range(range_header, total)
+        headers = [("Accept-Ranges", "bytes"), ("Content-Type", OCTET_STREAM)]
+        if isinstance(wanted, StorageError):
+            return self._error(
+                wanted,
+                path,
+                [("Content-Range", f"bytes */{total}")],
+                (("RangeRequested", range_header or ""), ("ActualObjectSize", str(total))),
+            )
+        if wanted is None:
+            return _StorageAnswer(200, "storage-get", headers, total, content=content)
+        start, end = wanted
+        headers.append(("Content-Range", f"bytes {start}-{end - 1}/{total}"))
+        return _StorageAnswer(
+            206, "storage-get", headers, end - start, content=content, start=start
+        )
+
+    @staticmethod
+    def _error(
+        error: StorageError,
+        path: str,
+        headers: list[tuple[str, str]] | None = None,
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> _StorageAnswer:
+        body = error.body(path, extra)
+        return _StorageAnswer(
+            error.status,
+            "storage-rejected",
+            [("Content-Type", XML_TYPE), *(headers or [])],
+            len(body),
+            body=body,
+        )
+
+    def _send(self, answer: _StorageAnswer) -> None:
+        self.send_response(answer.status)
+        for name, value in answer.headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(answer.length))
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        if answer.body is not None:
+            self.wfile.write(answer.body)
+            return
+        fake = self.server.fake
+        started = time.monotonic()
+        sent = 0
+        for piece in content_chunks(answer.content, answer.start, answer.start + answer.length):
+            for chunk in _slices(piece, SEND_CHUNK):
+                bandwidth = fake.storage_bandwidth
+                if bandwidth:
+                    # Never ahead of the rate: wait until `sent` bytes were due, then send.
+                    due = started + sent / bandwidth
+                    delay = due - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                # Counted before the write: a client holding the whole body sees it counted.
+                fake._count_bytes(len(chunk))
+                self.wfile.write(chunk)
+                sent += len(chunk)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.fake.log_requests:
+            super().log_message(format, *args)
+
+
+def _slices(data: bytes, size: int) -> Iterator[bytes]:
+    view = memoryview(data)
+    for position in range(0, len(data), size):
+        yield bytes(view[position : position + size])
+
+
 class FakeGC:
     """A fake grand-challenge.org on 127.0.0.1, serving `world` (see the module docstring)."""
 
@@ -158,11 +364,20 @@ class FakeGC:
         self.per_item_latency = 0.0
         self.socket_field = False
         self.log_requests = False
+        self.signature_lifetime = 3600
+        self.storage_latency = 0.0
+        self.storage_bandwidth: float | None = None
+        self.clock: Callable[[], float] = time.time
+        self.storage_port = 0
         self._records: list[RequestRecord] = []
         self._records_lock = threading.Lock()
+        self._bytes_sent = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._storage: _Server | None = None
+        self._storage_thread: threading.Thread | None = None
         self._site: Site | None = None
+        self._signer: Signer | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -171,28 +386,46 @@ class FakeGC:
         if self._server is not None:
             raise RuntimeError("FakeGC already started")
         server = _Server((self.host, self.port), self)  # binds and listens
+        try:
+            storage = _Server((self.host, self.storage_port), self, _StorageHandler)
+        except OSError:
+            server.server_close()
+            raise
         self.port = server.server_address[1]
-        self._site = Site(self.world, self.base_url)
-        self._server = server
+        self.storage_port = storage.server_address[1]
+        self._signer = Signer(
+            self.storage_url,
+            lifetime=lambda: int(self.signature_lifetime),
+            clock=lambda: self.clock(),
+        )
+        self._site = Site(self.world, self.base_url, self._signer)
+        self._server, self._storage = server, storage
         self._thread = threading.Thread(
             target=server.serve_forever,
             kwargs={"poll_interval": 0.01},
             name=f"FakeGC:{self.port}",
             daemon=True,
         )
+        self._storage_thread = threading.Thread(
+            target=storage.serve_forever,
+            kwargs={"poll_interval": 0.01},
+            name=f"FakeGC-storage:{self.storage_port}",
+            daemon=True,
+        )
         self._thread.start()
+        self._storage_thread.start()
         return self
 
     def stop(self) -> None:
         """Stop serving, close open connections and join the serving thread."""
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
-            return
-        server.shutdown()
-        server.close_connections()
-        server.server_close()
-        thread.join()
-        self._server = self._thread = None
+        for server, thread in ((self._server, self._thread), (self._storage, self._storage_thread)):
+            if server is None or thread is None:
+                continue
+            server.shutdown()
+            server.close_connections()
+            server.server_close()
+            thread.join()
+        self._server = self._thread = self._storage = self._storage_thread = None
 
     def __enter__(self) -> FakeGC:
         return self.start()
@@ -209,6 +442,33 @@ class FakeGC:
     def base_url(self) -> str:
         """The site root, e.g. http://127.0.0.1:PORT; the API is under base_url + "/api/v1/"."""
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def storage_url(self) -> str:
+        """The object store's root, e.g. http://127.0.0.1:PORT2 (its own port)."""
+        return f"http://{self.host}:{self.storage_port}"
+
+    @property
+    def signer(self) -> Signer:
+        if self._signer is None:
+            raise RuntimeError("FakeGC not started")
+        return self._signer
+
+    def presign(
+        self, key: str, *, signed_at: float | None = None, lifetime: int | None = None
+    ) -> str:
+        """A presigned storage URL for `key` (the path after /media/), as /media/ makes them.
+
+        `signed_at` (epoch seconds, default `clock()`) and `lifetime` (default
+        `signature_lifetime`) allow building expired URLs without waiting.
+        """
+        return self.signer.presign(key, signed_at=signed_at, lifetime=lifetime)
+
+    @property
+    def storage_bytes_sent(self) -> int:
+        """Body bytes the storage origin has sent since start (or the last reset_counts())."""
+        with self._records_lock:
+            return self._bytes_sent
 
     @property
     def site(self) -> Site:
@@ -233,17 +493,31 @@ class FakeGC:
     def reset_counts(self) -> None:
         with self._records_lock:
             self._records.clear()
+            self._bytes_sent = 0
 
     # -- used by the handler ------------------------------------------------------------------
 
-    def _record(self, request: Request, reply: Reply) -> None:
+    def _record(self, request: Request, reply: Reply, *, had_authorization: bool = False) -> None:
         path, _, query_string = request.target.partition("?")
         query = dict(parse_qsl(query_string, keep_blank_values=True))
         record = RequestRecord(
-            request.method, path, query, reply.endpoint, reply.status, reply.user
+            request.method,
+            path,
+            query,
+            reply.endpoint,
+            reply.status,
+            reply.user,
+            had_authorization=had_authorization,
         )
+        self._add_record(record)
+
+    def _add_record(self, record: RequestRecord) -> None:
         with self._records_lock:
             self._records.append(record)
+
+    def _count_bytes(self, n: int) -> None:
+        with self._records_lock:
+            self._bytes_sent += n
 
     def _delay(self, reply: Reply) -> None:
         if not reply.is_api:

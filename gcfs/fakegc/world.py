@@ -22,7 +22,7 @@ import struct
 import threading
 import uuid
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -63,6 +63,133 @@ IMAGE_TYPES = {
     ".tiff": "TIFF",
     ".dzi": "DZI",
 }
+
+
+GENERATED_BLOCK = 1 << 20  # GeneratedContent derives its bytes in blocks of this size
+DICOM_UID_ROOT = "1.2.826.0.1.3680043.8.498."  # a UID root for examples, as pydicom uses
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+
+
+class GeneratedContent:
+    """`size` deterministic pseudo-random bytes, computed on demand and never held whole.
+
+    Byte i is byte i % 1 MiB of SHAKE-128(seed || block index as 8 bytes little-endian) for
+    block i // 1 MiB, after an optional literal `header` that replaces the first bytes (e.g. a
+    TIFF signature). Any range is computable without the bytes before it; `sha256()` of the
+    whole is computed once, on first use, and cached.
+    """
+
+    def __init__(self, size: int, seed: str, *, header: bytes = b"") -> None:
+        if size < 0 or len(header) > size:
+            raise ValueError("size must be >= 0 and hold the header")
+        self.size = size
+        self.seed = seed
+        self.header = header
+        self._seed_bytes = seed.encode()
+        self._sha256: str | None = None
+        self._lock = threading.Lock()
+        self._last: tuple[int, bytes] = (-1, b"")  # one-block cache; swapped atomically
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"GeneratedContent(size={self.size}, seed={self.seed!r})"
+
+    def _block(self, index: int) -> bytes:
+        cached_index, cached = self._last
+        if cached_index == index:
+            return cached
+        length = min(GENERATED_BLOCK, self.size - index * GENERATED_BLOCK)
+        data = hashlib.shake_128(self._seed_bytes + index.to_bytes(8, "little")).digest(length)
+        self._last = (index, data)
+        return data
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The bytes [offset, offset + length), clipped to the content's end."""
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must be >= 0")
+        end = min(self.size, offset + length)
+        parts = []
+        position = offset
+        while position < end:
+            index, start = divmod(position, GENERATED_BLOCK)
+            take = min(end - position, GENERATED_BLOCK - start)
+            parts.append(self._block(index)[start : start + take])
+            position += take
+        data = b"".join(parts)
+        if offset < len(self.header) and data:
+            head = self.header[offset:end]
+            data = head + data[len(head) :]
+        return data
+
+    def chunks(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """The bytes [start, end) in block-aligned pieces of at most 1 MiB."""
+        end = self.size if end is None else min(end, self.size)
+        position = start
+        while position < end:
+            take = min(end - position, GENERATED_BLOCK - position % GENERATED_BLOCK)
+            yield self.read(position, take)
+            position += take
+
+    def sha256(self) -> str:
+        with self._lock:
+            if self._sha256 is None:
+                digest = hashlib.sha256()
+                for piece in self.chunks():
+                    digest.update(piece)
+                self._sha256 = digest.hexdigest()
+            return self._sha256
+
+
+Content: TypeAlias = bytes | GeneratedContent
+
+
+def content_size(content: Content) -> int:
+    return len(content)
+
+
+def content_read(content: Content, offset: int, length: int) -> bytes:
+    """`length` bytes from `offset` (fewer at the end) of plain or generated content."""
+    if isinstance(content, GeneratedContent):
+        return content.read(offset, length)
+    return bytes(content[offset : offset + length])
+
+
+def content_chunks(content: Content, start: int, end: int, size: int = 1 << 20) -> Iterator[bytes]:
+    """The bytes [start, end) in pieces of at most `size` bytes (1 MiB): bounded memory."""
+    if isinstance(content, GeneratedContent):
+        yield from content.chunks(start, end)
+        return
+    view = memoryview(content)
+    for position in range(start, min(end, len(content)), size):
+        yield bytes(view[position : min(end, position + size)])
+
+
+def content_sha256(content: Content) -> str:
+    if isinstance(content, GeneratedContent):
+        return content.sha256()
+    return hashlib.sha256(content).hexdigest()
+
+
+def dicom_uid(name: str) -> str:
+    """A deterministic 62-character DICOM UID (digits and dots) derived from `name`."""
+    digits = str(int.from_bytes(hashlib.sha256(name.encode()).digest(), "big"))
+    return DICOM_UID_ROOT + digits[: 62 - len(DICOM_UID_ROOT)]
+
+
+def dicom_bytes(sop_instance_uid: str, *, payload: bytes = b"") -> bytes:
+    """A tiny stand-in DICOM Part 10 file: 128-byte preamble, "DICM", a few meta elements."""
+
+    def element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+        if len(value) % 2:
+            value += b"\x00"
+        return struct.pack("<HH", group, elem) + vr + struct.pack("<H", len(value)) + value
+
+    meta = element(0x0002, 0x0003, b"UI", sop_instance_uid.encode()) + element(
+        0x0002, 0x0010, b"UI", EXPLICIT_VR_LITTLE_ENDIAN.encode()
+    )
+    return b"\x00" * 128 + b"DICM" + meta + payload
 
 
 def stable_pk(kind: str, name: str) -> str:
@@ -112,8 +239,19 @@ class ImageFile:
     image_pk: str
     name: str
     image_type: str  # "MHD" | "TIFF" | "DZI"
-    # The bytes a later storage origin will serve; the API itself never exposes sizes.
-    content: bytes = b""
+    # The bytes the storage origin serves; the API itself never exposes sizes.
+    content: Content = b""
+
+
+@dataclass(eq=False)
+class DicomInstance:
+    """One instance of a DICOM image set, served by the storage origin's DICOMweb route."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    content: Content = b""
+    transfer_syntax_uid: str = EXPLICIT_VR_LITTLE_ENDIAN
 
 
 @dataclass(eq=False)
@@ -123,6 +261,7 @@ class Image:
     seq: int
     files: list[ImageFile] = field(default_factory=list)
     dicom_image_set: JSON = None  # {"image_set_id": str} for DICOM image sets
+    dicom_instances: list[DicomInstance] = field(default_factory=list)
     width: int | None = None
     height: int | None = None
     depth: int | None = None
@@ -182,7 +321,7 @@ class ComponentInterfaceValue:
     interface: ComponentInterface
     value: JSON = None
     file_name: str | None = None
-    content: bytes = b""
+    content: Content = b""
     image: Image | None = None
 
 
@@ -257,6 +396,7 @@ class AlgorithmImage:
     created: dt.datetime
     import_status: str = "Completed"
     file_name: str | None = "algorithm.tar.gz"
+    content: Content = b""  # the container image's bytes, when file_name is set
 
     def visible_to(self, user: Username) -> bool:
         return user is not None and user in self.algorithm.editors
@@ -453,6 +593,8 @@ class World:
         self.questions: dict[str, Question] = {}
         self.display_sets: dict[str, DisplaySet] = {}
         self.answers: dict[str, Answer] = {}
+        # SOP Instance UID -> (image, instance), for the storage origin's DICOMweb route
+        self.dicom_instances: dict[str, tuple[Image, DicomInstance]] = {}
         self._seq = 0
         self._option_id = 900
         self._next_socket_pk = 1
@@ -551,16 +693,20 @@ class World:
     def add_image(
         self,
         name: str,
-        files: Sequence[str | tuple[str, bytes]] = (),
+        files: Sequence[str | tuple[str, Content]] = (),
         *,
         pk: str | None = None,
         dicom_image_set_id: str | None = None,
+        dicom_instances: Sequence[Content] | int | None = None,
         viewers: Iterable[str] = (),
         **attrs: Any,
     ) -> Image:
-        """Add an image. `files` are names (type from the extension) or (name, bytes) pairs.
+        """Add an image. `files` are names (type from the extension) or (name, content) pairs,
+        content being bytes or a GeneratedContent.
 
-        `attrs` sets any other Image field (width, modality, voxel sizes, ...).
+        A DICOM image set (`dicom_image_set_id`) gets `dicom_instances`: their contents, or how
+        many small fake instances to make (default 3). `attrs` sets any other Image field
+        (width, modality, voxel sizes, ...).
         """
         with self.lock:
             seq = self._next_seq()
@@ -568,6 +714,7 @@ class World:
             image = Image(pk=pk, name=name, seq=seq, viewers=set(viewers), **attrs)
             if dicom_image_set_id is not None:
                 image.dicom_image_set = {"image_set_id": dicom_image_set_id}
+                self._add_dicom_instances(image, 3 if dicom_instances is None else dicom_instances)
             for spec in files:
                 fname, content = (
                     (spec, f"fake bytes of {spec}\n".encode()) if isinstance(spec, str) else spec
@@ -584,13 +731,27 @@ class World:
             self.images[pk] = image
             return image
 
+    def _add_dicom_instances(self, image: Image, instances: Sequence[Content] | int) -> None:
+        study = image.study_instance_uid or dicom_uid(f"study:{image.pk}")
+        series = image.series_instance_uid or dicom_uid(f"series:{image.pk}")
+        contents: Sequence[Content | None] = (
+            [None] * instances if isinstance(instances, int) else instances
+        )
+        for n, content in enumerate(contents):
+            sop = dicom_uid(f"sop:{image.pk}:{n}")
+            if content is None:
+                content = dicom_bytes(sop, payload=f"fake instance {n} of {image.name}".encode())
+            instance = DicomInstance(sop, study, series, content)
+            image.dicom_instances.append(instance)
+            self.dicom_instances[sop] = (image, instance)
+
     def add_value(
         self,
         socket: str | ComponentInterface,
         value: JSON = None,
         *,
         file: str | None = None,
-        content: bytes | None = None,
+        content: Content | None = None,
         image: Image | None = None,
     ) -> ComponentInterfaceValue:
         """A socket value; which argument is used depends on the socket's super_kind."""
@@ -707,8 +868,10 @@ class World:
         *,
         import_status: str = "Completed",
         file_name: str | None = "algorithm.tar.gz",
+        content: Content | None = None,
         pk: str | None = None,
     ) -> AlgorithmImage:
+        """Add a container image; `content` (bytes or GeneratedContent) defaults to a few bytes."""
         with self.lock:
             name = f"{algorithm.pk}/{len(algorithm.images)}"
             pk = self._claim(
@@ -722,6 +885,11 @@ class World:
                 created=self._timestamp(seq),
                 import_status=import_status,
                 file_name=file_name,
+                content=(
+                    content
+                    if content is not None
+                    else f"fake container image {pk} ({file_name})\n".encode()
+                ),
             )
             algorithm.images.append(ai)
             self.algorithm_images[pk] = ai
@@ -1397,6 +1565,10 @@ def demo_world() -> World:
     the public pi-cai-baseline-nndetection, but not private-segmenter; reader studies
     lung-nodule-reader-study and the public prostate-mri-reader-study, but not
     mammography-screening-rs.
+
+    File bytes: every image file, value file and container image has content; LIDC-IDRI-0005 is
+    an .mhd + .zraw pair; picai-10004-dicom is a DICOM image set with 3 small instances; item
+    picai-10005 holds biopsy-10005-wsi.tif, a 300 MiB TIFF of generated content (WSI_SIZE).
     """
     w = World()
     w.add_user(
@@ -1412,4 +1584,29 @@ def demo_world() -> World:
     ct_images = _demo_archives(w)
     _demo_algorithms(w, ct_images)
     _demo_reader_studies(w, ct_images)
+    # Built last, so that every pk above (some depend on build order) stays what it was.
+    _demo_large_files(w)
     return w
+
+
+WSI_SIZE = 300 * 1024 * 1024
+TIFF_SIGNATURE = b"II*\x00\x08\x00\x00\x00"
+
+
+def _demo_large_files(w: World) -> None:
+    """A 300 MiB whole-slide TIFF (generated content) as item picai-10005 of prostate-mri-picai."""
+    picai = w.find_by_slug(w.archives.values(), "prostate-mri-picai")
+    wsi = w.add_image(
+        "biopsy-10005-wsi.tif",
+        [
+            (
+                "biopsy-10005-wsi.tif",
+                GeneratedContent(WSI_SIZE, "biopsy-10005-wsi.tif", header=TIFF_SIGNATURE),
+            )
+        ],
+        width=98304,
+        height=215040,
+        color_space="RGB",
+        modality="XC",
+    )
+    w.add_archive_item(picai, [w.add_value("biopsy-wsi", image=wsi)], title="picai-10005")
