@@ -71,6 +71,11 @@ class GcApiClient:
             transport=transport,
         )
 
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """The Authorization header for the site origin (API and /media/); never for storage."""
+        return dict(self._auth_headers)
+
     async def aclose(self) -> None:
         await self._http.aclose()
 

@@ -33,8 +33,10 @@ from .config import (
     Config,
     Secret,
     check_mountpoint,
+    default_cache_dir,
     find_token,
     normalize_base_url,
+    parse_size,
 )
 from .errors import UserError
 from .logsetup import setup_logging
@@ -78,6 +80,20 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="DEBUG logs one line per request (default INFO)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="on-disk block cache of file contents (default $XDG_CACHE_HOME/gcfs, "
+        "i.e. ~/.cache/gcfs; created with mode 0700)",
+    )
+    parser.add_argument(
+        "--cache-size",
+        default="10G",
+        metavar="SIZE",
+        help="size limit of the block cache, least recently used blocks evicted first "
+        "(default 10G; 0 disables the cache)",
     )
     parser.add_argument(
         "--log-file",
@@ -157,6 +173,8 @@ def mount(args: argparse.Namespace) -> int:
         ttl=args.ttl,
         foreground=args.foreground,
         log_level=args.log_level,
+        cache_dir=(args.cache_dir or default_cache_dir()).expanduser().absolute(),
+        cache_size=parse_size(args.cache_size),
     )
 
     def daemon(on_ready: Callable[[], None]) -> None:

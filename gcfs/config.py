@@ -31,6 +31,31 @@ DEFAULT_OP_TIMEOUT = 60.0
 # Deadline of one HTTP request; below the operation's deadline so a listing that needs a
 # couple of requests in a row can still report a proper error in time.
 DEFAULT_HTTP_TIMEOUT = 30.0
+# The on-disk block cache keeps what was read for later reads and later mounts. 10 GiB holds a
+# few whole-slide images or a few hundred CT volumes; least recently used blocks go first.
+DEFAULT_CACHE_SIZE = 10 * 2**30
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/gcfs`, i.e. `~/.cache/gcfs` by default."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gcfs"
+
+
+def parse_size(text: str) -> int:
+    """`10G`, `512M`, `1.5T` or plain bytes; binary units (1G = 2**30 bytes)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    cleaned = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = cleaned, ""
+    if cleaned and cleaned[-1] in units:
+        number, unit = cleaned[:-1], cleaned[-1]
+    try:
+        value = int(float(number) * units[unit])
+    except ValueError:
+        raise UserError(f"{text!r} is not a size (examples: 10G, 512M)") from None
+    if value < 0:
+        raise UserError(f"{text!r} is not a size (examples: 10G, 512M)")
+    return value
 
 
 class Secret:
@@ -66,6 +91,8 @@ class Config:
     http_timeout: float = DEFAULT_HTTP_TIMEOUT
     foreground: bool = False
     log_level: str = "INFO"
+    cache_dir: Path | None = None  # None: default_cache_dir()
+    cache_size: int = DEFAULT_CACHE_SIZE
 
     @property
     def api_url(self) -> str:

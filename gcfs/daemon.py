@@ -17,11 +17,14 @@ import logging
 import signal
 from collections.abc import Callable
 
+import httpx
 import pyfuse3
 import trio
 
 from .api import GcApiClient
-from .config import Config
+from .blockcache import BlockCache
+from .config import Config, default_cache_dir
+from .content import ContentStore
 from .errors import GcfsError, PermissionDenied, Unavailable, UserError
 from .fs import GcFilesystem
 from .fuse_ops import GcfsOperations
@@ -59,25 +62,57 @@ async def check_token(api: GcApiClient, cfg: Config) -> str:
         raise UserError(f"{cfg.base_url} does not look like Grand Challenge: {exc}") from None
 
 
+# Connections for file contents: /media/ resolution on the site and ranged GETs on storage.
+# Read-ahead keeps up to 8 ranges in flight per file; 64 lets several readers do that at once.
+CONTENT_CONNECTIONS = 64
+
+
+def open_block_cache(cfg: Config) -> BlockCache | None:
+    if cfg.cache_size <= 0:
+        return None
+    directory = cfg.cache_dir or default_cache_dir()
+    try:
+        return BlockCache(directory, cfg.cache_size)
+    except OSError as exc:
+        raise UserError(f"cannot use cache directory {directory}: {exc.strerror}") from None
+
+
 async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
-    async with GcApiClient(cfg.base_url, cfg.token, http_timeout=cfg.http_timeout) as api:
+    block_cache = open_block_cache(cfg)
+    content_http = httpx.AsyncClient(
+        timeout=httpx.Timeout(cfg.http_timeout),
+        limits=httpx.Limits(max_connections=CONTENT_CONNECTIONS),
+        follow_redirects=False,
+        headers={"User-Agent": "gcfs"},
+    )
+    async with (
+        GcApiClient(cfg.base_url, cfg.token, http_timeout=cfg.http_timeout) as api,
+        content_http,
+    ):
         username = await check_token(api, cfg)
-        fs = GcFilesystem(api, username=username, ttl=cfg.ttl)
-        operations = GcfsOperations(fs, op_timeout=cfg.op_timeout)
-        try:
-            pyfuse3.init(operations, str(cfg.mountpoint), set(MOUNT_OPTIONS))
-        except RuntimeError as exc:
-            raise UserError(f"cannot mount on {cfg.mountpoint}: {exc}") from None
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_terminate_on_signals)
-                log.info("mounted %s on %s as %s", cfg.base_url, cfg.mountpoint, username)
-                on_ready()
-                await pyfuse3.main()
-                nursery.cancel_scope.cancel()
-        finally:
-            pyfuse3.close(unmount=True)
-            log.info("unmounted %s; cache %s", cfg.mountpoint, fs.cache.statistics())
+        async with ContentStore(content_http, api.auth_headers, block_cache) as content:
+            fs = GcFilesystem(api, content, username=username, ttl=cfg.ttl)
+            await _mount_and_serve(cfg, fs, username, on_ready)
+
+
+async def _mount_and_serve(
+    cfg: Config, fs: GcFilesystem, username: str, on_ready: Callable[[], None]
+) -> None:
+    operations = GcfsOperations(fs, op_timeout=cfg.op_timeout)
+    try:
+        pyfuse3.init(operations, str(cfg.mountpoint), set(MOUNT_OPTIONS))
+    except RuntimeError as exc:
+        raise UserError(f"cannot mount on {cfg.mountpoint}: {exc}") from None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_terminate_on_signals)
+            log.info("mounted %s on %s as %s", cfg.base_url, cfg.mountpoint, username)
+            on_ready()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s; cache %s", cfg.mountpoint, fs.cache.statistics())
 
 
 async def _terminate_on_signals() -> None:

@@ -17,18 +17,22 @@ Everything here raises `GcfsError`, never `FUSEError`: the adapter in `fuse_ops.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import trio
 from cachetools import TTLCache
 
-from . import render
+from . import layout, render, tree
 from .api import Existence, GcApiClient
 from .cache import MetadataCache
-from .errors import NotADirectory, NotFound
+from .errors import BadResponse, NotADirectory, NotFound, PermissionDenied
 from .names import could_be_identifier, is_slug, is_uuid, slug_from_url
-from .nodes import ROOT_INODE, FileNode, InodeTable, Node, SymlinkNode
+from .nodes import DirNode, FileNode, InodeTable, Node, RemoteFileNode, SymlinkNode, stub_dir
+
+if TYPE_CHECKING:
+    from .content import ContentStore
 
 log = logging.getLogger(__name__)
 
@@ -52,37 +56,38 @@ class Collection:
     # Whether `/<name>/<slug>/` tells hidden (302) from absent (404) without a login; archive
     # pages send every anonymous visitor to the login page instead.
     website_tells_existence: bool
+    # What an object's directory holds besides its metadata file (tree.py).
+    contents: Callable[[GcFilesystem, str, dict[str, Any]], Awaitable[list[Node]]]
 
 
-ARCHIVES = Collection("archives", "archives/", "archive.json", "archives/items/", "archive", False)
+ARCHIVES = Collection(
+    name="archives",
+    api_path="archives/",
+    metadata_name="archive.json",
+    oracle_path="archives/items/",
+    oracle_param="archive",
+    website_tells_existence=False,
+    contents=tree.archive_contents,
+)
 ALGORITHMS = Collection(
-    "algorithms", "algorithms/", "algorithm.json", "algorithms/images/", "algorithm", True
+    name="algorithms",
+    api_path="algorithms/",
+    metadata_name="algorithm.json",
+    oracle_path="algorithms/images/",
+    oracle_param="algorithm",
+    website_tells_existence=True,
+    contents=tree.algorithm_contents,
 )
 READER_STUDIES = Collection(
-    "reader-studies",
-    "reader-studies/",
-    "reader-study.json",
-    "reader-studies/questions/",
-    "reader_study",
-    True,
+    name="reader-studies",
+    api_path="reader-studies/",
+    metadata_name="reader-study.json",
+    oracle_path="reader-studies/questions/",
+    oracle_param="reader_study",
+    website_tells_existence=True,
+    contents=tree.reader_study_contents,
 )
 COLLECTIONS = (ARCHIVES, ALGORITHMS, READER_STUDIES)
-
-
-class DirNode(Node):
-    """A directory: builds its children on demand. Subclasses implement `build`."""
-
-    __slots__ = ()
-
-    async def build(self, fs: GcFilesystem) -> dict[str, Node]:
-        raise NotImplementedError
-
-    async def find(self, fs: GcFilesystem, name: str) -> Node:
-        """The child called `name`; by default one of the listed children."""
-        node = (await fs.children(self)).get(name)
-        if node is None:
-            raise NotFound(f"{self.identity}: no entry {name!r}")
-        return node
 
 
 class RootDir(DirNode):
@@ -92,6 +97,7 @@ class RootDir(DirNode):
         readme = render.root_readme(base_url=fs.base_url, username=fs.username, ttl=fs.ttl)
         nodes: list[Node] = [FileNode("root/README.md", "README.md", data=readme)]
         nodes += [CollectionDir(f"collection:{c.name}", c.name, c) for c in COLLECTIONS]
+        nodes.append(tree.ImagesRootDir("collection:images", "images"))
         return {node.name: node for node in nodes}
 
 
@@ -161,8 +167,7 @@ class CollectionDir(DirNode):
             fs.username,
             existence.value,
         )
-        stub = StubDir(f"stub:{c.name}:{name}", name)
-        stub.readme = render.stub_readme(
+        readme = render.stub_readme(
             collection=c.name,
             name=name,
             base_url=fs.base_url,
@@ -170,7 +175,7 @@ class CollectionDir(DirNode):
             ttl=fs.ttl,
             certain=existence is Existence.HIDDEN,
         )
-        return fs.inodes.add(stub)
+        return fs.inodes.add(stub_dir(f"stub:{c.name}:{name}", name, readme))
 
 
 class ObjectDir(DirNode):
@@ -192,20 +197,8 @@ class ObjectDir(DirNode):
         # The listing already holds the full object (list and detail share one serializer),
         # so the metadata file costs no request of its own.
         meta = FileNode(f"{self.identity}/{name}", name, data=render.metadata_json(self.obj))
-        return {name: meta}
-
-
-class StubDir(DirNode):
-    """An object the token may not see: a directory holding only README.md."""
-
-    __slots__ = ("readme",)
-
-    def __init__(self, identity: str, name: str) -> None:
-        super().__init__(identity, name)
-        self.readme = b""
-
-    async def build(self, fs: GcFilesystem) -> dict[str, Node]:
-        return {"README.md": FileNode(f"{self.identity}/README.md", "README.md", data=self.readme)}
+        contents = await self.collection.contents(fs, self.identity, self.obj)
+        return {node.name: node for node in [meta, *contents]}
 
 
 def _slug_of(obj: dict[str, Any], collection: Collection) -> str | None:
@@ -221,8 +214,11 @@ def _slug_of(obj: dict[str, Any], collection: Collection) -> str | None:
 class GcFilesystem:
     """The filesystem core: nodes by inode, directories listed and looked up through the API."""
 
-    def __init__(self, api: GcApiClient, *, username: str, ttl: float) -> None:
+    def __init__(
+        self, api: GcApiClient, content: ContentStore, *, username: str, ttl: float
+    ) -> None:
         self.api = api
+        self.content = content
         self.base_url = api.base_url
         self.username = username
         self.ttl = ttl
@@ -230,16 +226,95 @@ class GcFilesystem:
         self.inodes = InodeTable()
         self._absent: TTLCache[tuple[str, str], bool] = TTLCache(NEGATIVE_CACHE_SIZE, ttl)
         self.root = RootDir("root", "")
-        self.root.inode = ROOT_INODE
         self.inodes.add_root(self.root)
 
     # -- the API, cached --------------------------------------------------------------------
 
-    async def list_objects(self, api_path: str) -> list[dict[str, Any]]:
+    async def list_objects(
+        self, api_path: str, params: Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        key = ("list", api_path, tuple(sorted((params or {}).items())))
         objects: list[dict[str, Any]] = await self.cache.get(
-            ("list", api_path), lambda: self.api.list_all(api_path)
+            key, lambda: self.api.list_all(api_path, params)
         )
         return objects
+
+    async def images_by_pk(self, param: str, pk: str) -> dict[str, dict[str, Any]]:
+        """The images the token may see among those of an archive, study or job, by pk.
+
+        One paged listing (`cases/images/?archive=<pk>`, ...) serves every directory of that
+        archive or study, instead of one request per image.
+        """
+        images = await self.list_objects("cases/images/", {param: pk})
+        return {str(image["pk"]): image for image in images if "pk" in image}
+
+    async def dicom_for(
+        self, images: list[dict[str, Any]]
+    ) -> dict[str, list[layout.DicomInstance]]:
+        """The instances of those images that are DICOM image sets, fetched concurrently."""
+        dicom_images = [i for i in images if i.get("dicom_image_set") and not i.get("files")]
+        found: dict[str, list[layout.DicomInstance]] = {}
+
+        async def fetch(pk: str) -> None:
+            found[pk] = await self.cache.get(("dicom", pk), lambda: self._dicom_instances(pk))
+
+        async with trio.open_nursery() as nursery:
+            for image in dicom_images:
+                nursery.start_soon(fetch, str(image["pk"]))
+        return found
+
+    async def _dicom_instances(self, pk: str) -> list[layout.DicomInstance]:
+        body = await self.api.get_json(f"cases/images/{pk}/dicom/instances/")
+        instances = body.get("instances") if isinstance(body, dict) else None
+        if not isinstance(instances, list):
+            raise BadResponse(f"cases/images/{pk}/dicom/instances/: no instances list")
+        return layout.dicom_instances(instances)
+
+    async def materialize(
+        self, identity: str, entries: Mapping[str, layout.Entry]
+    ) -> dict[str, Node]:
+        """Nodes for a values layout; remote files get their true size first (probed
+        concurrently), and a file we may not read becomes a README stub."""
+        remote = {n: e for n, e in entries.items() if isinstance(e, layout.RemoteFile)}
+        sizes = await self._probe(remote)  # a file missing here may not be read
+        nodes: dict[str, Node] = {}
+        for name, entry in entries.items():
+            path = f"{identity}/{name}"
+            if isinstance(entry, layout.InlineFile):
+                nodes[name] = FileNode(path, name, data=entry.data)
+            elif isinstance(entry, layout.Directory):
+                nodes[name] = tree.EntriesDir(path, name, entry.entries)
+            elif isinstance(entry, layout.RemoteFile) and name in sizes:
+                nodes[name] = RemoteFileNode(path, name, url=entry.url, length=sizes[name])
+            else:
+                what, url = (
+                    (entry.what, entry.url)
+                    if isinstance(entry, layout.Unreadable)
+                    else (f"file {name}", getattr(entry, "url", ""))
+                )
+                readme = render.unreadable_readme(what, url, username=self.username, ttl=self.ttl)
+                nodes[name] = stub_dir(path, name, readme)
+        return nodes
+
+    async def _probe(self, files: Mapping[str, layout.RemoteFile]) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        limiter = trio.CapacityLimiter(tree.SIZE_PROBE_CONCURRENCY)
+
+        for entry in files.values():
+            if entry.headers:
+                self.content.register_presigned(entry.url, dict(entry.headers))
+
+        async def probe(name: str, url: str) -> None:
+            async with limiter:
+                try:
+                    sizes[name] = await self.content.size(url)
+                except (NotFound, PermissionDenied) as exc:
+                    log.info("%s: not readable (%s); showing a stub", url, exc)
+
+        async with trio.open_nursery() as nursery:
+            for name, entry in files.items():
+                nursery.start_soon(probe, name, entry.url)
+        return sizes
 
     async def children(self, directory: DirNode) -> Children:
         async def build() -> Children:

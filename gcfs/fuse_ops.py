@@ -17,15 +17,18 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
 from .errors import GcfsError, NotFound, ReadOnly
-from .fs import DirNode, GcFilesystem
-from .nodes import FileNode, Node, NodeKind, SymlinkNode
+from .fs import GcFilesystem
+from .nodes import FileNode, Node, NodeKind, RemoteFileNode, SymlinkNode
+
+if TYPE_CHECKING:
+    from .content import RemoteFile
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ class GcfsOperations(pyfuse3.Operations):
         # to "when did this appear here" and keeps `make`-style tools stable.
         self.mount_time_ns = time.time_ns()
         self._open_files: dict[int, FileNode] = {}
+        self._open_remote: dict[int, RemoteFile] = {}
         self._open_dirs: dict[int, list[Node]] = {}
         self._next_fh = 1
 
@@ -134,6 +138,13 @@ class GcfsOperations(pyfuse3.Operations):
             if flags & _WRITE_FLAGS:
                 raise ReadOnly(f"open {inode} for writing")
             node = self.fs.node(inode)
+            if isinstance(node, RemoteFileNode):
+                # Resolves the /media/ URL once for this open file, not once per read.
+                remote = await self.fs.content.open(node.url)
+                fh = self._new_fh()
+                self._open_remote[fh] = remote
+                # Files are immutable by pk: the kernel may keep its page cache across opens.
+                return pyfuse3.FileInfo(fh=fh, keep_cache=True)
             if not isinstance(node, FileNode):
                 raise pyfuse3.FUSEError(errno.EISDIR)
             fh = self._new_fh()
@@ -146,6 +157,9 @@ class GcfsOperations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         async def run() -> bytes:
+            remote = self._open_remote.get(fh)
+            if remote is not None:
+                return await remote.read(off, size)
             node = self._open_files.get(fh)
             if node is None:
                 raise pyfuse3.FUSEError(errno.EBADF)
@@ -155,6 +169,9 @@ class GcfsOperations(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         self._open_files.pop(fh, None)
+        remote = self._open_remote.pop(fh, None)
+        if remote is not None:
+            remote.close()
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         async def run() -> int:
@@ -262,4 +279,4 @@ def _refused(op: str) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EROFS)
 
 
-__all__ = ["DirNode", "GcfsOperations"]
+__all__ = ["GcfsOperations"]

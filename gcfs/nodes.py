@@ -13,6 +13,12 @@ import enum
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import NotFound
+
+if TYPE_CHECKING:
+    from .fs import GcFilesystem
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,54 @@ class SymlinkNode(Node):
     @property
     def size(self) -> int:
         return len(self.target.encode("utf-8"))
+
+
+@dataclass(eq=False, slots=True)
+class RemoteFileNode(Node):
+    """A file whose bytes are fetched on read; its size was learned when it was listed."""
+
+    url: str = ""
+    length: int = 0
+    kind = NodeKind.FILE
+
+    @property
+    def size(self) -> int:
+        return self.length
+
+
+class DirNode(Node):
+    """A directory: builds its children on demand. Subclasses implement `build`."""
+
+    __slots__ = ()
+
+    async def build(self, fs: GcFilesystem) -> dict[str, Node]:
+        raise NotImplementedError
+
+    async def find(self, fs: GcFilesystem, name: str) -> Node:
+        """The child called `name`; by default one of the listed children."""
+        node = (await fs.children(self)).get(name)
+        if node is None:
+            raise NotFound(f"{self.identity}: no entry {name!r}")
+        return node
+
+
+class StaticDir(DirNode):
+    """A directory whose children are known when it is made (stubs, fixed layouts)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, identity: str, name: str, entries: dict[str, Node]) -> None:
+        super().__init__(identity, name)
+        self.entries = entries
+
+    async def build(self, fs: GcFilesystem) -> dict[str, Node]:
+        return self.entries
+
+
+def stub_dir(identity: str, name: str, readme: bytes) -> StaticDir:
+    """A directory holding only README.md: what stands in for what we may not see."""
+    readme_node = FileNode(f"{identity}/README.md", "README.md", data=readme)
+    return StaticDir(identity, name, {"README.md": readme_node})
 
 
 class InodeTable:

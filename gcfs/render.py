@@ -24,9 +24,17 @@ This is a read-only view of what your API token can see on {base_url}.
 Nothing is downloaded until you look at it; what you look at is kept for {ttl:g} s,
 then fetched again.
 
-    archives/<slug>/archive.json             an archive, as the API serves it
-    algorithms/<slug>/algorithm.json         an algorithm, with its input and output sockets
-    reader-studies/<slug>/reader-study.json  a reader study, with its questions
+    archives/<slug>/archive.json                an archive, as the API serves it
+    archives/<slug>/items/<pk>/                 item.json + its values, laid out like an
+                                                algorithm's /input
+    algorithms/<slug>/algorithm.json            an algorithm, with its input and output sockets
+    algorithms/<slug>/jobs/<pk>/                job.json, inputs/, outputs/
+    algorithms/<slug>/images/<pk>.json          container images (editors only)
+    reader-studies/<slug>/reader-study.json     a reader study
+    reader-studies/<slug>/questions.json        its questions, in order
+    reader-studies/<slug>/display-sets/<pk>/    display-set.json + its values
+    reader-studies/<slug>/answers.json|.csv     every answer you may see
+    images/<pk>/                                any image by pk: image.json + its files
 
 Directories are named by slug; a pk (UUID) also works and is a symlink to the slug.
 An object you may not see shows as a directory holding only README.md, which says how to
@@ -83,5 +91,20 @@ def stub_readme(
 The {noun}'s editors approve requests by hand, so it can take a couple of hours.
 Once access is granted, this directory shows the {noun} within {ttl:g} s (the time gcfs
 trusts what it has seen); remounting shows it at once.
+"""
+    return text.encode("utf-8")
+
+
+def unreadable_readme(what: str, url: str, *, username: str, ttl: float) -> bytes:
+    """The README standing in for an image or file that a visible object references but the
+    token may not read."""
+    text = f"""# No access to {what}
+
+An object you can see refers to {what}, but your account ({username}) may not read it:
+  {url}
+
+Access to images and files follows the archive, reader study or algorithm job they belong
+to. Ask the owner of that object for access; once it is granted, this shows the real
+files within {ttl:g} s (the time gcfs trusts what it has seen), or at once after a remount.
 """
     return text.encode("utf-8")

@@ -131,6 +131,13 @@ class _Server(ThreadingHTTPServer):
             with self._open_lock:
                 self._open.discard(request)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-response (a reader that closed its file, a cancelled
+        # read-ahead) is normal traffic, not a server error worth a traceback.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
     def close_connections(self) -> None:
         with self._open_lock:
             conns = list(self._open)

@@ -1505,9 +1505,8 @@ def _demo_reader_studies(w: World, ct_images: list[Image]) -> None:
                 total_edit_duration=dt.timedelta(seconds=30 + n),
             )
             w.add_answer(category, ds, reader, category.options[(n + shift) % 5].id)
-            w.add_answer(
-                features, ds, reader, [features.options[0].id, features.options[(n + shift) % 4].id]
-            )
+            second = features.options[1 + (n + shift) % 3]  # never the first option again
+            w.add_answer(features, ds, reader, [features.options[0].id, second.id])
             w.add_answer(size, ds, reader, 4.5 + n + shift)
         w.add_answer(comments, display_sets[0], reader, f"Reviewed by {reader}.")
     for n, ds in enumerate(display_sets):

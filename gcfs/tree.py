@@ -1,0 +1,311 @@
+"""Everything inside an archive, algorithm or reader study, and the `images/` lookup root.
+
+    archives/<slug>/items/<item-pk>/             item.json + values (layout.py)
+    algorithms/<slug>/images/<pk>.json           container images (editors only)
+    algorithms/<slug>/jobs/<job-pk>/             job.json, inputs/, outputs/
+    reader-studies/<slug>/questions.json         the study's nested questions, in order
+    reader-studies/<slug>/display-sets/<pk>/     display-set.json + values
+    reader-studies/<slug>/answers.json|.csv      every answer the token may see
+    images/<pk>/                                 image.json + the image's files (lookup only)
+
+Requests: one paged listing per directory of objects; the images of an archive's items or a
+study's display sets come from one paged `cases/images/?archive=<pk>` (or `?reader_study=`)
+listing shared by all its directories, never one request per image; a job's images come from
+`?job_input=<pk>` / `?job_output=<pk>`. Listing a directory that holds remote files probes their
+sizes concurrently (one ranged GET each, remembered forever: files are immutable by pk).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from . import layout, render
+from .answers_csv import render_answers_csv
+from .errors import NotFound
+from .names import is_uuid
+from .nodes import DirNode, FileNode, Node, RemoteFileNode, StaticDir, stub_dir
+
+if TYPE_CHECKING:
+    from .fs import GcFilesystem
+
+log = logging.getLogger(__name__)
+
+# Remote files probed for their size at once when a directory is listed; an image directory
+# rarely holds more than two (MHD + ZRAW), a DICOM set can hold hundreds of instances.
+SIZE_PROBE_CONCURRENCY = 16
+
+
+def _pk(obj: dict[str, Any]) -> str | None:
+    pk = obj.get("pk")
+    return pk if isinstance(pk, str) and is_uuid(pk) else None
+
+
+class ObjectListDir(DirNode):
+    """A directory of API objects named by pk, from one paged listing."""
+
+    __slots__ = ("api_path", "params")
+
+    def __init__(self, identity: str, name: str, api_path: str, params: dict[str, str]) -> None:
+        super().__init__(identity, name)
+        self.api_path = api_path
+        self.params = params
+
+    def child(self, pk: str, obj: dict[str, Any]) -> Node:
+        raise NotImplementedError
+
+    async def build(self, fs: GcFilesystem) -> dict[str, Node]:
+        children: dict[str, Node] = {}
+        for obj in await fs.list_objects(self.api_path, self.params):
+            pk = _pk(obj)
+            if pk is None:
+                log.warning("%s: skipping an object without a valid pk", self.api_path)
+                continue
+            children[pk] = self.child(pk, obj)
+        return children
+
+
+class ValuesDir(DirNode):
+    """A directory of values laid out as an algorithm's /input, with a metadata file."""
+
+    __slots__ = ("images_filter", "metadata", "obj", "values_key")
+
+    def __init__(
+        self,
+        identity: str,
+        name: str,
+        obj: dict[str, Any],
+        *,
+        values_key: str,
+        images_filter: tuple[str, str],
+        metadata: str | None,
+    ) -> None:
+        super().__init__(identity, name)
+        self.obj = obj
+        self.values_key = values_key
+        self.images_filter = images_filter
+        self.metadata = metadata
+
+    async def build(self, fs: GcFilesystem) -> dict[str, Node]:
+        values = self.obj.get(self.values_key)
+        values = [v for v in values if isinstance(v, dict)] if isinstance(values, list) else []
+        images: dict[str, dict[str, Any]] = {}
+        if any(layout.image_pk_of(v) for v in values):
+            images = await fs.images_by_pk(*self.images_filter)
+        wanted = [pk for pk in images if pk in {layout.image_pk_of(v) for v in values}]
+        dicom = await fs.dicom_for([images[pk] for pk in wanted])
+        tree = layout.lay_out_values(values, images, dicom)
+        entries: dict[str, layout.Entry] = dict(tree.entries)
+        if self.metadata is not None:
+            name = layout.metadata_name(self.metadata, entries)
+            entries[name] = layout.InlineFile(render.metadata_json(self.obj))
+        return await fs.materialize(self.identity, entries)
+
+
+class EntriesDir(DirNode):
+    """A subdirectory of a values layout (an image socket's directory, say)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, identity: str, name: str, entries: dict[str, layout.Entry]) -> None:
+        super().__init__(identity, name)
+        self.entries = entries
+
+    async def build(self, fs: GcFilesystem) -> dict[str, Node]:
+        return await fs.materialize(self.identity, self.entries)
+
+
+# -- archives ------------------------------------------------------------------------------
+
+
+class ItemsDir(ObjectListDir):
+    __slots__ = ()
+
+    def child(self, pk: str, obj: dict[str, Any]) -> Node:
+        return ValuesDir(
+            f"item:{pk}",
+            pk,
+            obj,
+            values_key="values",
+            images_filter=("archive", self.params["archive"]),
+            metadata="item.json",
+        )
+
+
+async def archive_contents(fs: GcFilesystem, identity: str, obj: dict[str, Any]) -> list[Node]:
+    pk = str(obj["pk"])
+    return [ItemsDir(f"{identity}/items", "items", "archives/items/", {"archive": pk})]
+
+
+# -- algorithms ----------------------------------------------------------------------------
+
+
+class AlgorithmImagesDir(DirNode):
+    """`images/<pk>.json`: the algorithm's container images (only editors see any)."""
+
+    __slots__ = ("algorithm_pk",)
+
+    def __init__(self, identity: str, name: str, algorithm_pk: str) -> None:
+        super().__init__(identity, name)
+        self.algorithm_pk = algorithm_pk
+
+    async def build(self, fs: GcFilesystem) -> dict[str, Node]:
+        objects = await fs.list_objects("algorithms/images/", {"algorithm": self.algorithm_pk})
+        children: dict[str, Node] = {}
+        for obj in objects:
+            pk = _pk(obj)
+            if pk is not None:
+                name = f"{pk}.json"
+                data = render.metadata_json(obj)
+                children[name] = FileNode(f"algorithm-image:{pk}/json", name, data=data)
+        return children
+
+
+class JobsDir(ObjectListDir):
+    __slots__ = ()
+
+    def child(self, pk: str, obj: dict[str, Any]) -> Node:
+        identity = f"job:{pk}"
+        inputs = ValuesDir(
+            f"{identity}/inputs",
+            "inputs",
+            obj,
+            values_key="inputs",
+            images_filter=("job_input", pk),
+            metadata=None,
+        )
+        outputs = ValuesDir(
+            f"{identity}/outputs",
+            "outputs",
+            obj,
+            values_key="outputs",
+            images_filter=("job_output", pk),
+            metadata=None,
+        )
+        job_json = FileNode(f"{identity}/job.json", "job.json", data=render.metadata_json(obj))
+        return StaticDir(identity, pk, {"job.json": job_json, "inputs": inputs, "outputs": outputs})
+
+
+async def algorithm_contents(fs: GcFilesystem, identity: str, obj: dict[str, Any]) -> list[Node]:
+    pk = str(obj["pk"])
+    return [
+        AlgorithmImagesDir(f"{identity}/images", "images", pk),
+        JobsDir(f"{identity}/jobs", "jobs", "algorithms/jobs/", {"algorithm_image__algorithm": pk}),
+    ]
+
+
+# -- reader studies ------------------------------------------------------------------------
+
+
+class DisplaySetsDir(ObjectListDir):
+    __slots__ = ()
+
+    def child(self, pk: str, obj: dict[str, Any]) -> Node:
+        return ValuesDir(
+            f"display-set:{pk}",
+            pk,
+            obj,
+            values_key="values",
+            images_filter=("reader_study", self.params["reader_study"]),
+            metadata="display-set.json",
+        )
+
+
+async def reader_study_contents(fs: GcFilesystem, identity: str, obj: dict[str, Any]) -> list[Node]:
+    pk = str(obj["pk"])
+    questions = obj.get("questions")
+    questions = [q for q in questions if isinstance(q, dict)] if isinstance(questions, list) else []
+    # Display sets and answers are fetched together: answers.csv needs the display set titles,
+    # and both files need their true size as soon as the directory is listed.
+    async with trio.open_nursery() as nursery:
+        results: dict[str, list[dict[str, Any]]] = {}
+
+        async def fetch(key: str, path: str, params: dict[str, str]) -> None:
+            results[key] = await fs.list_objects(path, params)
+
+        nursery.start_soon(
+            fetch, "answers", "reader-studies/answers/", {"question__reader_study": pk}
+        )
+        nursery.start_soon(
+            fetch, "display_sets", "reader-studies/display-sets/", {"reader_study": pk}
+        )
+    answers, display_sets = results["answers"], results["display_sets"]
+    return [
+        FileNode(
+            f"{identity}/questions.json", "questions.json", data=render.metadata_json(questions)
+        ),
+        DisplaySetsDir(
+            f"{identity}/display-sets",
+            "display-sets",
+            "reader-studies/display-sets/",
+            {"reader_study": pk},
+        ),
+        FileNode(f"{identity}/answers.json", "answers.json", data=render.metadata_json(answers)),
+        FileNode(
+            f"{identity}/answers.csv",
+            "answers.csv",
+            data=render_answers_csv(answers, questions, display_sets),
+        ),
+    ]
+
+
+# -- images/<pk>/ --------------------------------------------------------------------------
+
+
+class ImageDir(DirNode):
+    __slots__ = ("image",)
+
+    def __init__(self, identity: str, name: str, image: dict[str, Any]) -> None:
+        super().__init__(identity, name)
+        self.image = image
+
+    async def build(self, fs: GcFilesystem) -> dict[str, Node]:
+        pk = str(self.image["pk"])
+        dicom = (await fs.dicom_for([self.image])).get(pk)
+        entries: dict[str, layout.Entry] = dict(layout.image_files(self.image, dicom))
+        name = layout.metadata_name("image.json", entries)
+        entries[name] = layout.InlineFile(render.metadata_json(self.image))
+        return await fs.materialize(self.identity, entries)
+
+
+class ImagesRootDir(DirNode):
+    """`images/`: any image the token may see, by pk; lookup only (listing it is empty)."""
+
+    __slots__ = ()
+
+    async def build(self, fs: GcFilesystem) -> dict[str, Node]:
+        return {}
+
+    async def find(self, fs: GcFilesystem, name: str) -> Node:
+        if not is_uuid(name) or fs.is_known_absent(self, name):
+            raise NotFound(f"images/{name}: not a pk or known absent")
+        return await fs.cache.get(("image-dir", name), lambda: self._lookup(fs, name))
+
+    async def _lookup(self, fs: GcFilesystem, pk: str) -> Node:
+        try:
+            image = await fs.api.get_json(f"cases/images/{pk}/")
+        except NotFound:
+            image = None
+        if isinstance(image, dict):
+            return fs.inodes.add(ImageDir(f"image:{pk}", pk, image))
+        # 404 for hidden and absent alike; the job filter validates pks against all images.
+        existence = await fs.api.filter_oracle("algorithms/jobs/", "input_image", pk)
+        if existence.value == "absent":
+            fs.remember_absent(self, pk)
+            raise NotFound(f"images/{pk}: does not exist")
+        readme = render.unreadable_readme(
+            f"image {pk}", f"{fs.api.api_url}cases/images/{pk}/", username=fs.username, ttl=fs.ttl
+        )
+        return fs.inodes.add(stub_dir(f"stub:image:{pk}", pk, readme))
+
+
+__all__ = [
+    "EntriesDir",
+    "ImagesRootDir",
+    "RemoteFileNode",
+    "algorithm_contents",
+    "archive_contents",
+    "reader_study_contents",
+]

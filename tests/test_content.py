@@ -1,0 +1,519 @@
+"""Tests for gcfs.content against the fake Grand Challenge and its storage origin.
+
+The fake's `/media/` routes answer 302 to presigned URLs on a second origin that serves Range
+requests, refuses an Authorization header beside a signature (400), HEAD and expired
+signatures (403). Its counters tell how many requests and body bytes a read cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from gcfs.blockcache import BlockCache
+from gcfs.content import ContentStore, RemoteFile, check_partial, parse_size
+from gcfs.errors import BadResponse, NotFound, PermissionDenied
+from gcfs.fakegc import DEMO_TOKEN, FakeGC, World, demo_world
+from gcfs.fakegc.serializers import image_file_path
+from gcfs.fakegc.world import GeneratedContent, Image
+
+MiB = 1 << 20
+BS = MiB
+TOKEN = "t" * 64
+OTHER_TOKEN = "o" * 64
+SMALL = 5 * MiB + 123  # a few MiB, not block aligned
+LARGE = 48 * MiB + 7
+
+
+def generated(size: int, seed: str) -> tuple[bytes, GeneratedContent]:
+    content = GeneratedContent(size, seed)
+    return content.read(0, size), content
+
+
+SMALL_BYTES, SMALL_CONTENT = generated(SMALL, "small.mha")
+LARGE_BYTES, LARGE_CONTENT = generated(LARGE, "large.tif")
+
+
+def make_world() -> World:
+    w = World()
+    w.add_user("alice", TOKEN)
+    w.add_user("mallory", OTHER_TOKEN)
+    w.add_image("small", [("small.mha", SMALL_CONTENT)], viewers={"alice"})
+    w.add_image("large", [("large.tif", LARGE_CONTENT)], viewers={"alice"})
+    w.add_image("empty", [("empty.mha", b"")], viewers={"alice"})
+    w.add_image("tiny", [("tiny.json", b"{}")], viewers={"alice"})
+    return w
+
+
+@pytest.fixture
+def gc() -> Iterator[FakeGC]:
+    with FakeGC(make_world()) as server:
+        yield server
+
+
+def file_url(fake: FakeGC, image_name: str) -> str:
+    image: Image = next(i for i in fake.world.images.values() if i.name == image_name)
+    return f"{fake.base_url}/media/images/{image_file_path(image.files[0])}"
+
+
+@asynccontextmanager
+async def content_store(
+    fake: FakeGC, cache_dir: Path | None, *, token: str = TOKEN, **options: int
+) -> AsyncIterator[ContentStore]:
+    cache = BlockCache(cache_dir, max_bytes=1 << 30, block_size=BS) if cache_dir else None
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(30.0), limits=httpx.Limits(max_connections=16)
+    ) as http:
+        store = ContentStore(http, {"Authorization": f"Bearer {token}"}, cache, **options)
+        async with store:
+            yield store
+
+
+async def read_all(f: RemoteFile, chunk: int = 128 * 1024) -> bytes:
+    parts = []
+    offset = 0
+    while True:
+        data = await f.read(offset, chunk)
+        if not data:
+            return b"".join(parts)
+        parts.append(data)
+        offset += len(data)
+
+
+def storage_gets(fake: FakeGC) -> list[int]:
+    """The lengths asked for by the block GETs (the Range of each storage-get, probes aside)."""
+    lengths = []
+    for r in fake.requests:
+        if r.endpoint == "storage-get" and r.range and r.range != "bytes=0-0":
+            first, last = r.range.removeprefix("bytes=").split("-")
+            lengths.append(int(last) - int(first) + 1)
+    return lengths
+
+
+def assert_token_never_reached_storage(fake: FakeGC) -> None:
+    storage = [r for r in fake.requests if r.endpoint.startswith("storage-")]
+    assert storage, "no storage request at all"
+    assert not any(r.had_authorization for r in storage)
+    assert not any(r.status == 400 for r in storage)  # 400: a token beside the signature
+    assert all(r.method == "GET" for r in storage)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- the verification functions --------------------------------------------------------------
+
+
+def test_check_partial_accepts_only_the_exact_range() -> None:
+    good = {"content-range": "bytes 100-199/1000", "content-length": "100"}
+    assert check_partial(206, good, 100, 199, 1000) == 100
+    assert check_partial(206, {"content-range": "bytes 100-199/1000"}, 100, 199, 1000) == 100
+    bad_answers = [
+        (200, good),
+        (416, good),
+        (206, {}),
+        (206, {"content-range": "bytes 100-198/1000"}),
+        (206, {"content-range": "bytes 0-199/1000"}),
+        (206, {"content-range": "bytes 100-199/1001"}),
+        (206, {"content-range": "bytes 100-199/*"}),
+        (206, {"content-range": "items 100-199/1000"}),
+        (206, {**good, "content-length": "99"}),
+        (206, {**good, "content-encoding": "gzip"}),
+    ]
+    for status, headers in bad_answers:
+        with pytest.raises(BadResponse):
+            check_partial(status, headers, 100, 199, 1000)
+
+
+def test_parse_size() -> None:
+    assert parse_size(206, {"content-range": "bytes 0-0/12345"}) == 12345
+    assert parse_size(200, {"content-length": "77"}) == 77
+    assert parse_size(416, {"content-range": "bytes */0"}) == 0
+    for status, headers in [
+        (206, {"content-range": "bytes 1-1/12345"}),
+        (206, {}),
+        (200, {}),
+        (416, {"content-range": "bytes */10"}),
+        (204, {}),
+    ]:
+        with pytest.raises(BadResponse):
+            parse_size(status, headers)
+
+
+# -- against the fake ------------------------------------------------------------------------
+
+
+async def test_full_read_equals_the_bytes(gc: FakeGC, tmp_path: Path) -> None:
+    url = file_url(gc, "small")
+    async with content_store(gc, tmp_path / "cache") as store:
+        assert await store.size(url) == SMALL
+        f = await store.open(url)
+        data = await read_all(f)
+        f.close()
+    assert sha(data) == sha(SMALL_BYTES)
+    # size() resolved, open() reused that resolution: one /media/ hit, one probe
+    assert gc.count("media-image-file") == 1
+    assert sum(1 for r in gc.requests if r.range == "bytes=0-0") == 1
+    assert sum(storage_gets(gc)) == SMALL  # every byte fetched exactly once
+    assert_token_never_reached_storage(gc)
+
+
+async def test_reads_are_exact_at_every_edge(gc: FakeGC) -> None:
+    url = file_url(gc, "small")
+    async with content_store(gc, None) as store:
+        f = await store.open(url)
+        for offset, size in [
+            (0, 1),
+            (BS - 1, 2),  # across a block boundary
+            (BS, BS),  # exactly one block
+            (3 * BS - 10, 2 * BS + 20),  # three blocks
+            (SMALL - 5, 100),  # clipped at the end
+            (SMALL, 10),  # at the end
+            (SMALL + 10, 10),  # past the end
+            (17, 0),
+        ]:
+            assert await f.read(offset, size) == SMALL_BYTES[offset : offset + size]
+        f.close()
+        empty = await store.open(file_url(gc, "empty"))
+        assert empty.size == 0
+        assert await empty.read(0, 100) == b""
+        tiny = await store.open(file_url(gc, "tiny"))
+        assert await tiny.read(0, 100) == b"{}"
+    assert_token_never_reached_storage(gc)
+
+
+async def test_media_hit_once_per_open_and_sizes_are_kept(gc: FakeGC, tmp_path: Path) -> None:
+    url = file_url(gc, "small")
+    async with content_store(gc, tmp_path / "cache") as store:
+        for _ in range(3):
+            assert await store.size(url) == SMALL
+        assert gc.count("media-image-file") == 1
+        for _ in range(3):
+            f = await store.open(url)
+            await f.read(0, 10)
+            f.close()
+        # the first open reused size()'s resolution; every later open resolved again
+        assert gc.count("media-image-file") == 3
+        assert sum(1 for r in gc.requests if r.range == "bytes=0-0") == 1
+    gc.reset_counts()
+    async with content_store(gc, tmp_path / "cache") as store:  # a remount: size from disk
+        assert await store.size(url) == SMALL
+    assert gc.count() == 0
+
+
+async def test_read_at_a_large_offset_fetches_about_one_block(tmp_path: Path) -> None:
+    with FakeGC(demo_world()) as demo:
+        image = next(i for i in demo.world.images.values() if i.name.endswith("wsi.tif"))
+        content = image.files[0].content
+        url = f"{demo.base_url}/media/images/{image_file_path(image.files[0])}"
+        async with content_store(demo, tmp_path / "cache", token=DEMO_TOKEN) as store:
+            f = await store.open(url)
+            assert f.size == len(content) == 300 * MiB
+            demo.reset_counts()
+            offset = 200 * MiB + 12345
+            data = await f.read(offset, 64 * 1024)
+            assert data == content.read(offset, 64 * 1024)
+            assert demo.storage_bytes_sent <= BS
+            assert storage_gets(demo) == [BS]
+            # a few random reads elsewhere: one block each, no read-ahead
+            for offset in (7 * MiB, 150 * MiB + 5, 299 * MiB + 99):
+                assert await f.read(offset, 4096) == content.read(offset, 4096)
+            assert storage_gets(demo) == [BS] * 4
+            assert await f.read(0, 8) == b"II*\x00\x08\x00\x00\x00"
+            f.close()
+        assert_token_never_reached_storage(demo)
+
+
+async def test_sequential_read_uses_growing_windows(gc: FakeGC, tmp_path: Path) -> None:
+    url = file_url(gc, "large")
+    async with content_store(gc, tmp_path / "cache") as store:
+        f = await store.open(url)
+        gc.reset_counts()
+        start = time.monotonic()
+        data = await read_all(f)
+        elapsed = time.monotonic() - start
+        f.close()
+        stats = store.statistics()
+    assert sha(data) == sha(LARGE_BYTES)
+    lengths = storage_gets(gc)
+    blocks = -(-LARGE // BS)
+    print(f"{blocks} blocks in {len(lengths)} requests, {elapsed:.2f} s; {stats}")
+    print([n // BS for n in lengths])
+    assert sum(lengths) == LARGE  # no block fetched twice, none left out
+    assert len(lengths) <= 18  # requests << blocks: measured 15 for 49 blocks
+    assert max(lengths) >= 4 * BS  # windows grew into multi-block requests
+    assert lengths[0] == BS  # ...from a single block
+    assert_token_never_reached_storage(gc)
+
+
+async def test_parallel_read_ahead_beats_a_per_connection_cap(gc: FakeGC) -> None:
+    """16 MiB at 8 MiB/s per connection: 2 s on one connection, much less on four."""
+    gc.storage_bandwidth = 8 * MiB
+    url = file_url(gc, "large")
+    async with content_store(gc, None) as store:
+        f = await store.open(url)
+        start = time.monotonic()
+        offset = 0
+        while offset < 16 * MiB:
+            offset += len(await f.read(offset, 128 * 1024))
+        elapsed = time.monotonic() - start
+        f.close()
+    print(f"16 MiB at 8 MiB/s per connection in {elapsed:.2f} s")
+    assert elapsed < 1.5
+
+
+async def test_second_read_comes_from_the_block_cache(gc: FakeGC, tmp_path: Path) -> None:
+    url = file_url(gc, "small")
+    async with content_store(gc, tmp_path / "cache") as store:
+        f = await store.open(url)
+        assert await read_all(f) == SMALL_BYTES
+        f.close()
+        gc.reset_counts()
+        again = await store.open(url)
+        assert await read_all(again) == SMALL_BYTES
+        again.close()
+        stats = store.statistics()
+        assert stats.cache_hits >= 1
+        assert stats.cache_hits + stats.shared >= 6  # a read-ahead's disk hit reaches readers
+    assert [r.range for r in gc.requests if r.endpoint == "storage-get"] == []
+    assert gc.count("media-image-file") == 1  # open still resolves: permission and audit
+    gc.reset_counts()
+    async with content_store(gc, tmp_path / "cache") as store:  # a remount on the same dir
+        f = await store.open(url)
+        assert await read_all(f, chunk=300_000) == SMALL_BYTES
+        assert await f.read(SMALL - 10, 10) == SMALL_BYTES[-10:]
+        f.close()
+    assert gc.count("storage-get") == 0
+    assert gc.storage_bytes_sent == 0
+
+
+async def test_expired_signature_mid_read_is_resolved_again(gc: FakeGC, tmp_path: Path) -> None:
+    url = file_url(gc, "small")
+    now = time.time()
+    async with content_store(gc, tmp_path / "cache") as store:
+        f = await store.open(url)
+        first = await f.read(0, 2 * BS)
+        # An hour and a bit later: the URL open() got has expired, a fresh one is valid.
+        gc.clock = lambda: now + 3700
+        rest = await read_all_from(f, 2 * BS)
+        f.close()
+        assert store.statistics().expired >= 1
+    assert first + rest == SMALL_BYTES
+    assert gc.count("media-image-file") == 2  # the open, and one resolution after the 403
+    assert any(r.endpoint == "storage-rejected" and r.status == 403 for r in gc.requests)
+    assert_token_never_reached_storage(gc)
+
+
+async def test_reopen_after_expiry(gc: FakeGC) -> None:
+    url = file_url(gc, "small")
+    now = time.time()
+    async with content_store(gc, None) as store:
+        assert await store.size(url) == SMALL
+        gc.clock = lambda: now + 3700  # size()'s URL, kept for open(), has expired
+        f = await store.open(url)
+        assert await f.read(3 * BS, 1000) == SMALL_BYTES[3 * BS : 3 * BS + 1000]
+        f.close()
+    assert gc.count("media-image-file") == 2
+    assert_token_never_reached_storage(gc)
+
+
+async def test_signatures_dead_on_arrival_give_permission_denied(gc: FakeGC) -> None:
+    gc.signature_lifetime = 0
+    gc.clock = lambda: time.time() + 5  # every URL has expired before it is used
+    url = file_url(gc, "small")
+    async with content_store(gc, None) as store:
+        with pytest.raises(PermissionDenied):
+            await store.open(url)
+    assert gc.count("media-image-file") == 2  # one retry, no loop
+
+
+async def read_all_from(f: RemoteFile, offset: int) -> bytes:
+    parts = []
+    while data := await f.read(offset, 128 * 1024):
+        parts.append(data)
+        offset += len(data)
+    return b"".join(parts)
+
+
+async def test_errors_of_resolution(gc: FakeGC) -> None:
+    url = file_url(gc, "small")
+    absent = url.replace(url.split("/")[-3], "00000000-0000-4000-8000-000000000000")
+    async with content_store(gc, None) as store:
+        with pytest.raises(NotFound):
+            await store.open(url.rsplit("/", 1)[0] + "/other-name.mha")
+        with pytest.raises(NotFound):
+            await store.size(absent)
+    async with content_store(gc, None, token=OTHER_TOKEN) as store:
+        with pytest.raises(PermissionDenied):
+            await store.open(url)
+    assert gc.count("storage-get") == 0
+
+
+async def test_concurrent_readers_share_one_fetch(gc: FakeGC, tmp_path: Path) -> None:
+    gc.storage_latency = 0.2
+    url = file_url(gc, "small")
+    async with content_store(gc, tmp_path / "cache") as store:
+        files = [await store.open(url) for _ in range(3)]
+        results: dict[str, bytes] = {}
+
+        async def read(name: str, f: RemoteFile, offset: int) -> None:
+            results[name] = await f.read(offset, 1000)
+
+        async with trio.open_nursery() as nursery:  # random reads: no read-ahead
+            nursery.start_soon(read, "a", files[0], 3 * BS + 10)
+            nursery.start_soon(read, "b", files[1], 3 * BS + 500)
+            nursery.start_soon(read, "c", files[2], 3 * BS + 900)
+        assert results == {
+            "a": SMALL_BYTES[3 * BS + 10 : 3 * BS + 1010],
+            "b": SMALL_BYTES[3 * BS + 500 : 3 * BS + 1500],
+            "c": SMALL_BYTES[3 * BS + 900 : 3 * BS + 1900],
+        }
+        assert storage_gets(gc) == [BS]
+        assert store.statistics().shared == 2
+        for f in files:
+            f.close()
+
+
+async def test_close_cancels_read_ahead_and_frees_memory(gc: FakeGC, tmp_path: Path) -> None:
+    gc.storage_bandwidth = 4 * MiB
+    url = file_url(gc, "large")
+    async with content_store(gc, tmp_path / "cache") as store:
+        f = await store.open(url)
+        offset = 0
+        for _ in range(8):  # a sequential start: the window grows, read-ahead is in flight
+            offset += len(await f.read(offset, 128 * 1024))
+        assert store._reserved_bytes > 0
+        f.close()
+        await trio.sleep(0.2)
+        assert store._reserved_bytes == store._held_bytes == 0
+        assert store._flights == {}
+        with pytest.raises(ValueError):
+            await f.read(0, 1)
+    # whatever reached the disk is whole and right
+    cache = BlockCache(tmp_path / "cache", max_bytes=1 << 30, block_size=BS)
+    for index in range(-(-LARGE // BS)):
+        block = cache.get(url, index)
+        assert block is None or block == LARGE_BYTES[index * BS : (index + 1) * BS]
+
+
+async def test_a_deadline_leaves_nothing_half_done(gc: FakeGC, tmp_path: Path) -> None:
+    url = file_url(gc, "small")
+    async with content_store(gc, tmp_path / "cache") as store:
+        f = await store.open(url)
+        gc.storage_bandwidth = 256 * 1024  # one block takes 4 s
+        with pytest.raises(trio.TooSlowError):
+            with trio.fail_after(0.5):
+                await f.read(2 * BS, 10)
+        assert store._flights == {}
+        gc.storage_bandwidth = None
+        assert await f.read(2 * BS, 10) == SMALL_BYTES[2 * BS : 2 * BS + 10]
+        f.close()
+    cache = BlockCache(tmp_path / "cache", max_bytes=1 << 30, block_size=BS)
+    assert cache.get(url, 2) == SMALL_BYTES[2 * BS : 3 * BS]
+
+
+async def test_global_budget_bounds_read_ahead(gc: FakeGC) -> None:
+    url = file_url(gc, "large")
+    budget = 6 * MiB
+    async with content_store(gc, None, max_inflight_bytes=budget) as store:
+        files = [await store.open(url) for _ in range(3)]
+        peak = 0
+
+        async def reader(f: RemoteFile) -> None:
+            nonlocal peak
+            offset = 0
+            while offset < 20 * MiB:
+                offset += len(await f.read(offset, 128 * 1024))
+                # Blocks a read needs right now may exceed the budget by one or two each.
+                peak = max(peak, store._held_bytes + store._reserved_bytes)
+
+        async with trio.open_nursery() as nursery:
+            for f in files:
+                nursery.start_soon(reader, f)
+        for f in files:
+            f.close()
+    assert peak <= budget + 3 * 2 * BS
+
+
+# -- responses the fake cannot produce: a storage stand-in --------------------------------------
+
+
+def broken_storage(kind: str) -> httpx.MockTransport:
+    data = bytes(range(256)) * 8192  # 2 MiB
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "gc.test":
+            return httpx.Response(302, headers={"location": "https://storage.test/obj?sig=1"})
+        assert "authorization" not in request.headers
+        first, last = map(int, request.headers["range"].removeprefix("bytes=").split("-"))
+        if first == last == 0:
+            return httpx.Response(206, headers={"content-range": f"bytes 0-0/{len(data)}"})
+        body = data[first : last + 1]
+        content_range = f"bytes {first}-{last}/{len(data)}"
+        if kind == "wrong-range":
+            content_range = f"bytes {first + 1}-{last + 1}/{len(data)}"
+        elif kind == "short":
+            body = body[:-1]  # no Content-Length: the body just ends early
+
+            async def stream() -> AsyncIterator[bytes]:
+                yield body
+
+            return httpx.Response(206, headers={"content-range": content_range}, content=stream())
+        elif kind == "long":
+            body += b"x"
+
+            async def stream_long() -> AsyncIterator[bytes]:
+                yield body
+
+            return httpx.Response(
+                206, headers={"content-range": content_range}, content=stream_long()
+            )
+        elif kind == "ignored-range":
+            return httpx.Response(200, content=data)
+        return httpx.Response(206, headers={"content-range": content_range}, content=body)
+
+    return httpx.MockTransport(handler)
+
+
+@pytest.mark.parametrize("kind", ["wrong-range", "short", "long", "ignored-range"])
+async def test_bad_responses_raise_and_cache_nothing(tmp_path: Path, kind: str) -> None:
+    cache = BlockCache(tmp_path / "cache", max_bytes=1 << 30, block_size=BS)
+    async with (
+        httpx.AsyncClient(transport=broken_storage(kind)) as http,
+        ContentStore(http, {"Authorization": "Bearer x"}, cache) as store,
+    ):
+        f = await store.open("https://gc.test/media/images/x")
+        assert f.size == 2 * MiB
+        with pytest.raises(BadResponse):
+            await f.read(BS + 5, 10)
+        with pytest.raises(BadResponse):
+            await f.read(0, 10)  # also through read-ahead's path
+        await trio.sleep(0.05)
+        f.close()
+    assert cache.total_bytes == 0
+    assert store._flights == {}
+
+
+async def test_good_stand_in_works(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path / "cache", max_bytes=1 << 30, block_size=BS)
+    async with (
+        httpx.AsyncClient(transport=broken_storage("none")) as http,
+        ContentStore(http, {"Authorization": "Bearer x"}, cache) as store,
+    ):
+        f = await store.open("https://gc.test/media/images/x")
+        assert await f.read(BS + 5, 10) == (bytes(range(256)) * 8192)[BS + 5 : BS + 15]
+    assert cache.total_bytes > BS
+
+
+def test_client_with_default_authorization_is_refused() -> None:
+    http = httpx.AsyncClient(headers={"Authorization": "Bearer x"})
+    with pytest.raises(ValueError):
+        ContentStore(http, {}, None)
