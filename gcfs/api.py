@@ -20,8 +20,9 @@ from typing import Any
 import httpx
 import trio
 
-from .config import Secret
+from .config import TokenSource
 from .errors import BadResponse, GcfsError, NotFound, PermissionDenied, Unavailable
+from .retry import OutageLog, RetryPolicy, is_transient_status, parse_retry_after, retrying
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,20 @@ class GcApiClient:
     def __init__(
         self,
         base_url: str,
-        token: Secret | None,
+        token: TokenSource,
         *,
         http_timeout: float,
+        retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_url = f"{self.base_url}/api/v1/"
-        self._auth_headers = {"Authorization": f"Bearer {token.reveal()}"} if token else {}
+        self.token = token
+        self.retry = retry or RetryPolicy()
+        # Set while the server rejects our token (401); the root README says so.
+        self.token_rejected = False
+        self._accepted_once = False
+        self._outage = OutageLog(self.base_url)
         self._limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(http_timeout),
@@ -72,9 +79,10 @@ class GcApiClient:
         )
 
     @property
-    def auth_headers(self) -> dict[str, str]:
-        """The Authorization header for the site origin (API and /media/); never for storage."""
-        return dict(self._auth_headers)
+    def auth_headers(self) -> Mapping[str, str]:
+        """The Authorization header for the site origin (API and /media/), live: it follows
+        token reloads. Never for storage."""
+        return self.token.headers
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -87,8 +95,9 @@ class GcApiClient:
 
     # -- single requests -------------------------------------------------------------------
 
-    async def _send(self, url: str, params: Params | None, *, auth: bool) -> httpx.Response:
-        headers = self._auth_headers if auth else {}
+    async def _attempt(self, url: str, params: Params | None, *, auth: bool) -> httpx.Response:
+        """One GET; transient failures raise `Unavailable` for `retrying` to try again."""
+        headers = dict(self.token.headers) if auth else {}
         async with self._limiter:
             start = trio.current_time()
             try:
@@ -96,13 +105,43 @@ class GcApiClient:
             except httpx.TimeoutException as exc:
                 raise Unavailable(f"GET {url}: timed out") from exc
             except httpx.HTTPError as exc:
-                raise Unavailable(f"GET {url}: {type(exc).__name__}: {exc}") from exc
+                raise Unavailable(f"GET {url}: {type(exc).__name__}") from exc
         log.debug(
             "GET %s -> %d (%.0f ms)",
             response.request.url,
             response.status_code,
             (trio.current_time() - start) * 1000,
         )
+        if is_transient_status(response.status_code):
+            raise Unavailable(
+                f"GET {url}: HTTP {response.status_code}",
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
+            )
+        return response
+
+    async def _send(self, url: str, params: Params | None, *, auth: bool) -> httpx.Response:
+        """GET with retries; a 401 makes us read the token file again and try once more."""
+
+        async def attempt() -> httpx.Response:
+            return await self._attempt(url, params, auth=auth)
+
+        what = f"GET {url}"
+        response = await retrying(attempt, policy=self.retry, what=what, outage=self._outage)
+        if auth and response.status_code == 401 and self.token.reload():
+            response = await retrying(attempt, policy=self.retry, what=what, outage=self._outage)
+        if auth:
+            rejected = response.status_code == 401
+            # Before the token was ever accepted, a 401 is the mount's own error to report.
+            if rejected and not self.token_rejected and self._accepted_once:
+                log.error(
+                    "%s rejected the API token (revoked?); answering EACCES. Put a new token in "
+                    "the token file: it is picked up without remounting",
+                    self.base_url,
+                )
+            elif not rejected and self.token_rejected:
+                log.warning("%s accepts the API token again", self.base_url)
+            self.token_rejected = rejected
+            self._accepted_once |= not rejected
         return response
 
     async def get_json(self, path: str, params: Params | None = None) -> JSON:
@@ -111,8 +150,14 @@ class GcApiClient:
         _raise_for_status(response)
         return _parse_json(response)
 
-    async def whoami(self) -> str:
+    async def whoami(self, *, retry: RetryPolicy | None = None) -> str:
         """The username behind the token; the one request made at mount time."""
+        if retry is not None:
+            saved, self.retry = self.retry, retry
+            try:
+                return await self.whoami()
+            finally:
+                self.retry = saved
         body = await self.get_json("profiles/users/self/")
         try:
             username = body["user"]["username"]
@@ -205,8 +250,8 @@ class GcApiClient:
             return Existence.UNKNOWN
         if status == 200:
             return Existence.VISIBLE
-        if status >= 500 or status == 429:
-            raise Unavailable(f"GET {url}: HTTP {status}")
+        if status >= 500:
+            raise Unavailable(f"GET {url}: HTTP {status}", transient=False)
         return Existence.UNKNOWN
 
 
@@ -221,8 +266,9 @@ def _raise_for_status(response: httpx.Response) -> None:
         raise PermissionDenied(f"{where}: the server rejected the API token ({_detail(response)})")
     if status == 403:
         raise PermissionDenied(f"{where}: forbidden ({_detail(response)})")
-    if status == 429 or status >= 500:
-        raise Unavailable(f"{where}: HTTP {status}")
+    if status >= 500:
+        # 500 is the server's answer, not an accident: gcapi does not retry it either.
+        raise Unavailable(f"{where}: HTTP {status}", transient=False)
     raise BadResponse(f"{where}: unexpected HTTP {status} ({_detail(response)})")
 
 

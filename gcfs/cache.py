@@ -6,6 +6,9 @@ The first caller (the leader) fetches; the others wait on its `trio.Event` and g
 value or the same exception. Failures are not cached, so the next caller after a failure tries
 again. There are no detached tasks: the leader fetches in its own task.
 
+When a fetch fails with `Unavailable` (retries exhausted), the last good value of the key is
+served instead, however old: an outage should not empty directories the user has seen.
+
 The cache is touched only from the trio thread, and `get_nowait`/`put` have no checkpoint, so
 each of them is atomic with respect to other tasks.
 """
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import trio
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from .errors import Unavailable
 
@@ -36,6 +39,7 @@ class CacheStatistics:
     hits: int
     misses: int
     shared: int  # callers that waited for another caller's fetch instead of fetching
+    stale: int  # answers served from the last good value because the server failed
     size: int
 
 
@@ -59,8 +63,12 @@ class MetadataCache:
         timer: Callable[[], float] = trio.current_time,
     ) -> None:
         self._entries: TTLCache[Hashable, Any] = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
+        # The last good value of each key, expired or not: served when the server fails
+        # (stale-if-error), so a mount keeps showing what it has seen during an outage.
+        # It holds references to the same objects, so it costs little beyond the TTL cache.
+        self._last_good: LRUCache[Hashable, Any] = LRUCache(maxsize=maxsize)
         self._flights: dict[Hashable, _Flight[Any]] = {}
-        self._hits = self._misses = self._shared = 0
+        self._hits = self._misses = self._shared = self._stale = 0
 
     def get_nowait(self, key: Hashable) -> Any | None:
         """The cached value, or None. Sync on purpose: no checkpoint, so atomic."""
@@ -71,6 +79,7 @@ class MetadataCache:
 
     def forget(self, key: Hashable) -> None:
         self._entries.pop(key, None)
+        self._last_good.pop(key, None)
 
     async def get(self, key: Hashable, fetch: Callable[[], Awaitable[T]]) -> T:
         """The value for `key`, from the cache or from one shared call of `fetch()`."""
@@ -89,7 +98,15 @@ class MetadataCache:
         flight = _Flight()
         self._flights[key] = flight
         try:
-            value = await fetch()
+            try:
+                value = await fetch()
+            except Unavailable as exc:
+                stale = self._last_good.get(key)
+                if stale is None:
+                    raise
+                self._stale += 1
+                log.debug("%r: serving the last good value (%s)", key, exc)
+                value = stale
         except BaseException as exc:
             # Followers see the leader's error; Cancelled (the leader's own deadline) becomes
             # a plain error for them rather than a cancellation they did not ask for.
@@ -99,13 +116,16 @@ class MetadataCache:
             flight.value = value
             if value is not None:
                 self._entries[key] = value
+                self._last_good[key] = value
             return value
         finally:
             del self._flights[key]
             flight.done.set()
 
     def statistics(self) -> CacheStatistics:
-        return CacheStatistics(self._hits, self._misses, self._shared, len(self._entries))
+        return CacheStatistics(
+            self._hits, self._misses, self._shared, self._stale, len(self._entries)
+        )
 
 
 class _LeaderCancelled(Unavailable):

@@ -29,12 +29,14 @@ import trio
 from . import __version__, runtime
 from .config import (
     DEFAULT_BASE_URL,
+    DEFAULT_OP_TIMEOUT,
     DEFAULT_TTL,
     Config,
     Secret,
     check_mountpoint,
     default_cache_dir,
     find_token,
+    is_stale_mount,
     normalize_base_url,
     parse_size,
 )
@@ -73,6 +75,14 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help=f"how long listings and metadata are trusted before being fetched again "
         f"(default {DEFAULT_TTL:g})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=DEFAULT_OP_TIMEOUT,
+        metavar="SECONDS",
+        help=f"deadline of every filesystem operation; past it the caller gets EIO "
+        f"(default {DEFAULT_OP_TIMEOUT:g})",
     )
     parser.add_argument(
         "--log-level",
@@ -170,7 +180,9 @@ def mount(args: argparse.Namespace) -> int:
         mountpoint=mountpoint,
         base_url=base_url,
         token=token,
+        token_file=None if demo or not args.token_file else args.token_file.absolute(),
         ttl=args.ttl,
+        op_timeout=args.timeout,
         foreground=args.foreground,
         log_level=args.log_level,
         cache_dir=(args.cache_dir or default_cache_dir()).expanduser().absolute(),
@@ -197,7 +209,7 @@ def run_daemon(cfg: Config, *, demo: bool, on_ready: Callable[[], None]) -> None
             from .fakegc import DEMO_TOKEN, FakeGC, demo_world
 
             fake = stack.enter_context(FakeGC(demo_world()))
-            cfg = replace(cfg, base_url=fake.base_url, token=Secret(DEMO_TOKEN))
+            cfg = replace(cfg, base_url=fake.base_url, token=Secret(DEMO_TOKEN), token_file=None)
             log.info("demo server listening on %s", fake.base_url)
         pid_path = runtime.write_pid(cfg.mountpoint)
         stack.callback(pid_path.unlink, missing_ok=True)
@@ -264,7 +276,7 @@ def _daemon_child(
 def unmount(path: Path) -> int:
     mountpoint = path.expanduser().absolute()
     pid = runtime.read_pid(mountpoint)
-    if not os.path.ismount(mountpoint) and not _is_stale(mountpoint):
+    if not os.path.ismount(mountpoint) and not is_stale_mount(mountpoint):
         raise UserError(f"{path} is not mounted")
     fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
     command = [fusermount, "-u", str(mountpoint)] if fusermount else ["umount", str(mountpoint)]
@@ -277,14 +289,6 @@ def unmount(path: Path) -> int:
         if not _wait_for_exit(pid, UMOUNT_WAIT):
             raise UserError(f"unmounted {path}, but the daemon (pid {pid}) does not stop")
     return 0
-
-
-def _is_stale(mountpoint: Path) -> bool:
-    try:
-        os.stat(mountpoint)
-    except OSError as exc:
-        return exc.errno == 107  # ENOTCONN: the daemon died and left its mount behind
-    return False
 
 
 def _wait_for_exit(pid: int, timeout: float) -> bool:

@@ -7,14 +7,21 @@ calls it.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import logging
 import os
+import shutil
 import stat
+import subprocess
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://grand-challenge.org"
 TOKEN_ENV = "GRAND_CHALLENGE_AUTHORIZATION"  # the variable the official client (gcapi) reads
@@ -81,11 +88,62 @@ class Secret:
         return hash(self._value)
 
 
+class TokenSource:
+    """The token in use, and where a new one comes from when the server rejects it.
+
+    A token revoked while mounted gives 401; if the token file now holds another token, we
+    switch to it without a remount. `headers` is a live mapping: whoever holds it (the API
+    client, the content store) always sends the current token.
+    """
+
+    def __init__(self, token: Secret | None, path: Path | None = None) -> None:
+        self.token = token
+        self.path = path
+        self.headers: Mapping[str, str] = _AuthHeaders(self)
+
+    def reload(self) -> bool:
+        """Read the token file again; True when it holds a different token than before."""
+        if self.path is None:
+            return False
+        try:
+            fresh = read_token_file(self.path)
+        except UserError as exc:
+            log.warning("cannot reload the token: %s", exc)
+            return False
+        if fresh == self.token:
+            return False
+        self.token = fresh
+        log.warning("using the new token from %s", self.path)
+        return True
+
+
+class _AuthHeaders(Mapping[str, str]):
+    def __init__(self, source: TokenSource) -> None:
+        self._source = source
+
+    def _current(self) -> dict[str, str]:
+        token = self._source.token
+        return {"Authorization": f"Bearer {token.reveal()}"} if token is not None else {}
+
+    def __getitem__(self, key: str) -> str:
+        return self._current()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+    def __repr__(self) -> str:
+        return "AuthHeaders(***)"
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     mountpoint: Path
     base_url: str  # site root without trailing slash, e.g. https://grand-challenge.org
     token: Secret | None
+    token_file: Path | None = None  # read again when the server rejects the token
     ttl: float = DEFAULT_TTL
     op_timeout: float = DEFAULT_OP_TIMEOUT
     http_timeout: float = DEFAULT_HTTP_TIMEOUT
@@ -97,6 +155,17 @@ class Config:
     @property
     def api_url(self) -> str:
         return f"{self.base_url}/api/v1/"
+
+    @property
+    def request_timeout(self) -> float:
+        """One HTTP attempt: at most half the operation deadline, so a retry fits."""
+        return min(self.http_timeout, self.op_timeout / 2)
+
+    @property
+    def retry_budget(self) -> float:
+        """All attempts of one request: 3/4 of the operation deadline, leaving the rest for
+        the other steps of the operation and for answering the kernel in time."""
+        return self.op_timeout * 0.75
 
 
 def parse_token(text: str, source: str) -> Secret:
@@ -169,8 +238,14 @@ def normalize_base_url(url: str) -> str:
 
 
 def check_mountpoint(path: Path) -> Path:
-    """An existing, empty directory we may use; resolved to an absolute path."""
+    """An existing, empty directory we may use; resolved to an absolute path.
+
+    A mount point left behind by a daemon that was killed ("Transport endpoint is not
+    connected") is unmounted first, so that `gcfs mount` just works again.
+    """
     resolved = path.expanduser().absolute()
+    if is_stale_mount(resolved):
+        clear_stale_mount(resolved)
     if not resolved.is_dir():
         raise UserError(f"mount point {path} is not a directory (create it with: mkdir -p {path})")
     if os.path.ismount(resolved):
@@ -181,3 +256,27 @@ def check_mountpoint(path: Path) -> Path:
     except PermissionError:
         raise UserError(f"cannot read mount point {path}") from None
     return resolved
+
+
+def is_stale_mount(path: Path) -> bool:
+    """True for a FUSE mount whose daemon is gone (ENOTCONN). statvfs, because the kernel
+    may answer stat from its attribute cache without asking the dead daemon."""
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def clear_stale_mount(path: Path) -> None:
+    """Lazily unmount a stale mount, or say exactly which command does it."""
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [fusermount or "fusermount3", "-u", "-z", str(path)]
+    if fusermount is not None:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode == 0 and not is_stale_mount(path):
+            log.warning("%s was left mounted by a daemon that died; unmounted it", path)
+            return
+    raise UserError(
+        f"{path} is a stale mount of a daemon that died; unmount it with: {' '.join(command)}"
+    )

@@ -48,8 +48,10 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import random
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -61,6 +63,7 @@ import trio
 
 from .blockcache import DEFAULT_BLOCK_SIZE, BlockCache
 from .errors import BadResponse, GcfsError, NotFound, PermissionDenied, Unavailable
+from .retry import OutageLog, RetryPolicy, is_transient_status, parse_retry_after, retrying
 
 log = logging.getLogger(__name__)
 
@@ -182,14 +185,22 @@ def parse_size(status: int, headers: Mapping[str, str]) -> int:
     raise BadResponse(f"storage answered HTTP {status} to a size probe")
 
 
-def _raise_for_storage(status: int, where: str) -> None:
+def _raise_for_storage(status: int, where: str, headers: Mapping[str, str] | None = None) -> None:
     """Errors of a storage request that are not the ones the caller handles."""
     if status == 403:
         raise _Expired(where)
     if status == 404:
         raise NotFound(f"{where}: the file is missing in storage")
-    if status == 429 or status >= 500:
-        raise Unavailable(f"{where}: HTTP {status}")
+    _raise_unavailable(status, where, headers)
+
+
+def _raise_unavailable(status: int, where: str, headers: Mapping[str, str] | None) -> None:
+    """429/502/503/504 are worth retrying (with the server's Retry-After); other 5xx not."""
+    if is_transient_status(status):
+        retry_after = parse_retry_after((headers or {}).get("retry-after"))
+        raise Unavailable(f"{where}: HTTP {status}", retry_after=retry_after)
+    if status >= 500:
+        raise Unavailable(f"{where}: HTTP {status}", transient=False)
 
 
 def _unwrap(group: BaseExceptionGroup) -> BaseException:
@@ -247,6 +258,7 @@ class ContentStore:
         max_window_bytes: int = DEFAULT_MAX_WINDOW_BYTES,
         max_parallel: int = DEFAULT_MAX_PARALLEL,
         http_timeout: float = DEFAULT_HTTP_TIMEOUT,
+        retry: RetryPolicy | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         if "authorization" in http.headers or http.auth is not None:
@@ -254,7 +266,10 @@ class ContentStore:
         if cache is not None and cache.block_size != block_size:
             raise ValueError("the BlockCache and the ContentStore must use the same block size")
         self._http = http
-        self._auth_headers = dict(auth_headers)
+        self._auth_headers = auth_headers  # live: follows token reloads
+        self.retry = retry or RetryPolicy()
+        self._site_outage = OutageLog("the /media/ resolver")
+        self._storage_outage = OutageLog("storage")
         self.cache = cache
         self.block_size = block_size
         self.max_inflight_bytes = max_inflight_bytes
@@ -338,12 +353,26 @@ class ContentStore:
         permission) and leaves the audit row Grand Challenge expects for each download.
         """
         recent = self._resolutions.pop(url, None)
+        signed: str | None
         if recent is not None and self._clock() - recent.at < REUSE_RESOLUTION:
             signed = recent.url
         else:
-            signed = await self._resolve(url)
+            try:
+                signed = await self._resolve(url)
+            except Unavailable:
+                # The site is down. If we know the size, the file opens anyway and serves
+                # what the block cache holds; a read that needs storage resolves then.
+                if await self._known_size(url) is None:
+                    raise
+                signed = None
         size = await self._size(url, signed)
         return RemoteFile(self, url, signed, size)
+
+    async def _known_size(self, url: str) -> int | None:
+        known = self._sizes.get(url)
+        if known is None and self.cache is not None:
+            known = await trio.to_thread.run_sync(self.cache.get_size, url)
+        return known
 
     def register_presigned(self, url: str, headers: Mapping[str, str]) -> None:
         """Declare a URL that is signed already, with the headers that carry its signature.
@@ -372,16 +401,25 @@ class ContentStore:
     # -- resolution and probing ---------------------------------------------------------------
 
     async def _resolve(self, url: str) -> str:
-        """GET the /media/ URL with the token, not following the redirect: the signed URL."""
+        """GET the /media/ URL with the token, not following the redirect: the signed URL.
+        Retried on transient failures within the retry budget."""
         if url in self._presigned:
             return url
+        return await retrying(
+            lambda: self._resolve_once(url),
+            policy=self.retry,
+            what=f"resolve {url}",
+            outage=self._site_outage,
+        )
+
+    async def _resolve_once(self, url: str) -> str:
         self._resolutions_count += 1
         where = f"GET {url}"
         try:
             async with self._http.stream(
                 "GET",
                 url,
-                headers=self._auth_headers,
+                headers=dict(self._auth_headers),
                 follow_redirects=False,
                 timeout=self._timeout,
             ) as response:  # a 200 would be the whole file: never read the body
@@ -398,8 +436,7 @@ class ContentStore:
             raise NotFound(f"{where}: not found")
         if status in (401, 403):
             raise PermissionDenied(f"{where}: HTTP {status}")
-        if status == 429 or status >= 500:
-            raise Unavailable(f"{where}: HTTP {status}")
+        _raise_unavailable(status, where, response.headers)
         raise BadResponse(f"{where}: expected a redirect to storage, got HTTP {status}")
 
     async def _probe(self, url: str, signed: str | None) -> int:
@@ -410,7 +447,12 @@ class ContentStore:
             self._resolutions[url] = _Resolution(signed, self._clock())
         for attempt in range(2):
             try:
-                return await self._probe_signed(signed)
+                return await retrying(
+                    functools.partial(self._probe_signed, signed),
+                    policy=self.retry,
+                    what=f"size of {url}",
+                    outage=self._storage_outage,
+                )
             except _Expired:
                 if attempt:
                     raise PermissionDenied(f"storage refused {url} twice") from None
@@ -438,8 +480,12 @@ class ContentStore:
             raise Unavailable(f"{where}: {type(exc).__name__}: {exc}") from exc
         log.debug("probe %s -> %d", where, status)
         if status not in (200, 206, 416):
-            _raise_for_storage(status, where)
-        return parse_size(status, headers)
+            _raise_for_storage(status, where, headers)
+        try:
+            return parse_size(status, headers)
+        except BadResponse as exc:
+            # A garbled answer to an idempotent GET: worth another try, like a reset.
+            raise Unavailable(str(exc)) from exc
 
     # -- budget -------------------------------------------------------------------------------
 
@@ -450,7 +496,7 @@ class ContentStore:
 class RemoteFile:
     """One open remote file: random-access reads with read-ahead for sequential readers."""
 
-    def __init__(self, store: ContentStore, url: str, signed: str, size: int) -> None:
+    def __init__(self, store: ContentStore, url: str, signed: str | None, size: int) -> None:
         self.store = store
         self.url = url
         self.size = size
@@ -458,7 +504,7 @@ class RemoteFile:
         self.nblocks = math.ceil(size / self.block_size)
         self.bytes_fetched = 0
         self.requests = 0
-        self._signed = signed
+        self._signed = signed  # None: not resolved yet (opened while the site was down)
         self._generation = 0  # bumped by each re-resolution
         self._resolve_lock = trio.Lock()
         self._blocks: dict[int, bytes] = {}  # the window in memory
@@ -681,33 +727,78 @@ class RemoteFile:
     async def _fetch(
         self, run: range, flights: list[_Flight], sink: Callable[[int, bytes], None]
     ) -> None:
-        """Fetch the claimed `run` (one ranged GET, again after an expiry), hand each block
-        to `sink` and the followers, then store all of them. Always completes the flights."""
+        """Fetch the claimed `run`, hand each block to `sink` and the followers, then store
+        the blocks of every response that arrived whole. Always completes the flights.
+
+        A transient failure (reset, timeout, 429/5xx, a short or garbled response) is
+        retried for the blocks not yet delivered, with backoff, within the retry budget; a
+        403 means the signature expired and the /media/ URL is resolved once more.
+        """
         store = self.store
-        body = _Body()
+        bodies: list[_Body] = []
+        rng = random.Random()
         try:
-            for attempt in range(2):
-                generation = self._generation
-                try:
-                    await self._stream(run, flights, body, sink)
-                    break
-                except _Expired:
-                    if attempt:
-                        raise PermissionDenied(
-                            f"storage refused {self.url} after a fresh resolution"
-                        ) from None
-                    store._expired += 1
-                    await self._reresolve(generation)
+            with trio.move_on_after(store.retry.budget) as scope:
+                await self._fetch_with_retries(run, flights, sink, bodies, rng)
+            if scope.cancelled_caught:
+                raise Unavailable(f"{self.url}: no whole answer within {store.retry.budget:g} s")
         except GcfsError as exc:
             self._settle(run, flights, exc)
             raise
         finally:
-            if body.verified and store.cache is not None:
+            verified = {i: b for body in bodies if body.verified for i, b in body.blocks.items()}
+            if verified and store.cache is not None:
                 # Shielded: a reader that got the last block may close the file (cancelling
                 # this read-ahead) at once; a few ms of disk write keeps what we verified.
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._cache_put, body.blocks)
+                    await trio.to_thread.run_sync(self._cache_put, verified)
             self._settle(run, flights, None)
+
+    async def _fetch_with_retries(
+        self,
+        run: range,
+        flights: list[_Flight],
+        sink: Callable[[int, bytes], None],
+        bodies: list[_Body],
+        rng: random.Random,
+    ) -> None:
+        store = self.store
+        expired = False
+        for attempt in range(1_000):
+            pending = next((n for n, f in enumerate(flights) if not f.done.is_set()), None)
+            if pending is None:
+                return
+            body = _Body()
+            bodies.append(body)
+            generation = self._generation
+            try:
+                if self._signed is None:
+                    await self._reresolve(generation)
+                    generation = self._generation
+                await self._stream(
+                    range(run.start + pending, run.stop), flights[pending:], body, sink
+                )
+                store._storage_outage.succeeded()
+                return
+            except _Expired:
+                if expired:
+                    raise PermissionDenied(
+                        f"storage refused {self.url} after a fresh resolution"
+                    ) from None
+                expired = True
+                store._expired += 1
+                await self._reresolve(generation)
+            except (Unavailable, BadResponse) as exc:
+                # BadResponse here is a wrong Content-Range or a short body: nothing of it
+                # reached a reader or the cache, and the GET is idempotent, so try again.
+                if isinstance(exc, Unavailable) and not exc.transient:
+                    raise
+                store._storage_outage.failed(exc)
+                retry_after = exc.retry_after if isinstance(exc, Unavailable) else None
+                delay = store.retry.delay(attempt, retry_after, rng)
+                log.debug("%s blocks %s: %s; retrying in %.2f s", self.url, run, exc, delay)
+                await trio.sleep(delay)
+        raise Unavailable(f"{self.url}: too many attempts")
 
     def _settle(self, run: range, flights: list[_Flight], error: GcfsError | None) -> None:
         """Finish the flights of `run`: unfinished ones fail with `error` (None: the leader
@@ -746,22 +837,25 @@ class RemoteFile:
         store, bs = self.store, self.block_size
         first = run.start * bs
         last = min(run.stop * bs, self.size) - 1
-        where = f"GET {_redact(self._signed)} bytes={first}-{last}"
+        signed = self._signed
+        if signed is None:
+            raise Unavailable(f"{self.url}: not resolved")
+        where = f"GET {_redact(signed)} bytes={first}-{last}"
         store._requests += 1
         self.requests += 1
         try:
             async with store._http.stream(
                 "GET",
-                self._signed,
+                signed,
                 headers=store.storage_headers(
-                    self._signed, {"Range": f"bytes={first}-{last}", "Accept-Encoding": "identity"}
+                    signed, {"Range": f"bytes={first}-{last}", "Accept-Encoding": "identity"}
                 ),
                 follow_redirects=False,
                 timeout=store._timeout,
             ) as response:
                 status = response.status_code
                 if status != 206:
-                    _raise_for_storage(status, where)
+                    _raise_for_storage(status, where, response.headers)
                 expected = check_partial(status, response.headers, first, last, self.size)
                 # With a matching Content-Length (checked above) h11 delivers no byte more, so
                 # the last byte ends the body: verified before the next checkpoint.

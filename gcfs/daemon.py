@@ -23,11 +23,12 @@ import trio
 
 from .api import GcApiClient
 from .blockcache import BlockCache
-from .config import Config, default_cache_dir
+from .config import Config, TokenSource, default_cache_dir
 from .content import ContentStore
 from .errors import GcfsError, PermissionDenied, Unavailable, UserError
 from .fs import GcFilesystem
 from .fuse_ops import GcfsOperations
+from .retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,16 @@ MOUNT_OPTIONS = frozenset(
 )
 
 
+# Retrying at mount time: long enough to ride out a blip, short enough that a user who typed
+# the wrong URL hears about it at once (systemd restarts a failed mount with a back-off).
+MOUNT_CHECK_RETRY = RetryPolicy(budget=5.0)
+
+
 async def check_token(api: GcApiClient, cfg: Config) -> str:
     """The username behind the token, or a UserError that says what to do."""
     try:
         with trio.fail_after(cfg.op_timeout):
-            return await api.whoami()
+            return await api.whoami(retry=MOUNT_CHECK_RETRY)
     except PermissionDenied as exc:
         raise UserError(
             f"{exc}; create a new token at {cfg.base_url}/settings/api-tokens/"
@@ -80,17 +86,24 @@ def open_block_cache(cfg: Config) -> BlockCache | None:
 async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
     block_cache = open_block_cache(cfg)
     content_http = httpx.AsyncClient(
-        timeout=httpx.Timeout(cfg.http_timeout),
+        timeout=httpx.Timeout(cfg.request_timeout),
         limits=httpx.Limits(max_connections=CONTENT_CONNECTIONS),
         follow_redirects=False,
         headers={"User-Agent": "gcfs"},
     )
-    async with (
-        GcApiClient(cfg.base_url, cfg.token, http_timeout=cfg.http_timeout) as api,
-        content_http,
-    ):
+    retry = RetryPolicy(budget=cfg.retry_budget)
+    token = TokenSource(cfg.token, cfg.token_file)
+    api = GcApiClient(cfg.base_url, token, http_timeout=cfg.request_timeout, retry=retry)
+    async with api, content_http:
         username = await check_token(api, cfg)
-        async with ContentStore(content_http, api.auth_headers, block_cache) as content:
+        store = ContentStore(
+            content_http,
+            api.auth_headers,
+            block_cache,
+            http_timeout=cfg.request_timeout,
+            retry=retry,
+        )
+        async with store as content:
             fs = GcFilesystem(api, content, username=username, ttl=cfg.ttl)
             await _mount_and_serve(cfg, fs, username, on_ready)
 

@@ -42,7 +42,9 @@ class NotADirectory(GcfsError):
 
 class PermissionDenied(GcfsError):
     errno = errno.EACCES
-    log_level = logging.ERROR
+    # A rejected token is logged once by the API client when it happens; each refused
+    # operation is not news.
+    log_level = logging.DEBUG
 
 
 class ReadOnly(GcfsError):
@@ -51,12 +53,25 @@ class ReadOnly(GcfsError):
 
 
 class Unavailable(GcfsError):
+    """The server could not be reached or failed. `transient` failures (timeouts, resets,
+    429/502/503/504) are worth retrying; `retry_after` is the server's requested wait."""
+
     errno = errno.EIO
+    # An outage is logged once when it starts and once when it ends (retry.OutageLog);
+    # every operation that fails meanwhile is not news.
+    log_level = logging.DEBUG
+
+    def __init__(
+        self, message: str, *, transient: bool = True, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.retry_after = retry_after
 
 
 class BadResponse(GcfsError):
     errno = errno.EIO
-    log_level = logging.ERROR
+    log_level = logging.WARNING
 
 
 class Timeout(GcfsError):

@@ -29,7 +29,16 @@ from .api import Existence, GcApiClient
 from .cache import MetadataCache
 from .errors import BadResponse, NotADirectory, NotFound, PermissionDenied
 from .names import could_be_identifier, is_slug, is_uuid, slug_from_url
-from .nodes import DirNode, FileNode, InodeTable, Node, RemoteFileNode, SymlinkNode, stub_dir
+from .nodes import (
+    DirNode,
+    FileNode,
+    GeneratedFileNode,
+    InodeTable,
+    Node,
+    RemoteFileNode,
+    SymlinkNode,
+    stub_dir,
+)
 
 if TYPE_CHECKING:
     from .content import ContentStore
@@ -94,8 +103,15 @@ class RootDir(DirNode):
     __slots__ = ()
 
     async def build(self, fs: GcFilesystem) -> dict[str, Node]:
-        readme = render.root_readme(base_url=fs.base_url, username=fs.username, ttl=fs.ttl)
-        nodes: list[Node] = [FileNode("root/README.md", "README.md", data=readme)]
+        def readme() -> bytes:
+            return render.root_readme(
+                base_url=fs.base_url,
+                username=fs.username,
+                ttl=fs.ttl,
+                token_rejected=fs.api.token_rejected,
+            )
+
+        nodes: list[Node] = [GeneratedFileNode("root/README.md", "README.md", readme)]
         nodes += [CollectionDir(f"collection:{c.name}", c.name, c) for c in COLLECTIONS]
         nodes.append(tree.ImagesRootDir("collection:images", "images"))
         return {node.name: node for node in nodes}

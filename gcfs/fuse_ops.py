@@ -25,7 +25,7 @@ from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
 from .errors import GcfsError, NotFound, ReadOnly
 from .fs import GcFilesystem
-from .nodes import FileNode, Node, NodeKind, RemoteFileNode, SymlinkNode
+from .nodes import FileNode, GeneratedFileNode, Node, NodeKind, RemoteFileNode, SymlinkNode
 
 if TYPE_CHECKING:
     from .content import RemoteFile
@@ -57,7 +57,7 @@ class GcfsOperations(pyfuse3.Operations):
         # The API exposes no timestamps for most objects; the mount time is the honest answer
         # to "when did this appear here" and keeps `make`-style tools stable.
         self.mount_time_ns = time.time_ns()
-        self._open_files: dict[int, FileNode] = {}
+        self._open_files: dict[int, bytes] = {}
         self._open_remote: dict[int, RemoteFile] = {}
         self._open_dirs: dict[int, list[Node]] = {}
         self._next_fh = 1
@@ -90,7 +90,7 @@ class GcfsOperations(pyfuse3.Operations):
         attrs.st_blksize = 4096
         attrs.st_blocks = (node.size + 511) // 512
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self.mount_time_ns
-        attrs.entry_timeout = attrs.attr_timeout = self.fs.ttl
+        attrs.entry_timeout = attrs.attr_timeout = 1.0 if node.volatile else self.fs.ttl
         return attrs
 
     def _new_fh(self) -> int:
@@ -145,13 +145,19 @@ class GcfsOperations(pyfuse3.Operations):
                 self._open_remote[fh] = remote
                 # Files are immutable by pk: the kernel may keep its page cache across opens.
                 return pyfuse3.FileInfo(fh=fh, keep_cache=True)
-            if not isinstance(node, FileNode):
+            if not isinstance(node, FileNode | GeneratedFileNode):
                 raise pyfuse3.FUSEError(errno.EISDIR)
             fh = self._new_fh()
             # The handle keeps the bytes as they were at open(), so a listing refreshed in
             # the middle of a read cannot mix two versions of a file.
-            self._open_files[fh] = node
-            return pyfuse3.FileInfo(fh=fh)
+            self._open_files[fh] = node.data
+            # Generated files change when their listing is fetched again (or, for the root
+            # README, with the daemon's state): the kernel must drop its cached pages at every
+            # open. pyfuse3's FileInfo keeps the cache unless told otherwise.
+            # The root README's size may change within its 1 s attribute lifetime: direct I/O
+            # makes the kernel read to our EOF instead of stopping at the size it cached.
+            direct = isinstance(node, GeneratedFileNode)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=direct)
 
         return await self._guard(f"open {inode}", run)
 
@@ -160,10 +166,10 @@ class GcfsOperations(pyfuse3.Operations):
             remote = self._open_remote.get(fh)
             if remote is not None:
                 return await remote.read(off, size)
-            node = self._open_files.get(fh)
-            if node is None:
+            data = self._open_files.get(fh)
+            if data is None:
                 raise pyfuse3.FUSEError(errno.EBADF)
-            return node.data[off : off + size]
+            return data[off : off + size]
 
         return await self._guard(f"read {fh}", run)
 

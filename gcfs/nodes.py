@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,9 @@ class Node:
     inode: int = field(init=False, default=0)
 
     kind = NodeKind.DIR
+    # A node whose content can change at any time (the root README): the kernel may keep its
+    # attributes for a second only, instead of the cache lifetime.
+    volatile = False
 
     @property
     def size(self) -> int:
@@ -67,6 +71,27 @@ class FileNode(Node):
     @property
     def size(self) -> int:
         return len(self.data)
+
+
+class GeneratedFileNode(Node):
+    """A small file whose bytes are made when asked (the root README, which follows the
+    daemon's state); the kernel keeps its attributes for a second only."""
+
+    __slots__ = ("produce",)
+    kind = NodeKind.FILE
+    volatile = True
+
+    def __init__(self, identity: str, name: str, produce: Callable[[], bytes]) -> None:
+        super().__init__(identity, name)
+        self.produce = produce
+
+    @property
+    def data(self) -> bytes:
+        return self.produce()
+
+    @property
+    def size(self) -> int:
+        return len(self.produce())
 
 
 @dataclass(eq=False, slots=True)

@@ -14,9 +14,17 @@ def metadata_json(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def root_readme(*, base_url: str, username: str, ttl: float) -> bytes:
+def root_readme(*, base_url: str, username: str, ttl: float, token_rejected: bool = False) -> bytes:
+    warning = ""
+    if token_rejected:
+        warning = f"""
+WARNING: {base_url} now rejects the API token (revoked or expired). Reads that need the
+server fail with "Permission denied"; what was seen before is still shown. Create a new
+token at {base_url}/settings/api-tokens/ and put it in the token file: gcfs picks it up
+without a remount.
+"""
     text = f"""# Grand Challenge, mounted by gcfs {__version__}
-
+{warning}
 Server: {base_url}
 Signed in as: {username}
 

@@ -18,7 +18,7 @@ import pytest
 
 from gcfs.fakegc import DEMO_TOKEN, FakeGC
 from gcfs.names import slug_from_url
-from tests.conftest import Mount
+from tests.conftest import Mount, poll
 
 COLLECTIONS = [
     ("archives", "archive.json"),
@@ -236,8 +236,6 @@ def test_ls_after_ttl_fetches_again(mount_gcfs: Callable[..., Mount], fake: Fake
         os.listdir(mount.path / "archives")
         return fake.count("archives-list") >= 1
 
-    from tests.conftest import poll
-
     poll(refetched, 10, "the archives listing to be fetched again")
 
 
@@ -338,3 +336,26 @@ def test_inodes_are_stable_across_mounts(mount_gcfs: Callable[..., Mount], fake:
     slug = slug_of(served(fake, "archives/")["results"][0], "archives")
     for relative in (f"archives/{slug}", f"archives/{slug}/archive.json", "reader-studies"):
         assert (first.path / relative).stat().st_ino == (second.path / relative).stat().st_ino
+
+
+def test_changed_metadata_shows_after_the_ttl(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC, world: Any
+) -> None:
+    """When an object changes on the server, its JSON file shows the new version once the
+    cache lifetime has passed, whole: never old pages mixed with new ones."""
+    mount = mount_gcfs("--ttl", "0.3")
+    archive = world.find_by_slug(world.archives.values(), "lidc-lung-ct")
+    path = mount.path / "archives" / "lidc-lung-ct" / "archive.json"
+    assert json.loads(path.read_bytes())["description"] == archive.description
+    archive.description = "Updated: " + "x" * 5000  # longer than a page
+
+    def updated() -> bool:
+        return bool(json.loads(path.read_bytes())["description"].startswith("Updated: "))
+
+    poll(updated, 10, "the new description")
+    assert (
+        path.read_bytes()
+        == (
+            json.dumps(served(fake, f"archives/{archive.pk}/"), indent=2, ensure_ascii=False) + "\n"
+        ).encode()
+    )
