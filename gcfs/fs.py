@@ -262,13 +262,21 @@ class GcFilesystem:
         archive or study, instead of one request per image.
         """
         images = await self.list_objects("cases/images/", {param: pk})
-        return {str(image["pk"]): image for image in images if "pk" in image}
+        return {
+            image["pk"]: image
+            for image in images
+            if isinstance(image, dict) and isinstance(image.get("pk"), str)
+        }
 
     async def dicom_for(
         self, images: list[dict[str, Any]]
     ) -> dict[str, list[layout.DicomInstance]]:
         """The instances of those images that are DICOM image sets, fetched concurrently."""
-        dicom_images = [i for i in images if i.get("dicom_image_set") and not i.get("files")]
+        dicom_images = [
+            i
+            for i in images
+            if i.get("dicom_image_set") and not i.get("files") and isinstance(i.get("pk"), str)
+        ]
         found: dict[str, list[layout.DicomInstance]] = {}
 
         async def fetch(pk: str) -> None:

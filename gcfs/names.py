@@ -40,7 +40,11 @@ def slug_from_url(url: str, collection: str) -> str | None:
     Archives carry no `slug` field in the API (gc-api.md §3.1), so their directory names come
     from `url`. Returns None when the URL does not have the expected shape.
     """
-    parts = [unquote(p) for p in urlsplit(url).path.split("/") if p]
+    try:
+        path = urlsplit(url).path
+    except ValueError:  # e.g. "http://[" from a broken server
+        return None
+    parts = [unquote(p) for p in path.split("/") if p]
     if len(parts) >= 2 and parts[-2] == collection and is_slug(parts[-1]):
         return parts[-1]
     return None

@@ -11,7 +11,13 @@ from . import __version__
 def metadata_json(obj: Any) -> bytes:
     """An API object exactly as served: same keys in the same order, 2-space indent, UTF-8,
     trailing newline (layout.md, "Metadata files")."""
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON may carry "\ud800", UTF-8 cannot): keep the data exactly,
+        # as JSON escapes, rather than fail the file or alter a value.
+        return (json.dumps(obj, indent=2, ensure_ascii=True) + "\n").encode("ascii")
 
 
 def root_readme(*, base_url: str, username: str, ttl: float, token_rejected: bool = False) -> bytes:

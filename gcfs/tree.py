@@ -262,7 +262,7 @@ class ImageDir(DirNode):
         self.image = image
 
     async def build(self, fs: GcFilesystem) -> dict[str, Node]:
-        pk = str(self.image["pk"])
+        pk = self.name  # the pk it was looked up by
         dicom = (await fs.dicom_for([self.image])).get(pk)
         entries: dict[str, layout.Entry] = dict(layout.image_files(self.image, dicom))
         name = layout.metadata_name("image.json", entries)

@@ -82,3 +82,34 @@ def test_stale_mount_is_cleaned_up_by_the_next_mount(
         assert subprocess.run(gcfs_command("umount", str(mountpoint)), check=False).returncode == 0
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+
+
+def test_the_token_is_nowhere(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC, tmp_path: Path
+) -> None:
+    """After a full walk with DEBUG logging: the token is in no file of the mount, no log
+    line, no file of the cache directory, and not in the daemon's arguments or environment."""
+    cache = tmp_path / "cache"
+    mount = mount_gcfs("--cache-dir", str(cache))
+    token = DEMO_TOKEN.encode()
+    read = 0
+    for directory, _, files in os.walk(mount.path):
+        for name in files:
+            path = Path(directory) / name
+            if path.stat().st_size <= 8 * 2**20:
+                assert token not in path.read_bytes(), path
+                read += 1
+    assert read > 50
+    for directory, _, files in os.walk(cache):
+        for name in files:
+            assert token not in (Path(directory) / name).read_bytes()
+    assert mount.process is not None
+    proc = Path(f"/proc/{mount.process.pid}")
+    assert token not in (proc / "cmdline").read_bytes()
+    assert token not in (proc / "environ").read_bytes()
+    assert DEMO_TOKEN not in mount.log_text()
+    assert "DEBUG" in mount.log_text()  # the log was as talkative as it gets
+    assert oct(cache.stat().st_mode & 0o777) == oct(0o700)
+    for directory, _, files in os.walk(cache):
+        for name in files:
+            assert (Path(directory) / name).stat().st_mode & 0o077 == 0
