@@ -447,13 +447,22 @@ class Site:
     """Answers requests from one World, with URLs rooted at `base_url`.
 
     `signer` presigns the storage URLs that `/media/` redirects to and that DICOM instance
-    requests point at; without one, `/media/` is not served (404) as before.
+    requests point at; without one, `/media/` is not served (404) as before. `revoked(token)`
+    says whether a token was revoked: it then answers 401 "Invalid token." like an unknown one.
     """
 
-    def __init__(self, world: World, base_url: str, signer: Signer | None = None) -> None:
+    def __init__(
+        self,
+        world: World,
+        base_url: str,
+        signer: Signer | None = None,
+        revoked: Callable[[str], bool] | None = None,
+    ) -> None:
         self.world = world
         self.base_url = base_url
         self.signer = signer
+        # Tokens that now authenticate nobody (FakeGC.faults.revoked_tokens), as if unknown.
+        self.revoked = revoked
 
     def handle(self, request: Request, *, socket_field: bool = False) -> Reply:
         raw_path, _, query_string = request.target.partition("?")
@@ -661,7 +670,7 @@ class Site:
         if len(parts) > 2:
             raise not_authenticated("Invalid token header. Token string should not contain spaces.")
         user = self.world.users_by_token.get(parts[1])
-        if user is None:
+        if (self.revoked is not None and self.revoked(parts[1])) or user is None:
             raise not_authenticated("Invalid token.")
         return user.username
 

@@ -20,6 +20,10 @@ storage request), `storage_bandwidth` (bytes per second per connection, None = u
 `storage_bytes_sent` counts the body bytes handed to the socket. `presign(key)` builds a URL the
 way /media/ does, e.g. an expired one with `signed_at=`.
 
+`fake.faults` (a `Faults`, see faults.py) injects, at run time and per request, error statuses,
+connection resets, short bodies, wrong Content-Ranges, stalls, blackholes, outages and revoked
+tokens on either origin; a faulted request's record names the fault in `fault`.
+
 Endpoint names in `RequestRecord.endpoint` and `count()`:
 
     api-root                    GET /api/v1/ (403 for non-staff, 401 anonymous)
@@ -63,6 +67,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import sys
 import threading
 import time
@@ -75,6 +80,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from gcfs.fakegc.api import JSON_TYPE, Reply, Request, Site, json_bytes
+from gcfs.fakegc.faults import NO_FAULT, Decision, Faults, cut_length, wrong_range
 from gcfs.fakegc.storage import (
     BUCKET,
     NO_SUCH_KEY,
@@ -104,6 +110,11 @@ class RequestRecord:
     user: str | None
     range: str | None = None  # the Range header as sent (storage requests)
     had_authorization: bool = False  # an Authorization header was present
+    fault: str | None = None  # the injected fault(s), e.g. "503", "stall+reset" (faults.py)
+
+
+class _Dropped(ConnectionError):
+    """Raised after an injected reset, so the handler stops without a traceback."""
 
 
 class _Server(ThreadingHTTPServer):
@@ -116,8 +127,11 @@ class _Server(ThreadingHTTPServer):
         address: tuple[str, int],
         fake: FakeGC,
         handler: type[BaseHTTPRequestHandler] | None = None,
+        *,
+        storage: bool = False,
     ) -> None:
         self.fake = fake
+        self.storage = storage  # the object store origin (for the *_storage fault knobs)
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
         super().__init__(address, handler or _Handler)
@@ -130,6 +144,14 @@ class _Server(ThreadingHTTPServer):
         finally:
             with self._open_lock:
                 self._open.discard(request)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        # faults.down: reset each new connection as soon as it is accepted.
+        if self.fake.faults.is_down(self.storage):
+            self.fake.faults.count("down")
+            _reset(request)
+            return False
+        return True
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up mid-response (a reader that closed its file, a cancelled
@@ -162,6 +184,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         self._drain_body()
         fake = self.server.fake
+        faults = fake.faults
+        if faults.is_down(False):
+            faults.count("down")
+            self._drop()
         request = Request(self.command, self.path, self.headers.get("Authorization"))
         try:
             reply = fake.site.handle(request, socket_field=fake.socket_field)
@@ -171,17 +197,41 @@ class _Handler(BaseHTTPRequestHandler):
             reply = Reply(
                 500, "server-error", json_bytes({"detail": "fake server error"}), JSON_TYPE
             )
+        had_authorization = request.authorization is not None
+        if faults.is_blackholed(False):
+            faults.count("blackhole")
+            fake._record(
+                request, reply, had_authorization=had_authorization, status=0, fault="blackhole"
+            )
+            _hold(self, lambda: faults.is_blackholed(False))
+            return
         fake._delay(reply)
+        decision = faults.decide(reply.endpoint)
+        fake._stall(decision)
+        if decision.status is not None:
+            body, headers = faults.site_error(decision.status)
+            reply = Reply(
+                decision.status, reply.endpoint, json_bytes(body), JSON_TYPE, headers, reply.user
+            )
         # Record before replying, so a client that has its answer always sees it counted.
-        fake._record(request, reply, had_authorization=request.authorization is not None)
-        self._send(reply)
+        fake._record(
+            request,
+            reply,
+            had_authorization=had_authorization,
+            status=0 if decision.cut else reply.status,
+            fault=decision.marker,
+        )
+        self._send(reply, decision.cut)
 
     def _drain_body(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         if length > 0:
             self.rfile.read(length)
 
-    def _send(self, reply: Reply) -> None:
+    def _send(self, reply: Reply, cut: str | None = None) -> None:
+        body = b"" if self.command == "HEAD" else reply.body
+        if cut is not None and not body:
+            _cut_head(self, reply.status, cut)
         self.send_response(reply.status)
         if reply.content_type is not None:
             self.send_header("Content-Type", reply.content_type)
@@ -189,8 +239,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(reply.body)))
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(reply.body)
+        if cut is None:
+            self.wfile.write(body)
+            return
+        self.wfile.write(body[: cut_length(len(body))])
+        _cut(self, cut)
+
+    def _drop(self) -> None:
+        _reset(self.connection, self)
+        raise _Dropped("fault injected: down")
 
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.fake.log_requests:
@@ -225,6 +282,11 @@ class _StorageHandler(BaseHTTPRequestHandler):
         if length > 0:
             self.rfile.read(length)
         fake = self.server.fake
+        faults = fake.faults
+        if faults.is_down(True):
+            faults.count("down")
+            _reset(self.connection, self)
+            raise _Dropped("fault injected: down")
         raw_path, _, query_string = self.path.partition("?")
         path = unquote(raw_path)
         query = dict(parse_qsl(query_string, keep_blank_values=True))
@@ -235,22 +297,35 @@ class _StorageHandler(BaseHTTPRequestHandler):
         except Exception:
             traceback.print_exc(file=sys.stderr)
             answer = self._error(StorageError(500, "InternalError", "fake server error"), path)
+
+        def record(status: int, fault: str | None) -> None:
+            fake._add_record(
+                RequestRecord(
+                    self.command,
+                    raw_path,
+                    query,
+                    answer.endpoint,
+                    status,
+                    None,
+                    range_header,
+                    authorization is not None,
+                    fault,
+                )
+            )
+
+        if faults.is_blackholed(True):
+            faults.count("blackhole")
+            record(0, "blackhole")
+            _hold(self, lambda: faults.is_blackholed(True))
+            return
         if fake.storage_latency > 0:
             time.sleep(fake.storage_latency)
-        fake._add_record(
-            RequestRecord(
-                self.command,
-                raw_path,
-                query,
-                answer.endpoint,
-                answer.status,
-                None,
-                range_header,
-                authorization is not None,
-            )
-        )
+        decision = faults.decide(answer.endpoint, ranged=answer.status == 206)
+        fake._stall(decision)
+        answer = self._apply(answer, decision, path)
+        record(0 if decision.cut else answer.status, decision.marker)
         try:
-            self._send(answer)
+            self._send(answer, decision.cut)
         except (BrokenPipeError, ConnectionResetError):
             # The client hung up mid-body (a cancelled read): not an error of the store.
             self.close_connection = True
@@ -305,6 +380,25 @@ class _StorageHandler(BaseHTTPRequestHandler):
             206, "storage-get", headers, end - start, content=content, start=start
         )
 
+    def _apply(self, answer: _StorageAnswer, decision: Decision, path: str) -> _StorageAnswer:
+        """The answer with an injected error status or a wrong range, if the decision says so."""
+        if decision.status is not None:
+            code, message, headers = self.server.fake.faults.storage_error(decision.status)
+            error = self._error(StorageError(decision.status, code, message), path, headers)
+            error.endpoint = answer.endpoint
+            return error
+        if decision.wrong_range is not None and answer.status == 206:
+            total = content_size(answer.content)
+            start, end, named = wrong_range(
+                answer.start, answer.start + answer.length, total, decision.wrong_range
+            )
+            headers = [(k, v) for k, v in answer.headers if k != "Content-Range"]
+            headers.append(("Content-Range", f"bytes {start}-{end - 1}/{named}"))
+            return _StorageAnswer(
+                206, answer.endpoint, headers, end - start, content=answer.content, start=start
+            )
+        return answer
+
     @staticmethod
     def _error(
         error: StorageError,
@@ -321,7 +415,9 @@ class _StorageHandler(BaseHTTPRequestHandler):
             body=body,
         )
 
-    def _send(self, answer: _StorageAnswer) -> None:
+    def _send(self, answer: _StorageAnswer, cut: str | None = None) -> None:
+        if cut is not None and (self.command == "HEAD" or answer.length == 0):
+            _cut_head(self, answer.status, cut)
         self.send_response(answer.status)
         for name, value in answer.headers:
             self.send_header(name, value)
@@ -329,13 +425,20 @@ class _StorageHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
+        # An injected reset or truncation sends only the first part of the body.
+        length = answer.length if cut is None else cut_length(answer.length)
         if answer.body is not None:
-            self.wfile.write(answer.body)
-            return
+            self.wfile.write(answer.body[:length])
+        else:
+            self._stream(answer, length)
+        if cut is not None:
+            _cut(self, cut)
+
+    def _stream(self, answer: _StorageAnswer, length: int) -> None:
         fake = self.server.fake
         started = time.monotonic()
         sent = 0
-        for piece in content_chunks(answer.content, answer.start, answer.start + answer.length):
+        for piece in content_chunks(answer.content, answer.start, answer.start + length):
             for chunk in _slices(piece, SEND_CHUNK):
                 bandwidth = fake.storage_bandwidth
                 if bandwidth:
@@ -352,6 +455,50 @@ class _StorageHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.fake.log_requests:
             super().log_message(format, *args)
+
+
+def _reset(sock: socket.socket, handler: BaseHTTPRequestHandler | None = None) -> None:
+    """Close `sock` with SO_LINGER 0, so that the peer gets an RST instead of a FIN."""
+    with contextlib.suppress(OSError):
+        if handler is not None:
+            # The socket's file objects hold the descriptor open: flush and close them first.
+            with contextlib.suppress(OSError, ValueError):
+                handler.wfile.flush()
+            handler.wfile.close()
+            handler.rfile.close()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+
+def _cut(handler: BaseHTTPRequestHandler, how: str) -> None:
+    """End an answer whose body was cut short: an RST ("reset") or a clean close ("truncate")."""
+    handler.close_connection = True
+    if how == "reset":
+        _reset(handler.connection, handler)
+        raise _Dropped("fault injected: reset")
+    handler.wfile.flush()  # then handle() returns and the server closes the socket: a FIN
+
+
+def _cut_head(handler: BaseHTTPRequestHandler, status: int, how: str) -> None:
+    """An answer without a body can only be cut in its head: send the status line alone."""
+    handler.wfile.write(f"HTTP/1.1 {status} {_reason(status)}\r\n".encode())
+    _cut(handler, how)
+    raise _Dropped("fault injected: truncated head")
+
+
+def _reason(status: int) -> str:
+    return BaseHTTPRequestHandler.responses.get(status, ("Error", ""))[0]
+
+
+def _hold(handler: BaseHTTPRequestHandler, held: Callable[[], bool]) -> None:
+    """faults.blackhole: keep the request unanswered while `held()` and the fake runs, then
+    close the connection without a response."""
+    server = handler.server
+    assert isinstance(server, _Server)
+    stopping = server.fake._stopping
+    while held() and not stopping.is_set():
+        stopping.wait(0.02)
+    handler.close_connection = True
 
 
 def _slices(data: bytes, size: int) -> Iterator[bytes]:
@@ -375,7 +522,9 @@ class FakeGC:
         self.storage_latency = 0.0
         self.storage_bandwidth: float | None = None
         self.clock: Callable[[], float] = time.time
+        self.faults = Faults()
         self.storage_port = 0
+        self._stopping = threading.Event()  # set by stop(): wakes blackholed and stalled handlers
         self._records: list[RequestRecord] = []
         self._records_lock = threading.Lock()
         self._bytes_sent = 0
@@ -394,7 +543,7 @@ class FakeGC:
             raise RuntimeError("FakeGC already started")
         server = _Server((self.host, self.port), self)  # binds and listens
         try:
-            storage = _Server((self.host, self.storage_port), self, _StorageHandler)
+            storage = _Server((self.host, self.storage_port), self, _StorageHandler, storage=True)
         except OSError:
             server.server_close()
             raise
@@ -405,7 +554,8 @@ class FakeGC:
             lifetime=lambda: int(self.signature_lifetime),
             clock=lambda: self.clock(),
         )
-        self._site = Site(self.world, self.base_url, self._signer)
+        self._site = Site(self.world, self.base_url, self._signer, self.faults.token_revoked)
+        self._stopping.clear()
         self._server, self._storage = server, storage
         self._thread = threading.Thread(
             target=server.serve_forever,
@@ -424,14 +574,19 @@ class FakeGC:
         return self
 
     def stop(self) -> None:
-        """Stop serving, close open connections and join the serving thread."""
+        """Stop serving, close open connections and join the serving threads.
+
+        Handler threads are daemon threads and not joined: one held by a blackhole or a stall
+        wakes up within ~20 ms (`_stopping`) and finds its socket shut down.
+        """
+        self._stopping.set()
         for server, thread in ((self._server, self._thread), (self._storage, self._storage_thread)):
             if server is None or thread is None:
                 continue
             server.shutdown()
             server.close_connections()
             server.server_close()
-            thread.join()
+            thread.join(timeout=5.0)
         self._server = self._thread = self._storage = self._storage_thread = None
 
     def __enter__(self) -> FakeGC:
@@ -498,13 +653,23 @@ class FakeGC:
             return sum(1 for r in self._records if r.endpoint == endpoint)
 
     def reset_counts(self) -> None:
+        """Forget the recorded requests, the storage byte count and `faults.injected`."""
         with self._records_lock:
             self._records.clear()
             self._bytes_sent = 0
+        self.faults.reset_injected()
 
     # -- used by the handler ------------------------------------------------------------------
 
-    def _record(self, request: Request, reply: Reply, *, had_authorization: bool = False) -> None:
+    def _record(
+        self,
+        request: Request,
+        reply: Reply,
+        *,
+        had_authorization: bool = False,
+        status: int | None = None,
+        fault: str | None = None,
+    ) -> None:
         path, _, query_string = request.target.partition("?")
         query = dict(parse_qsl(query_string, keep_blank_values=True))
         record = RequestRecord(
@@ -512,9 +677,10 @@ class FakeGC:
             path,
             query,
             reply.endpoint,
-            reply.status,
+            reply.status if status is None else status,
             reply.user,
             had_authorization=had_authorization,
+            fault=fault,
         )
         self._add_record(record)
 
@@ -525,6 +691,11 @@ class FakeGC:
     def _count_bytes(self, n: int) -> None:
         with self._records_lock:
             self._bytes_sent += n
+
+    def _stall(self, decision: Decision) -> None:
+        """An injected stall; stop() cuts it short."""
+        if decision is not NO_FAULT and decision.stall > 0:
+            self._stopping.wait(decision.stall)
 
     def _delay(self, reply: Reply) -> None:
         if not reply.is_api:
