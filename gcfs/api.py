@@ -14,15 +14,16 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
 import trio
 
 from .config import TokenSource
-from .errors import BadResponse, GcfsError, NotFound, PermissionDenied, Unavailable
+from .errors import BadResponse, GcfsError, NotFound, PermissionDenied, Unavailable, one_error
 from .retry import OutageLog, RetryPolicy, is_transient_status, parse_retry_after, retrying
+from .stats import Statistics, endpoint_of
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ class GcApiClient:
         # Set while the server rejects our token (401); the root README says so.
         self.token_rejected = False
         self._accepted_once = False
-        self._outage = OutageLog(self.base_url)
+        self.outage = OutageLog(self.base_url)
+        self.stats = Statistics()
         self._limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(http_timeout),
@@ -98,14 +100,19 @@ class GcApiClient:
     async def _attempt(self, url: str, params: Params | None, *, auth: bool) -> httpx.Response:
         """One GET; transient failures raise `Unavailable` for `retrying` to try again."""
         headers = dict(self.token.headers) if auth else {}
+        endpoint = endpoint_of(url, self.api_url)
         async with self._limiter:
             start = trio.current_time()
             try:
-                response = await self._http.get(url, params=params, headers=headers)
+                with self.stats.request():
+                    response = await self._http.get(url, params=params, headers=headers)
             except httpx.TimeoutException as exc:
+                self.stats.record_request(endpoint, 0)
                 raise Unavailable(f"GET {url}: timed out") from exc
             except httpx.HTTPError as exc:
+                self.stats.record_request(endpoint, 0)
                 raise Unavailable(f"GET {url}: {type(exc).__name__}") from exc
+        self.stats.record_request(endpoint, response.status_code)
         log.debug(
             "GET %s -> %d (%.0f ms)",
             response.request.url,
@@ -126,9 +133,9 @@ class GcApiClient:
             return await self._attempt(url, params, auth=auth)
 
         what = f"GET {url}"
-        response = await retrying(attempt, policy=self.retry, what=what, outage=self._outage)
+        response = await self._retrying(attempt, what)
         if auth and response.status_code == 401 and self.token.reload():
-            response = await retrying(attempt, policy=self.retry, what=what, outage=self._outage)
+            response = await self._retrying(attempt, what)
         if auth:
             rejected = response.status_code == 401
             # Before the token was ever accepted, a 401 is the mount's own error to report.
@@ -143,6 +150,16 @@ class GcApiClient:
             self.token_rejected = rejected
             self._accepted_once |= not rejected
         return response
+
+    async def _retrying(
+        self, attempt: Callable[[], Awaitable[httpx.Response]], what: str
+    ) -> httpx.Response:
+        def count_retry() -> None:
+            self.stats.retries += 1
+
+        return await retrying(
+            attempt, policy=self.retry, what=what, outage=self.outage, on_retry=count_retry
+        )
 
     async def get_json(self, path: str, params: Params | None = None) -> JSON:
         """GET an API path (relative to /api/v1/, with trailing slash) and parse the JSON."""
@@ -188,7 +205,7 @@ class GcApiClient:
                 async with limiter:
                     pages[offset] = (await self._page(path, base, offset=offset))[1]
 
-            async with trio.open_nursery() as nursery:
+            async with one_error(), trio.open_nursery() as nursery:
                 for offset in offsets:
                     nursery.start_soon(fetch, offset)
         seen: set[object] = set()

@@ -112,6 +112,12 @@ class BlockCache:
         with self._lock:
             return BlockCacheStatistics(self._hits, self._misses, self._evictions, self._total)
 
+    def cached_blocks(self, key: str, count: int) -> int:
+        """How many of the first `count` blocks of `key` are stored (not read or checked)."""
+        digest = key_digest(key)
+        with self._lock:
+            return sum(1 for index in range(count) if _block_name(digest, index) in self._index)
+
     def get(self, key: str, index: int) -> bytes | None:
         """The block's data if it is stored and intact, else None (a broken block is deleted)."""
         digest = key_digest(key)

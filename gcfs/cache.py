@@ -81,6 +81,17 @@ class MetadataCache:
         self._entries.pop(key, None)
         self._last_good.pop(key, None)
 
+    def forget_matching(self, predicate: Callable[[Hashable], bool]) -> int:
+        """Forget every key for which `predicate` is true; how many there were."""
+        keys = {k for k in (*self._entries.keys(), *self._last_good.keys()) if predicate(k)}
+        for key in keys:
+            self.forget(key)
+        return len(keys)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._last_good.clear()
+
     async def get(self, key: Hashable, fetch: Callable[[], Awaitable[T]]) -> T:
         """The value for `key`, from the cache or from one shared call of `fetch()`."""
         cached = self._entries.get(key)

@@ -1,9 +1,12 @@
-"""The `gcfs` command: mount, demo, umount.
+"""The `gcfs` command: mount, demo, umount, refresh, status, prefetch.
 
 `gcfs mount` returns only once the mount answers (or has failed, with one line saying why):
 it forks, the child becomes the daemon and reports "ready" or the error through a pipe. With
 `--foreground` the same process serves the mount until it is unmounted or signalled, which
-is what systemd wants.
+is what systemd wants (and it tells a `Type=notify` unit when the mount is up, see notify.py).
+
+`gcfs SOURCE DIR -o OPTIONS`, the form mount.fuse3 uses for fstab lines of type `fuse.gcfs`,
+is a mount too (see mount_helper.py).
 
 The token never travels as an argument: it comes from a 0600 file or from the environment,
 and the daemon is a fork of this process, so it never appears in /proc/<pid>/cmdline.
@@ -20,17 +23,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
-from . import __version__, runtime
+from . import __version__, configfile, notify, runtime
 from .config import (
     DEFAULT_BASE_URL,
     DEFAULT_OP_TIMEOUT,
     DEFAULT_TTL,
+    TOKEN_ENV,
     Config,
     Secret,
     check_mountpoint,
@@ -40,6 +45,7 @@ from .config import (
     normalize_base_url,
     parse_size,
 )
+from .configfile import default_config_path
 from .errors import UserError
 from .logsetup import setup_logging
 
@@ -49,19 +55,111 @@ log = logging.getLogger("gcfs")
 # SIGTERM; the daemon only has to close its HTTP connections, which takes milliseconds.
 UMOUNT_WAIT = 10.0
 
+T = TypeVar("T")
+
+
+COMMANDS = ("mount", "demo", "umount", "refresh", "status", "prefetch")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+EXIT_STATUS = """\
+exit status:
+  0    success
+  1    failure; one line on stderr says what went wrong and what to do
+  2    wrong usage (an unknown flag, a missing argument)"""
+
+MAIN_DESCRIPTION = """\
+Mount Grand Challenge (grand-challenge.org) archives, algorithms and reader studies as a
+read-only directory tree. gcfs shows what your API token can see as ordinary directories
+and files, fetches metadata only when you look at it and never writes to the platform."""
+
+MAIN_EPILOG = f"""\
+examples:
+  gcfs demo ~/gc-demo                          try it on bundled sample data, no token
+  gcfs mount ~/gc --token-file ~/.gctoken      mount your account; returns once it answers
+  gcfs umount ~/gc                             unmount and stop the daemon
+  gcfs status ~/gc                             what the daemon is doing
+  gcfs COMMAND --help                          more on one command
+
+fstab:
+  gcfs  /home/me/gc  fuse.gcfs  noauto,user,_netdev,token_file=/home/me/.gctoken  0 0
+  (mount.fuse3 then runs `gcfs gcfs /home/me/gc -o OPTIONS`; see `mount.gcfs --help`)
+
+the token:
+  Create one at https://grand-challenge.org/settings/api-tokens/ and store it in a file only
+  you can read (chmod 600). gcfs reads it from --token-file, else from the environment
+  variable GRAND_CHALLENGE_AUTHORIZATION, else from token_file in the config file. It is
+  never accepted as an argument and never logged.
+
+files:
+  $XDG_CONFIG_HOME/gcfs/config.toml  defaults for mount options (~/.config/gcfs/config.toml)
+  $XDG_CACHE_HOME/gcfs/              the block cache of file contents (~/.cache/gcfs)
+  $XDG_RUNTIME_DIR/gcfs/             pid files and background logs (else /tmp/gcfs-UID)
+
+{EXIT_STATUS}"""
+
+MOUNT_DESCRIPTION = """\
+Mount what your API token can see on MOUNTPOINT, an empty directory. The command returns
+once the mount answers, leaving a daemon in the background; a rejected token, an unreachable
+server or an unusable mount point ends it with status 1 and nothing stays mounted. With
+--foreground it serves the mount itself until unmounted or sent SIGTERM (for systemd, which
+it tells when the mount is ready: Type=notify).
+
+The token comes from --token-file (a file only you can read, holding '<token>' or
+'Bearer <token>'), else from the GRAND_CHALLENGE_AUTHORIZATION environment variable, else
+from token_file in the config file. Flags win over the config file, which wins over the
+built-in defaults shown below."""
+
+MOUNT_EPILOG = f"""\
+examples:
+  gcfs mount ~/gc --token-file ~/.gctoken
+  GRAND_CHALLENGE_AUTHORIZATION="Bearer $TOKEN" gcfs mount ~/gc
+  gcfs mount ~/gc --token-file ~/.gctoken --ttl 300 --cache-size 50G
+  gcfs mount /srv/gc --token-file /etc/gcfs/token --allow-other   # shared with all users
+  gcfs mount ~/gc --foreground --log-level DEBUG                  # watch every request
+
+config file ($XDG_CONFIG_HOME/gcfs/config.toml, or --config PATH), TOML:
+  token_file = "~/.gctoken"
+  ttl = 300
+  cache_size = "50G"
+  keys: token_file, base_url, ttl, timeout, cache_dir, cache_size, log_level, log_file,
+  allow_other. The token itself is not allowed in it.
+
+{EXIT_STATUS}"""
+
 
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
     return value
 
 
+def _subparser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    *,
+    help: str,
+    description: str,
+    epilog: str = EXIT_STATUS,
+) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def _add_mount_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("mountpoint", type=Path, help="an empty directory to mount on")
+    # Defaults are None here so that the config file can fill in what no flag gave;
+    # resolve_config() applies the built-in defaults last.
+    parser.add_argument(
+        "mountpoint", metavar="MOUNTPOINT", type=Path, help="an empty directory to mount on"
+    )
     parser.add_argument(
         "--foreground",
         "-f",
@@ -71,7 +169,6 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ttl",
         type=_positive_float,
-        default=DEFAULT_TTL,
         metavar="SECONDS",
         help=f"how long listings and metadata are trusted before being fetched again "
         f"(default {DEFAULT_TTL:g})",
@@ -79,16 +176,14 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout",
         type=_positive_float,
-        default=DEFAULT_OP_TIMEOUT,
         metavar="SECONDS",
         help=f"deadline of every filesystem operation; past it the caller gets EIO "
         f"(default {DEFAULT_OP_TIMEOUT:g})",
     )
     parser.add_argument(
         "--log-level",
-        default="INFO",
         type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        choices=LOG_LEVELS,
         help="DEBUG logs one line per request (default INFO)",
     )
     parser.add_argument(
@@ -100,7 +195,6 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cache-size",
-        default="10G",
         metavar="SIZE",
         help="size limit of the block cache, least recently used blocks evicted first "
         "(default 10G; 0 disables the cache)",
@@ -109,57 +203,155 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
         "--log-file",
         type=Path,
         metavar="PATH",
-        help="where the daemon logs; default: stderr in the foreground, "
-        "$XDG_RUNTIME_DIR/gcfs/<id>.log in the background",
+        help="where the daemon logs; default: stderr in the foreground (the journal under "
+        "systemd), $XDG_RUNTIME_DIR/gcfs/<id>.log in the background",
+    )
+    parser.add_argument(
+        "--allow-other",
+        action=argparse.BooleanOptionalAction,
+        help="let other users (and root) read the mount (default off); needs the line "
+        "user_allow_other in /etc/fuse.conf unless you are root",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        help="config file with defaults for these options "
+        "(default $XDG_CONFIG_HOME/gcfs/config.toml; a missing default file is fine)",
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "gcfs") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gcfs",
-        description="Mount Grand Challenge archives, algorithms and reader studies "
-        "as a read-only directory tree.",
+        prog=prog,
+        description=MAIN_DESCRIPTION,
+        epilog=MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"gcfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    mount = commands.add_parser(
+    mount = _subparser(
+        commands,
         "mount",
         help="mount Grand Challenge on a directory",
-        description="Mount what your API token can see on MOUNTPOINT. The token comes from "
-        "--token-file (a file only you can read, holding '<token>' or 'Bearer <token>') "
-        "or from the GRAND_CHALLENGE_AUTHORIZATION environment variable.",
+        description=MOUNT_DESCRIPTION,
+        epilog=MOUNT_EPILOG,
     )
     _add_mount_options(mount)
-    mount.add_argument("--token-file", type=Path, metavar="PATH", help="file holding the token")
+    mount.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="PATH",
+        help="file holding the token, readable only by you (chmod 600); "
+        "default: $GRAND_CHALLENGE_AUTHORIZATION",
+    )
     mount.add_argument(
         "--base-url",
-        default=DEFAULT_BASE_URL,
         metavar="URL",
         help=f"the site root (default {DEFAULT_BASE_URL}); the API is at URL/api/v1/",
     )
 
-    demo = commands.add_parser(
+    demo = _subparser(
+        commands,
         "demo",
         help="mount a bundled demo server with sample data (no token needed)",
         description="Start the bundled fake Grand Challenge server on 127.0.0.1 with sample "
-        "archives, algorithms and reader studies, and mount it. `gcfs umount` stops both.",
+        "archives, algorithms and reader studies, and mount it on MOUNTPOINT. `gcfs umount` "
+        "stops both. Takes the options of `gcfs mount` except --token-file and --base-url.",
+        epilog=f"example:\n  mkdir -p ~/gc-demo && gcfs demo ~/gc-demo && ls ~/gc-demo/archives"
+        f"\n\n{EXIT_STATUS}",
     )
     _add_mount_options(demo)
 
-    umount = commands.add_parser("umount", help="unmount and stop the daemon")
-    umount.add_argument("mountpoint", type=Path)
+    umount = _subparser(
+        commands,
+        "umount",
+        help="unmount and stop the daemon",
+        description="Unmount MOUNTPOINT and wait until its daemon (and a demo server) has "
+        "stopped. `fusermount3 -u MOUNTPOINT` and SIGTERM to the daemon unmount cleanly too.",
+        epilog=f"example:\n  gcfs umount ~/gc\n\n{EXIT_STATUS}",
+    )
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="where gcfs is mounted")
+
+    refresh = _subparser(
+        commands,
+        "refresh",
+        help="forget what the daemon cached under a path",
+        description="Make the daemon forget the listings and metadata it cached for PATH "
+        "(inside a gcfs mount), so that the next look fetches them again, without waiting "
+        "for the TTL.",
+        epilog=f"examples:\n  gcfs refresh ~/gc/archives\n"
+        f"  gcfs refresh --recursive ~/gc/reader-studies/my-study\n\n{EXIT_STATUS}",
+    )
+    refresh.add_argument(
+        "path", metavar="PATH", type=Path, help="a file or directory inside a gcfs mount"
+    )
+    refresh.add_argument(
+        "--recursive", "-r", action="store_true", help="everything below PATH as well"
+    )
+
+    status = _subparser(
+        commands,
+        "status",
+        help="show what a mount's daemon is doing",
+        description="Print the status of the daemon serving MOUNTPOINT: server, user, "
+        "caches and requests.",
+        epilog=f"examples:\n  gcfs status ~/gc\n  gcfs status ~/gc --json | jq .\n\n{EXIT_STATUS}",
+    )
+    status.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="where gcfs is mounted")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    prefetch = _subparser(
+        commands,
+        "prefetch",
+        help="fill the block cache for a subtree ahead of reading it",
+        description="Read everything below PATH (inside a gcfs mount) into the on-disk block "
+        "cache, so that later reads, and reads while offline, are served locally.",
+        epilog=f"example:\n  gcfs prefetch ~/gc/archives/lidc-lung-ct/items\n\n{EXIT_STATUS}",
+    )
+    prefetch.add_argument(
+        "path", metavar="PATH", type=Path, help="a file or directory inside a gcfs mount"
+    )
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, dry_run: bool = False, prog: str = "gcfs") -> int:
+    """The `gcfs` command; `dry_run` checks everything a mount needs but does not mount."""
+    from .mount_helper import helper_environment, mount_argv, split_fuse_form
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        fuse_form = split_fuse_form(words)
+        if fuse_form is not None:  # gcfs SOURCE DIR -o OPTIONS, from mount.fuse3
+            source, directory, options = fuse_form
+            helper_environment()
+            words = mount_argv(source, directory, options)
+    except UserError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        args = build_parser(prog).parse_args(words)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else 1
     try:
         if args.command == "umount":
             return unmount(args.mountpoint)
-        return mount(args)
+        if args.command == "refresh":
+            from . import control
+
+            return control.refresh_command(args.path, recursive=args.recursive)
+        if args.command == "status":
+            from . import control
+
+            return control.status_command(args.mountpoint, as_json=args.json)
+        if args.command == "prefetch":
+            from . import prefetch
+
+            return prefetch.prefetch_command(args.path)
+        return mount(args, dry_run=dry_run)
     except UserError as exc:
-        print(f"gcfs: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -168,35 +360,68 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- mount --------------------------------------------------------------------------------
 
 
-def mount(args: argparse.Namespace) -> int:
-    mountpoint = check_mountpoint(args.mountpoint)
+def _first(*values: T | None) -> T | None:
+    return next((value for value in values if value is not None), None)
+
+
+@dataclass(frozen=True)
+class MountPlan:
+    cfg: Config
+    demo: bool
+    log_file: Path | None
+
+
+def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> MountPlan:
+    """Flags, then the config file, then the built-in defaults; checked, without network."""
     demo = args.command == "demo"
+    explicit = args.config is not None
+    defaults = configfile.load(
+        args.config if explicit else default_config_path(environ), explicit=explicit
+    )
+    mountpoint = check_mountpoint(args.mountpoint)
+    token_file: Path | None = None
     if demo:
         base_url, token = "http://127.0.0.1", None  # filled in once the demo server runs
     else:
-        base_url = normalize_base_url(args.base_url)
-        token = find_token(args.token_file, os.environ)
+        base_url = normalize_base_url(
+            _first(args.base_url, defaults.get("base_url")) or DEFAULT_BASE_URL
+        )
+        token_file = args.token_file
+        if token_file is None and not environ.get(TOKEN_ENV):
+            token_file = defaults.get("token_file")
+        token = find_token(token_file, environ)
+    cache_dir: Path = _first(args.cache_dir, defaults.get("cache_dir")) or default_cache_dir()
     cfg = Config(
         mountpoint=mountpoint,
         base_url=base_url,
         token=token,
-        token_file=None if demo or not args.token_file else args.token_file.absolute(),
-        ttl=args.ttl,
-        op_timeout=args.timeout,
+        token_file=token_file.expanduser().absolute() if token_file else None,
+        ttl=_first(args.ttl, defaults.get("ttl")) or DEFAULT_TTL,
+        op_timeout=_first(args.timeout, defaults.get("timeout")) or DEFAULT_OP_TIMEOUT,
         foreground=args.foreground,
-        log_level=args.log_level,
-        cache_dir=(args.cache_dir or default_cache_dir()).expanduser().absolute(),
-        cache_size=parse_size(args.cache_size),
+        log_level=_first(args.log_level, defaults.get("log_level")) or "INFO",
+        cache_dir=cache_dir.expanduser().absolute(),
+        cache_size=parse_size(_first(args.cache_size, defaults.get("cache_size")) or "10G"),
+        allow_other=bool(_first(args.allow_other, defaults.get("allow_other"))),
     )
+    log_file: Path | None = _first(args.log_file, defaults.get("log_file"))
+    return MountPlan(cfg, demo, log_file.expanduser().absolute() if log_file else None)
+
+
+def mount(args: argparse.Namespace, *, dry_run: bool = False) -> int:
+    plan = resolve_config(args, os.environ)
+    cfg, demo = plan.cfg, plan.demo
+    if dry_run:
+        return 0
 
     def daemon(on_ready: Callable[[], None]) -> None:
         run_daemon(cfg, demo=demo, on_ready=on_ready)
 
     if cfg.foreground:
-        setup_logging(cfg.log_level, args.log_file)
-        daemon(lambda: None)
+        setup_logging(cfg.log_level, plan.log_file)
+        daemon(notify.ready)  # a Type=notify unit becomes active once the mount answers
         return 0
-    log_file = args.log_file or runtime.default_log_file(mountpoint)
+    log_file = plan.log_file or runtime.default_log_file(cfg.mountpoint)
     return _run_in_background(daemon, log_file=log_file, log_level=cfg.log_level)
 
 
@@ -242,6 +467,8 @@ def _daemon_child(
     daemon: Callable[[Callable[[], None]], None], write_fd: int, log_file: Path, log_level: str
 ) -> int:
     os.setsid()
+    # Only a foreground daemon is a unit's main process; a forked one must not claim READY.
+    os.environ.pop(notify.SOCKET_ENV, None)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)

@@ -14,7 +14,7 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -151,6 +151,9 @@ class Config:
     log_level: str = "INFO"
     cache_dir: Path | None = None  # None: default_cache_dir()
     cache_size: int = DEFAULT_CACHE_SIZE
+    # Let other users (and root) into the mount; non-root users need `user_allow_other` in
+    # /etc/fuse.conf for it. The kernel still applies the 0555/0444 modes.
+    allow_other: bool = False
 
     @property
     def api_url(self) -> str:
@@ -166,6 +169,15 @@ class Config:
         """All attempts of one request: 3/4 of the operation deadline, leaving the rest for
         the other steps of the operation and for answering the kernel in time."""
         return self.op_timeout * 0.75
+
+
+def mount_options(cfg: Config, base: Iterable[str] = ()) -> set[str]:
+    """The FUSE mount options for `cfg`: `base` (the daemon's fixed set) plus what the user
+    chose, e.g. `mount_options(cfg, MOUNT_OPTIONS)` -> {..., "allow_other"}."""
+    options = set(base)
+    if cfg.allow_other:
+        options.add("allow_other")
+    return options
 
 
 def parse_token(text: str, source: str) -> Secret:
@@ -196,15 +208,16 @@ def read_token_file(path: Path) -> Secret:
     return parse_token(text, f"token file {path}")
 
 
-def find_token(token_file: Path | None, environ: dict[str, str] | os._Environ[str]) -> Secret:
-    """The token from --token-file, else from GRAND_CHALLENGE_AUTHORIZATION."""
+def find_token(token_file: Path | None, environ: Mapping[str, str]) -> Secret:
+    """The token from `token_file` (--token-file, or the config file's token_file when the
+    environment has no token), else from GRAND_CHALLENGE_AUTHORIZATION."""
     if token_file is not None:
         return read_token_file(token_file)
     value = environ.get(TOKEN_ENV)
     if value:
         return parse_token(value, TOKEN_ENV)
     raise UserError(
-        f"no API token: use --token-file FILE or set {TOKEN_ENV} "
+        f"no API token: use --token-file FILE, set {TOKEN_ENV} or token_file in the config file "
         "(create a token at https://grand-challenge.org/settings/api-tokens/)"
     )
 

@@ -62,8 +62,22 @@ import httpx
 import trio
 
 from .blockcache import DEFAULT_BLOCK_SIZE, BlockCache
-from .errors import BadResponse, GcfsError, NotFound, PermissionDenied, Unavailable
-from .retry import OutageLog, RetryPolicy, is_transient_status, parse_retry_after, retrying
+from .errors import (
+    BadResponse,
+    GcfsError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+    first_error,
+)
+from .retry import (
+    OUTAGE_PROBE_BUDGET,
+    OutageLog,
+    RetryPolicy,
+    is_transient_status,
+    parse_retry_after,
+    retrying,
+)
 
 log = logging.getLogger(__name__)
 
@@ -203,26 +217,6 @@ def _raise_unavailable(status: int, where: str, headers: Mapping[str, str] | Non
         raise Unavailable(f"{where}: HTTP {status}", transient=False)
 
 
-def _unwrap(group: BaseExceptionGroup) -> BaseException:
-    """The error to raise for a failed nursery of fetches: its first GcfsError when every
-    member is an Exception; otherwise (Cancelled, KeyboardInterrupt) the group itself."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    if all(isinstance(leaf, Exception) for leaf in leaves):
-        for leaf in leaves:
-            if isinstance(leaf, GcfsError):
-                return leaf
-    return group
-
-
 def _redact(url: str | httpx.URL) -> str:
     """A URL without its query: a signed URL's query is a credential for up to an hour."""
     return str(httpx.URL(url).copy_with(query=None))
@@ -259,6 +253,7 @@ class ContentStore:
         max_parallel: int = DEFAULT_MAX_PARALLEL,
         http_timeout: float = DEFAULT_HTTP_TIMEOUT,
         retry: RetryPolicy | None = None,
+        site_outage: OutageLog | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         if "authorization" in http.headers or http.auth is not None:
@@ -268,7 +263,8 @@ class ContentStore:
         self._http = http
         self._auth_headers = auth_headers  # live: follows token reloads
         self.retry = retry or RetryPolicy()
-        self._site_outage = OutageLog("the /media/ resolver")
+        # /media/ lives on the site: share the API client's view of its health.
+        self._site_outage = site_outage or OutageLog("the /media/ resolver")
         self._storage_outage = OutageLog("storage")
         self.cache = cache
         self.block_size = block_size
@@ -695,7 +691,7 @@ class RemoteFile:
                     for index, flight in waiting.items():
                         nursery.start_soon(self._follow, index, flight, out)
             except BaseExceptionGroup as group:
-                raise _unwrap(group) from None
+                raise first_error(group) from None
 
     async def _follow(self, index: int, flight: _Flight, out: dict[int, bytes]) -> None:
         await flight.done.wait()
@@ -737,11 +733,19 @@ class RemoteFile:
         store = self.store
         bodies: list[_Body] = []
         rng = random.Random()
+        outage = store._storage_outage
+        budget = store.retry.budget
         try:
-            with trio.move_on_after(store.retry.budget) as scope:
+            if outage.down_since is not None:
+                if outage.hold_off():
+                    raise Unavailable(f"{self.url}: storage is failing; not asking again yet")
+                budget = min(budget, OUTAGE_PROBE_BUDGET)
+            with trio.move_on_after(budget) as scope:
                 await self._fetch_with_retries(run, flights, sink, bodies, rng)
             if scope.cancelled_caught:
-                raise Unavailable(f"{self.url}: no whole answer within {store.retry.budget:g} s")
+                error = Unavailable(f"{self.url}: no whole answer within {budget:g} s")
+                outage.gave_up(error)
+                raise error
         except GcfsError as exc:
             self._settle(run, flights, exc)
             raise

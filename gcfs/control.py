@@ -1,15 +1,215 @@
-"""Talking to a running daemon: `gcfs refresh` and `gcfs status` (stubs, filled in next)."""
+"""Talking to a running daemon: `gcfs refresh`, `gcfs status`, and what `gcfs prefetch` asks.
+
+The daemon listens on a Unix socket next to its pid file (`$XDG_RUNTIME_DIR/gcfs/<id>.sock`,
+in a 0700 directory, the socket itself 0600: only the mounting user may talk to it). The
+protocol is one JSON object per connection each way, a line each:
+
+    {"op": "refresh", "path": "archives/lidc", "recursive": false}  -> {"ok": true, ...}
+    {"op": "status"}                                                -> {"ok": true, "status": {...}}
+    {"op": "cached", "path": "archives/x/items/<pk>/scan.mha"}      -> {"ok": true, "size": ..,
+                                                                        "cached_bytes": ..}
+Errors come back as {"ok": false, "error": "..."}; a request gets 10 s to arrive.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from . import runtime
+from .errors import GcfsError, UserError
+
+if TYPE_CHECKING:
+    from .fs import GcFilesystem
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 64 * 1024
+REQUEST_DEADLINE = 10.0
+Invalidate = Callable[[list[tuple[int, str]], list[int]], Awaitable[None]]
+
+
+# -- the daemon's side ------------------------------------------------------------------------
+
+
+async def serve_control(
+    fs: GcFilesystem,
+    mountpoint: Path,
+    invalidate: Invalidate,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    path = runtime.control_socket(mountpoint)
+    path.unlink(missing_ok=True)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket is created 0600
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    task_status.started()
+    try:
+
+        async def handle(stream: trio.SocketStream) -> None:
+            await _handle(stream, fs, invalidate)
+
+        await trio.serve_listeners(handle, [listener])
+    finally:
+        path.unlink(missing_ok=True)
+
+
+async def _handle(stream: trio.SocketStream, fs: GcFilesystem, invalidate: Invalidate) -> None:
+    async with stream:
+        try:
+            with trio.fail_after(REQUEST_DEADLINE):
+                request = await _read_line(stream)
+            reply = await _dispatch(json.loads(request), fs, invalidate)
+        except (trio.TooSlowError, ValueError) as exc:
+            reply = {"ok": False, "error": f"bad request: {exc}"}
+        except GcfsError as exc:
+            reply = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug: keep the daemon up, tell the caller
+            log.exception("control request failed")
+            reply = {"ok": False, "error": f"internal error: {type(exc).__name__}"}
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+
+async def _read_line(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while b"\n" not in data:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_REQUEST:
+            raise ValueError("request too long")
+    return data.split(b"\n", 1)[0]
+
+
+async def _dispatch(request: Any, fs: GcFilesystem, invalidate: Invalidate) -> dict[str, Any]:
+    if not isinstance(request, dict):
+        raise ValueError("not a JSON object")
+    op = request.get("op")
+    if op == "status":
+        return {"ok": True, "status": fs.status()}
+    path = request.get("path", "")
+    if not isinstance(path, str):
+        raise ValueError("path must be a string")
+    if op == "refresh":
+        parent, node = await fs.resolve(path)
+        entries, inodes = fs.forget(parent, node, recursive=bool(request.get("recursive")))
+        await invalidate(entries, inodes)
+        log.info("refresh %s: forgot %d entries", path or "/", len(entries))
+        return {"ok": True, "forgotten": len(entries)}
+    if op == "cached":
+        _, node = await fs.resolve(path)
+        size, cached = await fs.cached_bytes(node)
+        return {"ok": True, "size": size, "cached_bytes": cached}
+    raise ValueError(f"unknown op {op!r}")
+
+
+# -- the command's side -----------------------------------------------------------------------
+
+
+def find_mount(path: Path) -> tuple[Path, str]:
+    """The gcfs mount point holding `path`, and `path` relative to it."""
+    absolute = Path(os.path.abspath(path.expanduser()))
+    mounts = _gcfs_mounts()
+    for candidate in (absolute, *absolute.parents):
+        if str(candidate) in mounts:
+            return candidate, str(absolute.relative_to(candidate))
+    raise UserError(f"{path} is not inside a gcfs mount")
+
+
+def _gcfs_mounts() -> set[str]:
+    found = set()
+    with open("/proc/self/mounts", encoding="utf-8") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) >= 3 and fields[2] in ("fuse.gcfs", "fuse"):
+                found.add(fields[1].replace("\\040", " "))
+    return found
+
+
+def request(mountpoint: Path, message: dict[str, Any], *, timeout: float = 120.0) -> Any:
+    """Send one request to the daemon serving `mountpoint`; its reply, or a UserError."""
+    path = runtime.control_socket(mountpoint)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as exc:
+            raise UserError(f"cannot reach the gcfs daemon of {mountpoint}: {exc}") from None
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise UserError(f"the gcfs daemon of {mountpoint} sent no answer") from None
+    if not reply.get("ok"):
+        raise UserError(str(reply.get("error", "the daemon refused")))
+    return reply
 
 
 def refresh_command(path: Path, *, recursive: bool) -> int:
     """`gcfs refresh PATH [--recursive]`: forget what the daemon cached under PATH."""
-    raise NotImplementedError
+    mountpoint, relative = find_mount(path)
+    message = {"op": "refresh", "path": relative, "recursive": recursive}
+    reply = request(mountpoint, message)
+    print(f"refreshed {path} ({reply['forgotten']} entries)")
+    return 0
 
 
 def status_command(mountpoint: Path, *, as_json: bool) -> int:
     """`gcfs status MOUNTPOINT [--json]`: print the daemon's status."""
-    raise NotImplementedError
+    root, _ = find_mount(mountpoint)
+    status = request(root, {"op": "status"})["status"]
+    if as_json:
+        json.dump(status, sys.stdout, indent=2)
+        print()
+        return 0
+    for line in format_status(status):
+        print(line)
+    return 0
+
+
+def format_status(status: dict[str, Any]) -> list[str]:
+    cache = status.get("block_cache") or {}
+    metadata = status.get("metadata_cache", {})
+    lookups = metadata.get("hits", 0) + metadata.get("misses", 0)
+    hit_rate = f"{100 * metadata.get('hits', 0) / lookups:.0f}%" if lookups else "-"
+    lines = [
+        f"server:       {status.get('server')}",
+        f"user:         {status.get('user')}",
+        f"mount:        {status.get('mountpoint')} (pid {status.get('pid')})",
+        f"uptime:       {status.get('uptime_seconds')} s",
+        f"requests:     {status.get('requests_total')} ({status.get('retries')} retries, "
+        f"{status.get('in_flight_requests')} in flight)",
+        f"metadata:     {metadata.get('size', 0)} entries cached, hit rate {hit_rate}",
+        f"read:         {status.get('bytes_read')} bytes to readers, "
+        f"{status.get('content', {}).get('bytes_fetched', 0)} fetched from storage",
+        f"block cache:  {cache.get('bytes', 0)} of {cache.get('max_bytes', 0)} bytes "
+        f"in {cache.get('directory', '-')}",
+        f"errors:       {status.get('errors_last_hour')} in the last hour",
+    ]
+    for endpoint, by_status in sorted(status.get("requests", {}).items()):
+        counts = ", ".join(f"{code}: {n}" for code, n in sorted(by_status.items()))
+        lines.append(f"  {endpoint:<40} {counts}")
+    return lines

@@ -21,13 +21,15 @@ import httpx
 import pyfuse3
 import trio
 
+from . import notify
 from .api import GcApiClient
 from .blockcache import BlockCache
-from .config import Config, TokenSource, default_cache_dir
+from .config import Config, TokenSource, default_cache_dir, mount_options
 from .content import ContentStore
+from .control import serve_control
 from .errors import GcfsError, PermissionDenied, Unavailable, UserError
 from .fs import GcFilesystem
-from .fuse_ops import GcfsOperations
+from .fuse_ops import GcfsOperations, invalidate
 from .retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,7 @@ async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
             block_cache,
             http_timeout=cfg.request_timeout,
             retry=retry,
+            site_outage=api.outage,
         )
         async with store as content:
             fs = GcFilesystem(api, content, username=username, ttl=cfg.ttl)
@@ -113,23 +116,37 @@ async def _mount_and_serve(
 ) -> None:
     operations = GcfsOperations(fs, op_timeout=cfg.op_timeout)
     try:
-        pyfuse3.init(operations, str(cfg.mountpoint), set(MOUNT_OPTIONS))
+        pyfuse3.init(operations, str(cfg.mountpoint), mount_options(cfg, MOUNT_OPTIONS))
     except RuntimeError as exc:
         raise UserError(f"cannot mount on {cfg.mountpoint}: {exc}") from None
+    fs.mountpoint = str(cfg.mountpoint)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_terminate_on_signals)
+            nursery.start_soon(_handle_signals, fs)
+            await nursery.start(serve_control, fs, cfg.mountpoint, invalidate)
             log.info("mounted %s on %s as %s", cfg.base_url, cfg.mountpoint, username)
             on_ready()
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
+        notify.stopping()  # sd_notify STOPPING=1 to a Type=notify unit; no-op otherwise
         pyfuse3.close(unmount=True)
-        log.info("unmounted %s; cache %s", cfg.mountpoint, fs.cache.statistics())
+        log.info(
+            "unmounted %s; metadata %s; content %s",
+            cfg.mountpoint,
+            fs.cache.statistics(),
+            fs.content.statistics(),
+        )
 
 
-async def _terminate_on_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _handle_signals(fs: GcFilesystem) -> None:
+    """SIGTERM/SIGINT unmount; SIGHUP forgets every cached listing and object."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                entries, inodes = fs.forget_everything()
+                await invalidate(entries, inodes)
+                log.info("SIGHUP: forgot every cached listing and object")
+                continue
             log.info("%s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import ClassVar
 
 
@@ -80,3 +82,34 @@ class Timeout(GcfsError):
 
 class UserError(Exception):
     """Something the user must fix; shown as one line without a traceback."""
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to raise for a failed nursery of requests: its first GcfsError when every
+    member is an Exception (one failed request fails the operation, with that request's
+    errno); otherwise (Cancelled, KeyboardInterrupt inside) the group itself."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    if all(isinstance(leaf, Exception) for leaf in leaves):
+        for leaf in leaves:
+            if isinstance(leaf, GcfsError):
+                return leaf
+    return group
+
+
+@asynccontextmanager
+async def one_error() -> AsyncIterator[None]:
+    """Around a nursery of requests: raise the first GcfsError, not an ExceptionGroup, so
+    the FUSE adapter answers that errno (and does not log a bug)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None

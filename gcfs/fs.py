@@ -16,18 +16,21 @@ Everything here raises `GcfsError`, never `FUSEError`: the adapter in `fuse_ops.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import os
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 from cachetools import TTLCache
 
-from . import layout, render, tree
+from . import __version__, layout, render, tree
 from .api import Existence, GcApiClient
 from .cache import MetadataCache
-from .errors import BadResponse, NotADirectory, NotFound, PermissionDenied
+from .errors import BadResponse, NotADirectory, NotFound, PermissionDenied, one_error
 from .names import could_be_identifier, is_slug, is_uuid, slug_from_url
 from .nodes import (
     DirNode,
@@ -36,7 +39,9 @@ from .nodes import (
     InodeTable,
     Node,
     RemoteFileNode,
+    StaticDir,
     SymlinkNode,
+    describe,
     stub_dir,
 )
 
@@ -67,6 +72,11 @@ class Collection:
     website_tells_existence: bool
     # What an object's directory holds besides its metadata file (tree.py).
     contents: Callable[[GcFilesystem, str, dict[str, Any]], Awaitable[list[Node]]]
+
+    @property
+    def kind(self) -> str:
+        """`user.gc.kind` of its objects: archive, algorithm, reader-study."""
+        return self.name.removesuffix("s")
 
 
 ARCHIVES = Collection(
@@ -114,6 +124,12 @@ class RootDir(DirNode):
         nodes: list[Node] = [GeneratedFileNode("root/README.md", "README.md", readme)]
         nodes += [CollectionDir(f"collection:{c.name}", c.name, c) for c in COLLECTIONS]
         nodes.append(tree.ImagesRootDir("collection:images", "images"))
+
+        def status() -> bytes:
+            return (json.dumps(fs.status(), indent=2) + "\n").encode()
+
+        status_file = GeneratedFileNode("root/.gcfs/status.json", "status.json", status)
+        nodes.append(StaticDir("root/.gcfs", ".gcfs", {"status.json": status_file}))
         return {node.name: node for node in nodes}
 
 
@@ -138,7 +154,7 @@ class CollectionDir(DirNode):
             if name in children:
                 log.warning("%s: two objects named %r; showing %s by pk", c.name, name, pk)
                 name = pk
-            children[name] = ObjectDir(f"{c.name}:{pk}", name, c, obj)
+            children[name] = describe(ObjectDir(f"{c.name}:{pk}", name, c, obj), c.kind, obj)
         return children
 
     async def find(self, fs: GcFilesystem, name: str) -> Node:
@@ -154,6 +170,12 @@ class CollectionDir(DirNode):
                     link = SymlinkNode(f"pk:{self.collection.name}:{name}", name, target=child.name)
                     return fs.inodes.add(link)
         return await fs.cache.get(("hidden", self.identity, name), lambda: self._hidden(fs, name))
+
+    def cache_keys(self) -> list[Hashable]:
+        return [*super().cache_keys(), tree.list_key(self.collection.api_path)]
+
+    def forget_lookups(self, fs: GcFilesystem, name: str | None = None) -> None:
+        fs.forget_lookups_of(self, "hidden", name)
 
     async def _hidden(self, fs: GcFilesystem, name: str) -> Node:
         """An object that is not in our listing: a stub if it may exist, else ENOENT."""
@@ -172,7 +194,8 @@ class CollectionDir(DirNode):
                 pk = results[0].get("pk")
                 if isinstance(pk, str) and is_uuid(pk):
                     fs.cache.forget(("dir", self.identity))
-                    return fs.inodes.add(ObjectDir(f"{c.name}:{pk}", name, c, results[0]))
+                    found_dir = ObjectDir(f"{c.name}:{pk}", name, c, results[0])
+                    return fs.inodes.add(describe(found_dir, c.kind, results[0]))
         if existence is Existence.ABSENT:
             fs.remember_absent(self, name)
             raise NotFound(f"{c.name}/{name}: does not exist")
@@ -191,7 +214,9 @@ class CollectionDir(DirNode):
             ttl=fs.ttl,
             certain=existence is Existence.HIDDEN,
         )
-        return fs.inodes.add(stub_dir(f"stub:{c.name}:{name}", name, readme))
+        stub = stub_dir(f"stub:{c.name}:{name}", name, readme)
+        request_url = f"{fs.base_url}/{c.name}/{name}/permission-requests/create/"
+        return fs.inodes.add(describe(stub, "no-access", url=request_url if is_slug(name) else ""))
 
 
 class ObjectDir(DirNode):
@@ -208,11 +233,21 @@ class ObjectDir(DirNode):
     def pk(self) -> str:
         return str(self.obj["pk"])
 
+    def cache_keys(self) -> list[Hashable]:
+        keys = super().cache_keys()
+        if self.collection is READER_STUDIES:  # answers.json/.csv are built from these
+            keys.append(
+                tree.list_key("reader-studies/answers/", {"question__reader_study": self.pk})
+            )
+            keys.append(tree.list_key("reader-studies/display-sets/", {"reader_study": self.pk}))
+        return keys
+
     async def build(self, fs: GcFilesystem) -> dict[str, Node]:
         name = self.collection.metadata_name
         # The listing already holds the full object (list and detail share one serializer),
         # so the metadata file costs no request of its own.
         meta = FileNode(f"{self.identity}/{name}", name, data=render.metadata_json(self.obj))
+        describe(meta, self.collection.kind, self.obj)
         contents = await self.collection.contents(fs, self.identity, self.obj)
         return {node.name: node for node in [meta, *contents]}
 
@@ -235,12 +270,16 @@ class GcFilesystem:
     ) -> None:
         self.api = api
         self.content = content
+        self.mountpoint = ""  # set by the daemon once mounted, for status
         self.base_url = api.base_url
         self.username = username
         self.ttl = ttl
         self.cache = MetadataCache(ttl)
         self.inodes = InodeTable()
         self._absent: TTLCache[tuple[str, str], bool] = TTLCache(NEGATIVE_CACHE_SIZE, ttl)
+        # The children each directory was last built with: what `gcfs refresh` walks and
+        # which kernel entries it invalidates.
+        self._children_of: dict[int, Children] = {}
         self.root = RootDir("root", "")
         self.inodes.add_root(self.root)
 
@@ -282,7 +321,7 @@ class GcFilesystem:
         async def fetch(pk: str) -> None:
             found[pk] = await self.cache.get(("dicom", pk), lambda: self._dicom_instances(pk))
 
-        async with trio.open_nursery() as nursery:
+        async with one_error(), trio.open_nursery() as nursery:
             for image in dicom_images:
                 nursery.start_soon(fetch, str(image["pk"]))
         return found
@@ -309,7 +348,8 @@ class GcFilesystem:
             elif isinstance(entry, layout.Directory):
                 nodes[name] = tree.EntriesDir(path, name, entry.entries)
             elif isinstance(entry, layout.RemoteFile) and name in sizes:
-                nodes[name] = RemoteFileNode(path, name, url=entry.url, length=sizes[name])
+                file_node = RemoteFileNode(path, name, url=entry.url, length=sizes[name])
+                nodes[name] = describe(file_node, "file", api_url=entry.url)
             else:
                 what, url = (
                     (entry.what, entry.url)
@@ -335,7 +375,7 @@ class GcFilesystem:
                 except (NotFound, PermissionDenied) as exc:
                     log.info("%s: not readable (%s); showing a stub", url, exc)
 
-        async with trio.open_nursery() as nursery:
+        async with one_error(), trio.open_nursery() as nursery:
             for name, entry in files.items():
                 nursery.start_soon(probe, name, entry.url)
         return sizes
@@ -345,6 +385,7 @@ class GcFilesystem:
             built = await directory.build(self)
             for node in built.values():
                 self.inodes.add(node)
+            self._children_of[directory.inode] = built
             return built
 
         children: Children = await self.cache.get(("dir", directory.identity), build)
@@ -355,6 +396,112 @@ class GcFilesystem:
 
     def remember_absent(self, directory: DirNode, name: str) -> None:
         self._absent[(directory.identity, name)] = True
+
+    # -- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What `gcfs status` and `.gcfs/status.json` show."""
+        block_cache = self.content.cache
+        return {
+            "server": self.base_url,
+            "user": self.username,
+            "mountpoint": self.mountpoint,
+            "pid": os.getpid(),
+            "version": __version__,
+            "token_rejected": self.api.token_rejected,
+            **self.api.stats.snapshot(),
+            "metadata_cache": dataclasses.asdict(self.cache.statistics()),
+            "content": dataclasses.asdict(self.content.statistics()),
+            "block_cache": None
+            if block_cache is None
+            else {
+                **dataclasses.asdict(block_cache.statistics()),
+                "max_bytes": block_cache.max_bytes,
+                "directory": str(block_cache.directory),
+            },
+        }
+
+    async def cached_bytes(self, node: Node) -> tuple[int, int]:
+        """A file's size and how much of it the block cache holds (`gcfs prefetch`)."""
+        cache = self.content.cache
+        if not isinstance(node, RemoteFileNode):
+            return node.size, node.size  # generated files need no fetching
+        if cache is None:
+            return node.size, 0
+        blocks = -(-node.size // cache.block_size)
+        stored = await trio.to_thread.run_sync(cache.cached_blocks, node.url, blocks)
+        return node.size, min(node.size, stored * cache.block_size)
+
+    # -- forgetting (gcfs refresh, SIGHUP) --------------------------------------------------
+
+    def forget_lookups_of(self, directory: DirNode, kind: str, name: str | None) -> None:
+        """Forget cached lookups `(kind, directory, name)` (or all names) and absent names."""
+        if name is not None:
+            self.cache.forget((kind, directory.identity, name))
+            self.cache.forget((kind, name))
+            self._absent.pop((directory.identity, name), None)
+            return
+
+        def matches(key: Hashable) -> bool:
+            return (
+                isinstance(key, tuple)
+                and len(key) >= 2
+                and key[0] == kind
+                and (key[1] == directory.identity or len(key) == 2)
+            )
+
+        self.cache.forget_matching(matches)
+        for absent in [k for k in self._absent if k[0] == directory.identity]:
+            self._absent.pop(absent, None)
+
+    def forget(
+        self, parent: DirNode | None, node: Node, *, recursive: bool
+    ) -> tuple[list[tuple[int, str]], list[int]]:
+        """Forget what is cached of `node` (and everything below it when `recursive`).
+
+        Returns the kernel's entries (parent inode, name) and inodes to invalidate, so that
+        the next lookup or listing asks us again: new items, answers or granted access show.
+        """
+        entries: list[tuple[int, str]] = []
+        inodes: list[int] = []
+        if parent is not None:
+            parent.forget_lookups(self, node.name)
+            entries.append((parent.inode, node.name))
+        pending = [node]
+        while pending:
+            current = pending.pop()
+            inodes.append(current.inode)
+            if not isinstance(current, DirNode):
+                continue
+            for key in current.cache_keys():
+                self.cache.forget(key)
+            current.forget_lookups(self)
+            for name, child in self._children_of.pop(current.inode, {}).items():
+                entries.append((current.inode, name))
+                if recursive:
+                    pending.append(child)
+        return entries, inodes
+
+    def forget_everything(self) -> tuple[list[tuple[int, str]], list[int]]:
+        """SIGHUP: forget every listing, object and lookup."""
+        entries = [
+            (inode, name) for inode, children in self._children_of.items() for name in children
+        ]
+        inodes = list(self._children_of)
+        self.cache.clear()
+        self._absent.clear()
+        self._children_of.clear()
+        return entries, inodes
+
+    async def resolve(self, relative: str) -> tuple[DirNode | None, Node]:
+        """The node at a path relative to the mount root, and its parent directory."""
+        parent: DirNode | None = None
+        node: Node = self.root
+        for name in [part for part in relative.split("/") if part not in ("", ".")]:
+            if not isinstance(node, DirNode):
+                raise NotADirectory(f"{relative}: {name} is below a file")
+            parent, node = node, await node.find(self, name)
+        return parent, node
 
     # -- what the adapter calls -------------------------------------------------------------
 

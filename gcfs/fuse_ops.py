@@ -11,6 +11,7 @@ into EIO with a logged traceback (a bug: the tests fail on it, users keep their 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -40,6 +41,9 @@ _MODES = {
     NodeKind.FILE: stat.S_IFREG | 0o444,
     NodeKind.SYMLINK: stat.S_IFLNK | 0o777,
 }
+# Answers that are not failures worth counting: a missing name, a missing xattr (`ls -l`
+# asks for security.selinux on every file).
+_NOT_ERRORS = frozenset({errno.ENOENT, pyfuse3.ENOATTR})
 # Flags that ask to change a file; open() with any of them fails with EROFS.
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
@@ -65,19 +69,27 @@ class GcfsOperations(pyfuse3.Operations):
     # -- the one translation point ------------------------------------------------------------
 
     async def _guard(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+        stats = self.fs.api.stats
+        stats.operations += 1
         try:
             with trio.fail_after(self.op_timeout):
                 return await fn()
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            if exc.errno not in _NOT_ERRORS:
+                stats.record_error(op, exc.errno)
             raise
         except GcfsError as exc:
             log.log(exc.log_level, "%s failed: %s", op, exc)
+            if exc.errno not in _NOT_ERRORS:
+                stats.record_error(op, exc.errno)
             raise pyfuse3.FUSEError(exc.errno) from None
         except trio.TooSlowError:
             log.warning("%s did not finish within %g s; answering EIO", op, self.op_timeout)
+            stats.record_error(op, errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
             log.exception("%s: unexpected error; answering EIO", op)
+            stats.record_error(op, errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -165,11 +177,14 @@ class GcfsOperations(pyfuse3.Operations):
         async def run() -> bytes:
             remote = self._open_remote.get(fh)
             if remote is not None:
-                return await remote.read(off, size)
-            data = self._open_files.get(fh)
-            if data is None:
-                raise pyfuse3.FUSEError(errno.EBADF)
-            return data[off : off + size]
+                chunk = await remote.read(off, size)
+            else:
+                data = self._open_files.get(fh)
+                if data is None:
+                    raise pyfuse3.FUSEError(errno.EBADF)
+                chunk = data[off : off + size]
+            self.fs.api.stats.bytes_read += len(chunk)
+            return chunk
 
         return await self._guard(f"read {fh}", run)
 
@@ -209,6 +224,22 @@ class GcfsOperations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Nodes stay in the inode table (see InodeTable); nothing to release.
         return None
+
+    async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: Ctx) -> bytes:
+        async def run() -> bytes:
+            value = (self.fs.node(inode).xattrs or {}).get(os.fsdecode(name))
+            if value is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return value.encode("utf-8")
+
+        return await self._guard(f"getxattr {inode}", run)
+
+    async def listxattr(self, inode: InodeT, ctx: Ctx) -> list[XAttrNameT]:
+        async def run() -> list[XAttrNameT]:
+            names = self.fs.node(inode).xattrs or {}
+            return [XAttrNameT(os.fsencode(name)) for name in names]
+
+        return await self._guard(f"listxattr {inode}", run)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
@@ -278,6 +309,21 @@ class GcfsOperations(pyfuse3.Operations):
 
     async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: Ctx) -> None:
         raise _refused("removexattr")
+
+
+async def invalidate(entries: list[tuple[int, str]], inodes: list[int]) -> None:
+    """Make the kernel forget directory entries and inodes, so that it asks us again.
+
+    Entries go through pyfuse3's queue (`invalidate_entry_async`): invalidating synchronously
+    from the trio thread can deadlock when the kernel needs an answer from us to do it.
+    Inodes are invalidated in a worker thread for the same reason.
+    """
+    for parent, name in entries:
+        pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+    for inode in inodes:
+        # OSError: the kernel does not know this inode (any more): nothing to forget.
+        with contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
 
 
 def _refused(op: str) -> pyfuse3.FUSEError:

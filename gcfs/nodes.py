@@ -12,9 +12,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import NotFound
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from .fs import GcFilesystem
 
 log = logging.getLogger(__name__)
+
+N = TypeVar("N", bound="Node")
 
 ROOT_INODE = 1
 
@@ -50,6 +52,8 @@ class Node:
     identity: str
     name: str
     inode: int = field(init=False, default=0)
+    # Extended attributes (user.gc.pk, .api_url, .url, .kind) of nodes that show an object.
+    xattrs: dict[str, str] | None = field(init=False, default=None)
 
     kind = NodeKind.DIR
     # A node whose content can change at any time (the root README): the kernel may keep its
@@ -125,6 +129,14 @@ class DirNode(Node):
     async def build(self, fs: GcFilesystem) -> dict[str, Node]:
         raise NotImplementedError
 
+    def cache_keys(self) -> list[Hashable]:
+        """The metadata cache entries this directory is built from (`gcfs refresh`)."""
+        return [("dir", self.identity)]
+
+    def forget_lookups(self, fs: GcFilesystem, name: str | None = None) -> None:
+        """Forget what lookups of names that are not listed found (stubs, absent names):
+        of `name`, or of every name when None. Most directories have none."""
+
     async def find(self, fs: GcFilesystem, name: str) -> Node:
         """The child called `name`; by default one of the listed children."""
         node = (await fs.children(self)).get(name)
@@ -150,6 +162,23 @@ def stub_dir(identity: str, name: str, readme: bytes) -> StaticDir:
     """A directory holding only README.md: what stands in for what we may not see."""
     readme_node = FileNode(f"{identity}/README.md", "README.md", data=readme)
     return StaticDir(identity, name, {"README.md": readme_node})
+
+
+def describe(node: N, kind: str, obj: object = None, *, url: str = "", api_url: str = "") -> N:
+    """Give `node` the extended attributes of the object it shows; returns the node.
+
+    `url` (the web page) and `api_url` default to the object's own fields; an object without
+    a page (an image, an archive item's API URL) simply lacks that attribute.
+    """
+    fields = obj if isinstance(obj, dict) else {}
+    values = {
+        "user.gc.kind": kind,
+        "user.gc.pk": fields.get("pk"),
+        "user.gc.api_url": api_url or fields.get("api_url"),
+        "user.gc.url": url or fields.get("url"),
+    }
+    node.xattrs = {k: str(v) for k, v in values.items() if isinstance(v, str | int) and v != ""}
+    return node
 
 
 class InodeTable:

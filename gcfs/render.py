@@ -103,8 +103,11 @@ def stub_readme(
 {pages}
 
 The {noun}'s editors approve requests by hand, so it can take a couple of hours.
-Once access is granted, this directory shows the {noun} within {ttl:g} s (the time gcfs
-trusts what it has seen); remounting shows it at once.
+Once access is granted, show it at once with
+
+    gcfs refresh <mount point>/{collection}
+
+(or wait {ttl:g} s, the time gcfs trusts what it has seen).
 """
     return text.encode("utf-8")
 
@@ -118,7 +121,7 @@ An object you can see refers to {what}, but your account ({username}) may not re
   {url}
 
 Access to images and files follows the archive, reader study or algorithm job they belong
-to. Ask the owner of that object for access; once it is granted, this shows the real
-files within {ttl:g} s (the time gcfs trusts what it has seen), or at once after a remount.
+to. Ask the owner of that object for access; once it is granted, `gcfs refresh` on the
+directory above this one shows the real files at once (or wait {ttl:g} s).
 """
     return text.encode("utf-8")

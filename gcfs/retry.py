@@ -64,30 +64,51 @@ class RetryPolicy:
         return max(backoff, retry_after or 0.0)
 
 
+# After a request gave up on an origin, others do not wait on it for this long: they fail at
+# once (and are served what is cached). Then one request may try again, for at most
+# OUTAGE_PROBE_BUDGET. Without it, each step of a path lookup would wait a whole retry budget
+# and `ls ~/gc/archives/x/items` would take several deadlines while the server is silent.
+OUTAGE_HOLD_OFF = 2.0
+OUTAGE_PROBE_BUDGET = 1.0
+
+
 class OutageLog:
-    """Says once that an origin stopped answering, and once that it is back."""
+    """An origin's health: says once that it stopped answering, and once that it is back.
+
+    A failed attempt that a retry then fixes is a blip, not an outage; an outage starts when a
+    request gives up, and ends at the next success.
+    """
 
     def __init__(self, origin: str) -> None:
         self.origin = origin
         self.down_since: float | None = None
+        self.gave_up_at = 0.0
         self.failures = 0
 
     def failed(self, error: Exception) -> None:
         self.failures += 1
+
+    def gave_up(self, error: Exception) -> None:
+        self.gave_up_at = trio.current_time()
         if self.down_since is None:
-            self.down_since = trio.current_time()
-            log.warning("%s is failing (%s); serving what is cached, retrying", self.origin, error)
+            self.down_since = self.gave_up_at
+            log.warning("%s is failing (%s); serving what is cached", self.origin, error)
+
+    def hold_off(self) -> bool:
+        """True while requests should not even try (an outage, recently confirmed)."""
+        return (
+            self.down_since is not None and trio.current_time() - self.gave_up_at < OUTAGE_HOLD_OFF
+        )
 
     def succeeded(self) -> None:
         if self.down_since is not None:
             log.warning(
-                "%s answers again after %.1f s (%d failed attempts)",
+                "%s answers again after %.1f s",
                 self.origin,
                 trio.current_time() - self.down_since,
-                self.failures,
             )
             self.down_since = None
-            self.failures = 0
+        self.failures = 0
 
 
 async def retrying(
@@ -97,13 +118,20 @@ async def retrying(
     what: str,
     outage: OutageLog | None = None,
     rng: random.Random | None = None,
+    on_retry: Callable[[], None] | None = None,
 ) -> T:
     """`await attempt()`, again after transient failures (`Unavailable` with `transient`),
     until it succeeds or the policy's budget is spent. The budget also bounds a single
-    attempt that hangs (a black-holed server)."""
+    attempt that hangs (a black-holed server). During an outage, requests fail at once for
+    OUTAGE_HOLD_OFF seconds, then probe with a short budget."""
     rng = rng or random.Random()
+    budget = policy.budget
+    if outage is not None and outage.down_since is not None:
+        if outage.hold_off():
+            raise Unavailable(f"{what}: {outage.origin} is failing; not asking again yet")
+        budget = min(budget, OUTAGE_PROBE_BUDGET)
     last: Unavailable | None = None
-    with trio.move_on_after(policy.budget) as scope:
+    with trio.move_on_after(budget) as scope:
         for number in range(1_000):
             try:
                 result = await attempt()
@@ -115,16 +143,17 @@ async def retrying(
                 last = exc
                 delay = policy.delay(number, exc.retry_after, rng)
                 log.debug("%s: %s; retry %d in %.2f s", what, exc, number + 1, delay)
+                if on_retry is not None:
+                    on_retry()
                 await trio.sleep(delay)
             else:
                 if outage is not None:
                     outage.succeeded()
                 return result
+    reason = f"{last}" if last is not None else "no answer"
+    error = Unavailable(f"{what}: gave up after {budget:g} s ({reason})")
+    if outage is not None:
+        outage.gave_up(error)
     if scope.cancelled_caught:
-        if outage is not None and last is None:
-            outage.failed(Unavailable(f"{what}: no answer within {policy.budget:g} s"))
-        reason = f"{last}" if last is not None else "no answer"
-        raise Unavailable(
-            f"{what}: gave up after {policy.budget:g} s ({reason})", transient=True
-        ) from last
+        raise error from last
     raise Unavailable(f"{what}: too many retries") from last

@@ -31,6 +31,10 @@ def pid_file(mountpoint: Path) -> Path:
     return runtime_dir() / f"{_key(mountpoint)}.pid"
 
 
+def control_socket(mountpoint: Path) -> Path:
+    return runtime_dir() / f"{_key(mountpoint)}.sock"
+
+
 def default_log_file(mountpoint: Path) -> Path:
     return runtime_dir() / f"{_key(mountpoint)}.log"
 

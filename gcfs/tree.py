@@ -18,15 +18,16 @@ sizes concurrently (one ranged GET each, remembered forever: files are immutable
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import layout, render
 from .answers_csv import render_answers_csv
-from .errors import NotFound
+from .errors import NotFound, one_error
 from .names import is_uuid
-from .nodes import DirNode, FileNode, Node, RemoteFileNode, StaticDir, stub_dir
+from .nodes import DirNode, FileNode, Node, RemoteFileNode, StaticDir, describe, stub_dir
 
 if TYPE_CHECKING:
     from .fs import GcFilesystem
@@ -46,15 +47,29 @@ def _pk(obj: dict[str, Any]) -> str | None:
 class ObjectListDir(DirNode):
     """A directory of API objects named by pk, from one paged listing."""
 
-    __slots__ = ("api_path", "params")
+    __slots__ = ("api_path", "api_root", "params", "web_url")
 
-    def __init__(self, identity: str, name: str, api_path: str, params: dict[str, str]) -> None:
+    def __init__(
+        self,
+        identity: str,
+        name: str,
+        api_path: str,
+        params: dict[str, str],
+        *,
+        api_root: str = "",
+        web_url: str = "",
+    ) -> None:
         super().__init__(identity, name)
         self.api_path = api_path
         self.params = params
+        self.api_root = api_root  # .../api/v1/, for objects whose JSON lacks api_url
+        self.web_url = web_url  # the parent object's page, for its children's pages
 
     def child(self, pk: str, obj: dict[str, Any]) -> Node:
         raise NotImplementedError
+
+    def cache_keys(self) -> list[Hashable]:
+        return [*super().cache_keys(), list_key(self.api_path, self.params)]
 
     async def build(self, fs: GcFilesystem) -> dict[str, Node]:
         children: dict[str, Node] = {}
@@ -67,10 +82,16 @@ class ObjectListDir(DirNode):
         return children
 
 
+def list_key(api_path: str, params: dict[str, str] | None = None) -> Hashable:
+    """The metadata cache key of a listing (as `GcFilesystem.list_objects` makes it)."""
+    return ("list", api_path, tuple(sorted((params or {}).items())))
+
+
 class ValuesDir(DirNode):
     """A directory of values laid out as an algorithm's /input, with a metadata file."""
 
     __slots__ = ("images_filter", "metadata", "obj", "values_key")
+    # The xattrs of the object (set with `describe`) go to its metadata file too.
 
     def __init__(
         self,
@@ -98,10 +119,17 @@ class ValuesDir(DirNode):
         dicom = await fs.dicom_for([images[pk] for pk in wanted])
         tree = layout.lay_out_values(values, images, dicom)
         entries: dict[str, layout.Entry] = dict(tree.entries)
+        name = layout.metadata_name(self.metadata or "", entries)
         if self.metadata is not None:
-            name = layout.metadata_name(self.metadata, entries)
             entries[name] = layout.InlineFile(render.metadata_json(self.obj))
-        return await fs.materialize(self.identity, entries)
+        nodes = await fs.materialize(self.identity, entries)
+        if self.metadata is not None and self.xattrs:
+            nodes[name].xattrs = dict(self.xattrs)
+        return nodes
+
+    def cache_keys(self) -> list[Hashable]:
+        param, pk = self.images_filter
+        return [*super().cache_keys(), list_key("cases/images/", {param: pk})]
 
 
 class EntriesDir(DirNode):
@@ -124,7 +152,7 @@ class ItemsDir(ObjectListDir):
     __slots__ = ()
 
     def child(self, pk: str, obj: dict[str, Any]) -> Node:
-        return ValuesDir(
+        item = ValuesDir(
             f"item:{pk}",
             pk,
             obj,
@@ -132,11 +160,26 @@ class ItemsDir(ObjectListDir):
             images_filter=("archive", self.params["archive"]),
             metadata="item.json",
         )
+        # Items have no api_url or url field (gc-api.md §3.2): both are built.
+        api_url = f"{self.api_root}archives/items/{pk}/"
+        return describe(item, "archive-item", obj, api_url=api_url, url=self._page(pk))
+
+    def _page(self, pk: str) -> str:
+        return f"{self.web_url}items/{pk}/" if self.web_url.endswith("/") else ""
 
 
 async def archive_contents(fs: GcFilesystem, identity: str, obj: dict[str, Any]) -> list[Node]:
     pk = str(obj["pk"])
-    return [ItemsDir(f"{identity}/items", "items", "archives/items/", {"archive": pk})]
+    url = obj.get("url")
+    items = ItemsDir(
+        f"{identity}/items",
+        "items",
+        "archives/items/",
+        {"archive": pk},
+        api_root=fs.api.api_url,
+        web_url=url if isinstance(url, str) else "",
+    )
+    return [items]
 
 
 # -- algorithms ----------------------------------------------------------------------------
@@ -151,6 +194,10 @@ class AlgorithmImagesDir(DirNode):
         super().__init__(identity, name)
         self.algorithm_pk = algorithm_pk
 
+    def cache_keys(self) -> list[Hashable]:
+        params = {"algorithm": self.algorithm_pk}
+        return [*super().cache_keys(), list_key("algorithms/images/", params)]
+
     async def build(self, fs: GcFilesystem) -> dict[str, Node]:
         objects = await fs.list_objects("algorithms/images/", {"algorithm": self.algorithm_pk})
         children: dict[str, Node] = {}
@@ -159,7 +206,8 @@ class AlgorithmImagesDir(DirNode):
             if pk is not None:
                 name = f"{pk}.json"
                 data = render.metadata_json(obj)
-                children[name] = FileNode(f"algorithm-image:{pk}/json", name, data=data)
+                node = FileNode(f"algorithm-image:{pk}/json", name, data=data)
+                children[name] = describe(node, "algorithm-image", obj)
         return children
 
 
@@ -185,7 +233,9 @@ class JobsDir(ObjectListDir):
             metadata=None,
         )
         job_json = FileNode(f"{identity}/job.json", "job.json", data=render.metadata_json(obj))
-        return StaticDir(identity, pk, {"job.json": job_json, "inputs": inputs, "outputs": outputs})
+        describe(job_json, "job", obj)
+        entries: dict[str, Node] = {"job.json": job_json, "inputs": inputs, "outputs": outputs}
+        return describe(StaticDir(identity, pk, entries), "job", obj)
 
 
 async def algorithm_contents(fs: GcFilesystem, identity: str, obj: dict[str, Any]) -> list[Node]:
@@ -203,7 +253,7 @@ class DisplaySetsDir(ObjectListDir):
     __slots__ = ()
 
     def child(self, pk: str, obj: dict[str, Any]) -> Node:
-        return ValuesDir(
+        display_set = ValuesDir(
             f"display-set:{pk}",
             pk,
             obj,
@@ -211,6 +261,8 @@ class DisplaySetsDir(ObjectListDir):
             images_filter=("reader_study", self.params["reader_study"]),
             metadata="display-set.json",
         )
+        page = f"{self.web_url}display-sets/{pk}/" if self.web_url.endswith("/") else ""
+        return describe(display_set, "display-set", obj, url=page)
 
 
 async def reader_study_contents(fs: GcFilesystem, identity: str, obj: dict[str, Any]) -> list[Node]:
@@ -219,7 +271,7 @@ async def reader_study_contents(fs: GcFilesystem, identity: str, obj: dict[str, 
     questions = [q for q in questions if isinstance(q, dict)] if isinstance(questions, list) else []
     # Display sets and answers are fetched together: answers.csv needs the display set titles,
     # and both files need their true size as soon as the directory is listed.
-    async with trio.open_nursery() as nursery:
+    async with one_error(), trio.open_nursery() as nursery:
         results: dict[str, list[dict[str, Any]]] = {}
 
         async def fetch(key: str, path: str, params: dict[str, str]) -> None:
@@ -241,6 +293,7 @@ async def reader_study_contents(fs: GcFilesystem, identity: str, obj: dict[str, 
             "display-sets",
             "reader-studies/display-sets/",
             {"reader_study": pk},
+            web_url=obj["url"] if isinstance(obj.get("url"), str) else "",
         ),
         FileNode(f"{identity}/answers.json", "answers.json", data=render.metadata_json(answers)),
         FileNode(
@@ -267,13 +320,18 @@ class ImageDir(DirNode):
         entries: dict[str, layout.Entry] = dict(layout.image_files(self.image, dicom))
         name = layout.metadata_name("image.json", entries)
         entries[name] = layout.InlineFile(render.metadata_json(self.image))
-        return await fs.materialize(self.identity, entries)
+        nodes = await fs.materialize(self.identity, entries)
+        nodes[name].xattrs = dict(self.xattrs or {})
+        return nodes
 
 
 class ImagesRootDir(DirNode):
     """`images/`: any image the token may see, by pk; lookup only (listing it is empty)."""
 
     __slots__ = ()
+
+    def forget_lookups(self, fs: GcFilesystem, name: str | None = None) -> None:
+        fs.forget_lookups_of(self, "image-dir", name)
 
     async def build(self, fs: GcFilesystem) -> dict[str, Node]:
         return {}
@@ -289,7 +347,7 @@ class ImagesRootDir(DirNode):
         except NotFound:
             image = None
         if isinstance(image, dict):
-            return fs.inodes.add(ImageDir(f"image:{pk}", pk, image))
+            return fs.inodes.add(describe(ImageDir(f"image:{pk}", pk, image), "image", image))
         # 404 for hidden and absent alike; the job filter validates pks against all images.
         existence = await fs.api.filter_oracle("algorithms/jobs/", "input_image", pk)
         if existence.value == "absent":

@@ -85,10 +85,12 @@ def _is_stale(path: Path) -> bool:
 
 @pytest.fixture(autouse=True)
 def private_runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pid and log files of the daemons a test starts stay in that test's directory."""
+    """Pid, log and socket files of the daemons a test starts stay in its directory..."""
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    # ... and so does the default block cache: no test reads another test's blocks.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
 
 
 @pytest.fixture

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from gcfs import runtime
+import gcfs
+from gcfs import cli, mount_helper, runtime
+from gcfs.errors import UserError
 from gcfs.fakegc import DEMO_TOKEN, FakeGC, demo_world
 from tests.conftest import gcfs_command, poll
 
@@ -176,3 +179,283 @@ def test_demo_then_umount(mountpoint: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert not os.path.ismount(mountpoint)
     poll(lambda: not runtime.is_alive(pid), 10, "the demo daemon to exit")
+
+
+# -- help, version and the commands that talk to a daemon ---------------------------------
+
+
+def test_help_reads_like_a_man_page() -> None:
+    result = run_gcfs("--help")
+    assert result.returncode == 0
+    for needle in ("examples:", "GRAND_CHALLENGE_AUTHORIZATION", "exit status:", "fstab:"):
+        assert needle in result.stdout, needle
+    for command in ("mount", "demo", "umount", "refresh", "status", "prefetch"):
+        sub = run_gcfs(command, "--help")
+        assert sub.returncode == 0, sub.stderr
+        assert "exit status:" in sub.stdout and "example" in sub.stdout, command
+    mount_help = run_gcfs("mount", "--help").stdout
+    for flag in ("--token-file", "--allow-other", "--config", "user_allow_other", "config.toml"):
+        assert flag in mount_help, flag
+
+
+def test_version() -> None:
+    result = run_gcfs("--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"gcfs {gcfs.__version__}")
+
+
+@pytest.mark.parametrize(
+    ("argv", "module", "function", "expected"),
+    [
+        (
+            ["refresh", "/x/y"],
+            "control",
+            "refresh_command",
+            ((Path("/x/y"),), {"recursive": False}),
+        ),
+        (
+            ["refresh", "-r", "/x"],
+            "control",
+            "refresh_command",
+            ((Path("/x"),), {"recursive": True}),
+        ),
+        (["status", "/m"], "control", "status_command", ((Path("/m"),), {"as_json": False})),
+        (
+            ["status", "/m", "--json"],
+            "control",
+            "status_command",
+            ((Path("/m"),), {"as_json": True}),
+        ),
+        (["prefetch", "/m/a"], "prefetch", "prefetch_command", ((Path("/m/a"),), {})),
+    ],
+)
+def test_daemon_commands_call_their_module(
+    monkeypatch: pytest.MonkeyPatch, argv, module, function, expected
+) -> None:
+    calls = []
+
+    def fake(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((args, kwargs))
+        return 3
+
+    monkeypatch.setattr(f"gcfs.{module}.{function}", fake)
+    assert cli.main(argv) == 3  # their exit status is the command's
+    assert calls == [expected]
+
+
+# -- -o mount options ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "flags"),
+    [
+        ("token_file=/t", ["--token-file", "/t"]),
+        ("base_url=https://gc.example", ["--base-url", "https://gc.example"]),
+        ("ttl=5", ["--ttl", "5"]),
+        ("ttl=0.5", ["--ttl", "0.5"]),
+        ("timeout=30", ["--timeout", "30"]),
+        ("cache_dir=/c", ["--cache-dir", "/c"]),
+        ("cache_size=20G", ["--cache-size", "20G"]),
+        ("cache_size=0", ["--cache-size", "0"]),
+        ("log_level=debug", ["--log-level", "debug"]),
+        ("log_file=/l", ["--log-file", "/l"]),
+        ("config=/etc/gcfs.toml", ["--config", "/etc/gcfs.toml"]),
+        ("foreground", ["--foreground"]),
+        ("allow_other", ["--allow-other"]),
+    ],
+)
+def test_every_mount_flag_has_an_o_option(option: str, flags: list[str]) -> None:
+    assert mount_helper.options_to_flags(option) == flags
+    # ... and the flags it gives are ones `gcfs mount` accepts.
+    args = cli.build_parser().parse_args(["mount", "/mnt", *flags])
+    assert args.command == "mount"
+
+
+def test_every_mount_flag_is_covered_by_o_options() -> None:
+    parser = cli.build_parser()
+    mount = parser._subparsers._group_actions[0].choices["mount"]  # type: ignore[union-attr]
+    flags = {
+        action.option_strings[0]
+        for action in mount._actions
+        if action.option_strings and action.option_strings[0] != "-h"
+    }
+    covered = set(mount_helper.VALUE_OPTIONS.values()) | set(mount_helper.FLAG_OPTIONS.values())
+    assert flags == covered
+
+
+def test_generic_mount_options_are_ignored() -> None:
+    generic = (
+        "defaults,noauto,auto,user,users,nouser,_netdev,nofail,rw,ro,exec,noexec,suid,nosuid,"
+        "dev,nodev,x-systemd.automount,x-systemd.idle-timeout=60,x-gvfs-show,"
+        "comment=systemd.automount,user=me"
+    )
+    assert mount_helper.options_to_flags(generic) == []
+    assert mount_helper.options_to_flags(f"{generic},ttl=5") == ["--ttl", "5"]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("tll=5", "unknown mount option 'tll=5'"),
+        ("bogus", "unknown mount option 'bogus'"),
+        ("token=abc", "unknown mount option 'token=abc'"),
+        ("ttl", "mount option ttl needs a value"),
+        ("ttl=", "mount option ttl needs a value"),
+        ("ttl=soon", "mount option ttl=soon: 'soon' is not a number"),
+        ("timeout=-1", "mount option timeout=-1: '-1' must be greater than 0"),
+        ("cache_size=lots", "mount option cache_size=lots"),
+        ("log_level=loud", "mount option log_level=loud"),
+        ("foreground=yes", "mount option foreground takes no value"),
+        ("allow_other=1", "mount option allow_other takes no value"),
+    ],
+)
+def test_bad_o_options_are_errors_naming_them(option: str, message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        mount_helper.options_to_flags(f"noauto,{option},user")
+
+
+def test_sloppy_skips_unknown_options() -> None:
+    assert mount_helper.options_to_flags("bogus,ttl=5", sloppy=True) == ["--ttl", "5"]
+
+
+def test_fuse_form_is_told_apart_from_subcommands() -> None:
+    split = mount_helper.split_fuse_form
+    assert split(["gcfs", "/m", "-o", "ttl=5,dev,suid"]) == ("gcfs", "/m", ["ttl=5,dev,suid"])
+    assert split(["/m", "-o", "ttl=5"]) == (None, "/m", ["ttl=5"])  # empty source
+    assert split(["https://gc.example", "/m"]) == ("https://gc.example", "/m", [])
+    assert split(["gcfs", "/m"]) == ("gcfs", "/m", [])  # nodev,nosuid: mount.fuse3 adds no -o
+    assert split(["mount", "/m", "-o", "x"]) is None  # a subcommand
+    assert split(["mout", "/m"]) is None  # a typo stays a usage error
+    assert split(["--help"]) is None
+    assert mount_helper.mount_argv("https://gc.example/", "/m", ["ttl=5"]) == [
+        "mount",
+        "/m",
+        "--ttl",
+        "5",
+        "--base-url",
+        "https://gc.example/",
+    ]
+    with pytest.raises(UserError, match="disagree"):
+        mount_helper.mount_argv("https://a.example", "/m", ["base_url=https://b.example"])
+
+
+# -- the config file ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def config_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "xdg-config"
+    (home / "gcfs").mkdir(parents=True)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home))
+    monkeypatch.delenv("GRAND_CHALLENGE_AUTHORIZATION", raising=False)
+    return home
+
+
+def plan(*argv: str) -> cli.MountPlan:
+    args = cli.build_parser().parse_args(list(argv))
+    return cli.resolve_config(args, os.environ)
+
+
+def test_config_file_precedence(config_home: Path, token_file: Path, mountpoint: Path) -> None:
+    """Built-in defaults < the config file < flags."""
+    base = ["mount", str(mountpoint), "--token-file", str(token_file)]
+    cfg = plan(*base).cfg
+    assert (cfg.ttl, cfg.op_timeout, cfg.allow_other, cfg.log_level) == (60, 60, False, "INFO")
+    assert cfg.base_url == "https://grand-challenge.org"
+    (config_home / "gcfs" / "config.toml").write_text(
+        'ttl = 5\ntimeout = 30\ncache_size = "1G"\nallow_other = true\nlog_level = "debug"\n'
+        'base_url = "https://gc.example"\ncache_dir = "cache"\nlog_file = "~/gcfs.log"\n'
+    )
+    cfg = plan(*base).cfg
+    assert (cfg.ttl, cfg.op_timeout, cfg.cache_size, cfg.allow_other) == (5, 30, 2**30, True)
+    assert (cfg.log_level, cfg.base_url) == ("DEBUG", "https://gc.example")
+    assert cfg.cache_dir == config_home / "gcfs" / "cache"  # relative to the file
+    assert plan(*base).log_file == Path("~/gcfs.log").expanduser()
+    flags = ["--ttl", "7", "--cache-size", "2G", "--no-allow-other", "--base-url", "https://x.org"]
+    cfg = plan(*base, *flags).cfg
+    assert (cfg.ttl, cfg.op_timeout, cfg.cache_size, cfg.allow_other) == (7, 30, 2 * 2**30, False)
+    assert cfg.base_url == "https://x.org"
+
+
+def test_config_file_token_file_and_environment(
+    config_home: Path, token_file: Path, mountpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--token-file, then $GRAND_CHALLENGE_AUTHORIZATION, then token_file from the file."""
+    (config_home / "gcfs" / "config.toml").write_text(f'token_file = "{token_file}"\n')
+    assert plan("mount", str(mountpoint)).cfg.token_file == token_file
+    monkeypatch.setenv("GRAND_CHALLENGE_AUTHORIZATION", "Bearer from-env")
+    cfg = plan("mount", str(mountpoint)).cfg
+    assert cfg.token_file is None and cfg.token is not None
+    assert cfg.token.reveal() == "from-env"
+
+
+def test_explicit_config_path(
+    tmp_path: Path, config_home: Path, mountpoint: Path, token_file: Path
+) -> None:
+    other = tmp_path / "other.toml"
+    other.write_text("ttl = 9\n")
+    (config_home / "gcfs" / "config.toml").write_text("ttl = 5\n")
+    base = ["mount", str(mountpoint), "--token-file", str(token_file)]
+    assert plan(*base, "--config", str(other)).cfg.ttl == 9
+    with pytest.raises(UserError, match=r"config file .*missing\.toml does not exist"):
+        plan(*base, "--config", str(tmp_path / "missing.toml"))
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ("tll = 5\n", ["unknown key 'tll'", "did you mean 'ttl'"]),
+        ("cache-size = '1G'\n", ["unknown key 'cache-size'", "did you mean 'cache_size'"]),
+        ("[mount]\nttl = 5\n", ["unknown key 'mount'"]),
+        ("ttl = '5'\n", ["key 'ttl' must be a number of seconds", "not a string"]),
+        ("ttl = true\n", ["key 'ttl' must be a number", "not a boolean"]),
+        ("ttl = 0\n", ["key 'ttl' must be greater than 0"]),
+        ("allow_other = 'yes'\n", ["key 'allow_other' must be true or false"]),
+        ("cache_size = 1.5\n", ["key 'cache_size' must be a size"]),
+        ("log_level = 'loud'\n", ["key 'log_level' must be one of"]),
+        ("token_file = 5\n", ["key 'token_file' must be a string"]),
+        ("token = 'abc'\n", ["key 'token' is not allowed", "token_file"]),
+        ("foreground = true\n", ["key 'foreground' is not allowed"]),
+        ("ttl = \n", ["is not valid TOML"]),
+    ],
+)
+def test_config_file_errors_name_the_key_and_file(
+    config_home: Path, mountpoint: Path, token_file: Path, text: str, needles: list[str]
+) -> None:
+    path = config_home / "gcfs" / "config.toml"
+    path.write_text(text)
+    with pytest.raises(UserError) as caught:
+        plan("mount", str(mountpoint), "--token-file", str(token_file))
+    message = str(caught.value)
+    assert str(path) in message
+    for needle in needles:
+        assert needle in message, message
+    assert "abc" not in message or "token" not in text
+
+
+def test_config_file_error_is_one_clear_line(
+    tmp_path: Path, mountpoint: Path, token_file: Path
+) -> None:
+    config = tmp_path / "gcfs.toml"
+    config.write_text("ttl = 5\nttll = 6\n")
+    result = run_gcfs(
+        "mount", str(mountpoint), "--token-file", str(token_file), "--config", str(config)
+    )
+    assert_one_clear_line(result, "unknown key 'ttll'", str(config))
+    assert not os.path.ismount(mountpoint)
+
+
+def test_mount_from_the_config_file_alone(
+    fake: FakeGC, token_file: Path, tmp_path: Path, mountpoint: Path
+) -> None:
+    """A real mount whose server, token file and TTL all come from the config file."""
+    config_home = tmp_path / "xdg"
+    (config_home / "gcfs").mkdir(parents=True)
+    (config_home / "gcfs" / "config.toml").write_text(
+        f'base_url = "{fake.base_url}"\ntoken_file = "{token_file}"\nttl = 300\n'
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GRAND_CHALLENGE_AUTHORIZATION"}
+    env["XDG_CONFIG_HOME"] = str(config_home)
+    result = run_gcfs("mount", str(mountpoint), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Signed in as: demo" in (mountpoint / "README.md").read_text()
+    assert run_gcfs("umount", str(mountpoint), env=env).returncode == 0

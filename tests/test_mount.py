@@ -44,7 +44,7 @@ def slug_of(obj: dict[str, Any], collection: str) -> str:
 def test_root(mount_gcfs: Callable[..., Mount], fake: FakeGC) -> None:
     """The root holds README.md and the three collections; README names user and server."""
     mount = mount_gcfs()
-    expected = ["README.md", "algorithms", "archives", "images", "reader-studies"]
+    expected = [".gcfs", "README.md", "algorithms", "archives", "images", "reader-studies"]
     assert sorted(os.listdir(mount.path)) == expected
     readme = (mount.path / "README.md").read_text()
     assert "Signed in as: demo" in readme

@@ -1,0 +1,171 @@
+"""Living with gcfs: refresh, SIGHUP, status, extended attributes, prefetch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gcfs.fakegc import FakeGC
+from tests.conftest import Mount, gcfs_command
+
+MiB = 2**20
+
+
+def gcfs(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        gcfs_command(*args), capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+@pytest.fixture
+def mount(mount_gcfs: Callable[..., Mount], tmp_path: Path) -> Mount:
+    # A long TTL: anything new shows only because of refresh or SIGHUP.
+    return mount_gcfs("--ttl", "3600", "--cache-dir", str(tmp_path / "cache"))
+
+
+def test_refresh_shows_a_new_item_at_once(mount: Mount, fake: FakeGC, world: Any) -> None:
+    """`gcfs refresh DIR` makes a new item show without waiting for the cache lifetime."""
+    items = mount.path / "archives" / "lidc-lung-ct" / "items"
+    before = set(os.listdir(items))
+    archive = world.find_by_slug(world.archives.values(), "lidc-lung-ct")
+    new = world.add_archive_item(archive, [], title="new-case")
+    assert set(os.listdir(items)) == before  # still cached
+    result = gcfs("refresh", str(items))
+    assert result.returncode == 0, result.stderr
+    assert set(os.listdir(items)) == before | {new.pk}
+
+
+def test_refresh_after_access_is_granted(mount: Mount, fake: FakeGC, world: Any) -> None:
+    """A stub becomes the real directory after `gcfs refresh`, as its README says."""
+    hidden = next(a for a in world.algorithms.values() if not a.visible_to("demo"))
+    stub = mount.path / "algorithms" / hidden.slug
+    assert os.listdir(stub) == ["README.md"]
+    assert "gcfs refresh" in (stub / "README.md").read_text()
+    hidden.viewers.add("demo")  # the owner approved the request
+    assert os.listdir(stub) == ["README.md"]
+    result = gcfs("refresh", str(mount.path / "algorithms"))
+    assert result.returncode == 0, result.stderr
+    assert "algorithm.json" in os.listdir(stub)
+    assert hidden.slug in os.listdir(mount.path / "algorithms")
+
+
+def test_recursive_refresh_and_sighup(mount: Mount, fake: FakeGC, world: Any) -> None:
+    """`--recursive` forgets everything below PATH; SIGHUP forgets everything."""
+    archive = world.find_by_slug(world.archives.values(), "lidc-lung-ct")
+    path = mount.path / "archives" / "lidc-lung-ct" / "archive.json"
+    items = mount.path / "archives" / "lidc-lung-ct" / "items"
+    os.listdir(items)
+    archive.description = "changed once"
+    world.add_archive_item(archive, [], title="another-case")
+    count = len(os.listdir(items))
+    assert gcfs("refresh", "--recursive", str(mount.path / "archives")).returncode == 0
+    assert json.loads(path.read_bytes())["description"] == "changed once"
+    assert len(os.listdir(items)) == count + 1
+    archive.description = "changed twice"
+    assert mount.process is not None
+    fake.reset_counts()
+    mount.process.send_signal(signal.SIGHUP)
+
+    def reloaded() -> bool:
+        return bool(json.loads(path.read_bytes())["description"] == "changed twice")
+
+    from tests.conftest import poll
+
+    poll(reloaded, 10, "SIGHUP to forget the cached archive")
+    assert fake.count("archives-list") >= 1
+
+
+def test_status_command_and_file(mount: Mount, fake: FakeGC) -> None:
+    """`gcfs status` and .gcfs/status.json: server, user, requests, caches, bytes, errors."""
+    data = mount.path / "archives" / "lidc-lung-ct" / "items"
+    first = sorted(os.listdir(data))[0]
+    for name in os.listdir(data / first):
+        if (data / first / name).is_file():
+            (data / first / name).read_bytes()
+    status = json.loads((mount.path / ".gcfs" / "status.json").read_bytes())
+    assert status["server"] == fake.base_url
+    assert status["user"] == "demo"
+    assert status["requests"]["archives/items/"]["200"] >= 1
+    assert status["requests_total"] >= fake.count("archives-items-list")
+    assert status["bytes_read"] > 0
+    assert status["block_cache"]["max_bytes"] > 0
+    assert status["errors_last_hour"] == 0
+    result = gcfs("status", str(mount.path))
+    assert result.returncode == 0, result.stderr
+    assert "user:         demo" in result.stdout
+    as_json = gcfs("status", "--json", str(mount.path))
+    assert json.loads(as_json.stdout)["user"] == "demo"
+
+
+def test_extended_attributes(mount: Mount, fake: FakeGC, world: Any) -> None:
+    """user.gc.pk/.api_url/.url/.kind on objects; getfattr shows them; writes are refused."""
+    archive = world.find_by_slug(world.archives.values(), "lidc-lung-ct")
+    directory = mount.path / "archives" / "lidc-lung-ct"
+    assert os.getxattr(directory, "user.gc.pk").decode() == archive.pk
+    assert os.getxattr(directory, "user.gc.kind") == b"archive"
+    assert os.getxattr(directory, "user.gc.url").decode().endswith("/archives/lidc-lung-ct/")
+    api_url = os.getxattr(directory / "archive.json", "user.gc.api_url").decode()
+    assert api_url == f"{fake.base_url}/api/v1/archives/{archive.pk}/"
+    item = sorted(os.listdir(directory / "items"))[0]
+    assert os.getxattr(directory / "items" / item, "user.gc.kind") == b"archive-item"
+    assert set(os.listxattr(directory)) == {
+        "user.gc.kind",
+        "user.gc.pk",
+        "user.gc.api_url",
+        "user.gc.url",
+    }
+    shown = subprocess.run(
+        ["getfattr", "-d", str(directory)], capture_output=True, text=True, check=True
+    ).stdout
+    assert f'user.gc.pk="{archive.pk}"' in shown
+    with pytest.raises(OSError):
+        os.setxattr(directory, "user.gc.pk", b"x")
+    hidden = next(a for a in world.algorithms.values() if not a.visible_to("demo"))
+    stub = mount.path / "algorithms" / hidden.slug
+    assert os.getxattr(stub, "user.gc.kind") == b"no-access"
+
+
+def test_prefetch_fills_the_cache_resumably(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC, tmp_path: Path
+) -> None:
+    """prefetch reads a subtree into the block cache with progress; a second run has
+    nothing to do; a later mount on the same cache reads it without storage requests."""
+    cache = tmp_path / "cache"
+    first = mount_gcfs("--cache-dir", str(cache))
+    subtree = first.path / "archives" / "lidc-lung-ct" / "items"
+    result = gcfs("prefetch", str(subtree))
+    assert result.returncode == 0, result.stderr
+    assert "files" in result.stderr and "ETA" in result.stderr
+    assert fake.count("storage-get") > 0
+    fake.reset_counts()
+    again = gcfs("prefetch", str(subtree))
+    assert again.returncode == 0, again.stderr
+    assert "already cached" in again.stderr
+    assert fake.count("storage-get") == 0
+    first.unmount()
+
+    second = mount_gcfs("--cache-dir", str(cache))
+    fake.reset_counts()
+    for directory, _, files in os.walk(second.path / "archives" / "lidc-lung-ct" / "items"):
+        for name in files:
+            (Path(directory) / name).read_bytes()
+    assert fake.count("storage-get") == 0, [(r.path, r.range) for r in fake.requests]
+
+
+def test_prefetch_refuses_what_does_not_fit(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC, tmp_path: Path
+) -> None:
+    mount = mount_gcfs("--cache-dir", str(tmp_path / "cache"), "--cache-size", "1M")
+    result = gcfs("prefetch", str(mount.path / "archives" / "prostate-mri-picai"))
+    assert result.returncode != 0
+    assert "--cache-size" in result.stderr
+    # Walking the subtree learned the sizes (1-byte probes); no content was fetched.
+    storage = [r for r in fake.requests if r.endpoint == "storage-get"]
+    assert all(r.range == "bytes=0-0" for r in storage), storage
