@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -31,11 +30,15 @@ JSON = Any  # parsed JSON: what the server sent, checked by the caller before us
 Params = Mapping[str, str | int]
 
 # DRF's MaxLimit1000OffsetPagination clamps larger limits to 1000 (gc-api.md §2); asking for the
-# maximum makes a 10,000-item listing 10 requests instead of gcapi's 101.
+# maximum makes a 10,000-item listing 11 requests instead of gcapi's 101.
 PAGE_SIZE = 1000
-# Pages after the first are fetched concurrently once `count` is known; 8 keeps a big listing
-# fast without monopolising the connection pool shared with file reads.
-PAGE_CONCURRENCY = 8
+# The first page is small: its only job is to learn `count`, and the server's cost grows with
+# the results it serializes (~1 ms each on the real site), so a 100-result first page answers
+# in ~0.15 s instead of ~1 s. Most directories (under 100 objects) still take one request.
+FIRST_PAGE_SIZE = 100
+# Pages after the first are fetched concurrently once `count` is known: all of a 10,000-item
+# listing at once, within the client's connection limit (MAX_CONNECTIONS).
+PAGE_CONCURRENCY = 16
 # Connections to the API origin. pyfuse3 runs up to 99 handlers at once; beyond ~16 parallel
 # requests a Django server only queues them.
 MAX_CONNECTIONS = 16
@@ -189,15 +192,15 @@ class GcApiClient:
     async def list_all(self, path: str, params: Params | None = None) -> list[dict[str, Any]]:
         """Every object of a list endpoint: the first page, then the rest concurrently.
 
-        Uses `count` from the first page to know how many pages follow, so a listing costs
-        one round trip plus ceil(count / 1000) - 1 requests in parallel. Objects are
+        Uses `count` from the (small) first page to know how many pages follow, so a listing
+        costs one short round trip plus ceil((count - 100) / 1000) requests in parallel. Objects are
         de-duplicated by pk: archive items have no ordering, so offset pages can overlap.
         """
         base = dict(params or {})
-        first = await self._page(path, base, offset=0)
+        first = await self._page(path, base, offset=0, limit=FIRST_PAGE_SIZE)
         total = first[0]
         pages: dict[int, list[dict[str, Any]]] = {0: first[1]}
-        offsets = range(PAGE_SIZE, total, PAGE_SIZE)
+        offsets = range(FIRST_PAGE_SIZE, total, PAGE_SIZE)
         if offsets:
             limiter = trio.CapacityLimiter(PAGE_CONCURRENCY)
 
@@ -221,14 +224,14 @@ class GcApiClient:
             path,
             dict(base),
             len(objects),
-            max(1, math.ceil(total / PAGE_SIZE)),
+            1 + len(offsets),
         )
         return objects
 
     async def _page(
-        self, path: str, params: dict[str, str | int], *, offset: int
+        self, path: str, params: dict[str, str | int], *, offset: int, limit: int = PAGE_SIZE
     ) -> tuple[int, list[dict[str, Any]]]:
-        body = await self.get_json(path, {**params, "limit": PAGE_SIZE, "offset": offset})
+        body = await self.get_json(path, {**params, "limit": limit, "offset": offset})
         if not isinstance(body, dict):
             raise BadResponse(f"{path}: a list page is not a JSON object")
         count, results = body.get("count"), body.get("results")

@@ -1,0 +1,1 @@
+"""The gcfs benchmark: `python tests/bench/run.py [--quick]` (see run.py)."""

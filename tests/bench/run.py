@@ -1,0 +1,316 @@
+"""The gcfs benchmark: every scenario against its baseline, in one run, on this machine.
+
+    python tests/bench/run.py [--quick] [--out FILE] [--repeat N]
+                              [--latency-ms 50] [--per-item-ms 1]
+                              [--storage-latency-ms 20] [--bandwidth-mib 100]
+                              [--scenarios 1,2,...] [--keep-work] [--daemon-log-level INFO]
+
+It starts the fake Grand Challenge (gcfs.fakegc.FakeGC) in this process with a cost model:
+a fixed latency per API request, a cost per serialized result, a storage latency and a
+per-connection bandwidth cap. It builds a world with an archive of cheap items (one Value
+each), a large generated image file, reader files for scenario 8 and (on a second fake) the
+demo tree, mounts gcfs in subprocesses (`python -m gcfs mount --foreground`, as the tests do),
+runs each scenario against its baseline alternately for `--repeat` repetitions, prints a table
+with the medians and writes everything measured to a JSON file.
+
+Scenarios (targets from the issue):
+  1  cold `ls -l` of items/ (10,000 items) vs gcapi's iterate_all with httpx: >= 8x faster,
+     requests = pages needed (at the API's maximum page of 1000) + a small constant (<= 2)
+  2  the same `ls -l` again within the TTL: 0 requests, < 0.5 s
+  3  cold `find` over the demo tree vs a sequential API walk (pages of 100): no (path, query)
+     requested twice; requests and time reported
+  4  `cat` of the large file (cold: fresh mount, fresh cache dir) vs `curl` of its signed URL:
+     a) without a bandwidth cap >= 0.8x curl's throughput, b) with the cap >= 3x
+  5  random 64 KiB preads (cold cache): storage bytes <= 2x bytes read; median latency <
+     storage latency + 10 ms; baseline: direct ranged GETs of 64 KiB
+  6  re-read from the block cache (new mount on the warm cache dir) vs `cat` of a local file:
+     a) page cache dropped before both reads (disk to disk), b) warm vs warm; >= 0.5x
+  7  daemon VmRSS, sampled every 100 ms through scenarios 1-6: < 150 MiB
+  8  N processes reading N different files at once: aggregate throughput vs N direct
+     streams, fairness min/max per-reader throughput (>= 0.5 taken as "no reader starves")
+
+Timings belong here only; tests/test_bench_smoke.py runs `--quick` and checks the output's
+shape, never a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8")
+MiB = 1 << 20
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes, 1 repetition (< 1 min)")
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "gcfs-bench.json")
+    p.add_argument("--repeat", type=int, help="repetitions per scenario (default 3, quick 1)")
+    p.add_argument("--latency-ms", type=float, default=50.0, help="per API request")
+    p.add_argument("--per-item-ms", type=float, default=1.0, help="per serialized list result")
+    p.add_argument("--storage-latency-ms", type=float, default=20.0, help="per storage request")
+    p.add_argument(
+        "--bandwidth-mib", type=float, default=100.0, help="per storage connection, 0 = no cap"
+    )
+    p.add_argument("--items", type=int, help="archive items (default 10000, quick 1000)")
+    p.add_argument("--file-mib", type=int, help="large file size (default 1024, quick 64)")
+    p.add_argument("--random-reads", type=int, help="scenario 5 reads (default 1000, quick 100)")
+    p.add_argument("--readers", type=int, help="scenario 8 readers (default 16, quick 4)")
+    p.add_argument("--reader-mib", type=int, help="scenario 8 file size (default 64, quick 16)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="e.g. 1,2,4")
+    p.add_argument("--keep-work", action="store_true", help="keep the work dir (daemon logs)")
+    p.add_argument("--daemon-log-level", default="INFO")
+    p.add_argument(
+        "--trace-ops",
+        action="store_true",
+        help="run daemons under trace_ops.py: FUSE calls, read sizes (diagnosis; slower)",
+    )
+    p.add_argument(
+        "--gcfs-ref",
+        help="measure gcfs/ as committed at this git ref (default: the working tree as it is now)",
+    )
+    args = p.parse_args(argv)
+    quick = args.quick
+    defaults = {
+        "repeat": (1, 3),
+        "items": (1000, 10_000),
+        "file_mib": (64, 1024),
+        "random_reads": (100, 1000),
+        "readers": (4, 16),
+        "reader_mib": (16, 64),
+    }
+    for key, (small, full) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, small if quick else full)
+    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    return args
+
+
+def print_table(rows: list[Any], machine: str) -> None:
+    headers = ("#", "scenario", "gcfs", "baseline", "ratio", "target", "met?")
+    cells = [
+        (
+            r.scenario,
+            r.what,
+            r.gcfs,
+            r.baseline,
+            r.ratio,
+            r.target,
+            "-" if r.met is None else ("yes" if r.met else "NO"),
+        )
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    print(line)
+    print("-" * len(line))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip())
+    print(machine)
+    print("ratio: how many times better gcfs is (time: baseline/gcfs; throughput: gcfs/baseline)")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def snapshot_gcfs(work: Path, ref: str | None) -> dict[str, Any]:
+    """Copy the gcfs package to work/src once, so that the fake, every daemon of this run and
+    its numbers belong to one version of the code while others edit the checkout: the working
+    tree as it is now, or `ref` exported from git."""
+    src = work / "src"
+    src.mkdir()
+    if ref:
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", ref, "gcfs"],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, timeout=60, check=True)
+    else:
+        shutil.copytree(
+            REPO / "gcfs", src / "gcfs", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    dirty = _git("status", "--porcelain", "--", "gcfs").splitlines()
+    return {
+        "path": str(src),
+        "from": f"git {ref} ({_git('rev-parse', ref)})" if ref else "working tree",
+        "head": _git("rev-parse", "HEAD"),
+        "dirty_files_in_working_tree": [line[3:] for line in dirty],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM ends the run through the finally blocks: mounts unmounted, fakes stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
+    work = Path(tempfile.mkdtemp(prefix="gcfs-bench-"))
+    try:
+        source = snapshot_gcfs(work, args.gcfs_ref)
+    except (OSError, subprocess.SubprocessError) as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"cannot snapshot gcfs: {exc}", file=sys.stderr)
+        return 2
+    # The snapshot first (gcfs, gcfs.fakegc), then the checkout (tests.bench).
+    sys.path[:0] = [source["path"], str(REPO)]
+    from tests.bench import harness, scenarios
+
+    machine = harness.machine_info()
+    cost = harness.CostModel(
+        latency=args.latency_ms / 1000,
+        per_item_latency=args.per_item_ms / 1000,
+        storage_latency=args.storage_latency_ms / 1000,
+        storage_bandwidth=args.bandwidth_mib * MiB if args.bandwidth_mib > 0 else None,
+    )
+    sampler = harness.RssSampler()
+    sampler.start()
+    env_path = os.pathsep.join(filter(None, [source["path"], os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = env_path  # the daemons and readers import the snapshot too
+    daemon = [sys.executable, "-m", "gcfs"]
+    if args.trace_ops:
+        daemon = [sys.executable, str(Path(__file__).with_name("trace_ops.py"))]
+    mounts = harness.Mounts(work, sampler, daemon, args.daemon_log_level)
+    fakes: list[Any] = []
+    results: dict[str, Any] = {}
+    rows: list[Any] = []
+    started = time.monotonic()
+    try:
+        print(
+            f"gcfs from {source['from']}; building the world: {args.items} items, "
+            f"a {args.file_mib} MiB file, {args.readers} x {args.reader_mib} MiB",
+            flush=True,
+        )
+        world, files = harness.bench_world(
+            args.items, args.file_mib * MiB, args.readers, args.reader_mib * MiB
+        )
+        fake = harness.FakeGC(world).start()
+        fakes.append(fake)
+        cost.apply(fake)
+        bench = scenarios.Bench(
+            args, cost, fake, files, mounts, harness.Tracker(fake), sampler, work, fakes
+        )
+
+        def attempt(names: tuple[str, ...], fn: Callable[[], list[Any]]) -> None:
+            if not any(n in args.scenarios for n in names):
+                for n in names:
+                    results.setdefault(n, {"skipped": True})
+                return
+            print(f"scenario {'/'.join(names)} ...", flush=True)
+            t0 = time.monotonic()
+            try:
+                rows.extend(fn())
+            except Exception as exc:
+                traceback.print_exc()
+                for n in names:
+                    results.setdefault(n, {})["error"] = f"{type(exc).__name__}: {exc}"
+                    rows.append(scenarios.Row(n, "failed to run", "", "", "", "", None))
+            for n in names:
+                results.setdefault(n, {})["wall_s"] = time.monotonic() - t0
+
+        def listing() -> list[Any]:
+            one, two = scenarios.scenario_listing(bench)
+            results["1"], results["2"] = one, two
+            return scenarios.rows_listing(one, two)
+
+        def find() -> list[Any]:
+            results["3"] = scenarios.scenario_find(bench)
+            return scenarios.rows_find(results["3"])
+
+        def sequential() -> list[Any]:
+            a = scenarios.scenario_sequential(bench, capped=False)
+            b = scenarios.scenario_sequential(bench, capped=cost.storage_bandwidth is not None)
+            results["4"] = {"uncapped": a, "capped": b}
+            return scenarios.rows_sequential(a, False) + scenarios.rows_sequential(b, True)
+
+        def random_reads() -> list[Any]:
+            results["5"] = scenarios.scenario_random(bench)
+            return scenarios.rows_random(results["5"])
+
+        def block_cache() -> list[Any]:
+            results["6"] = scenarios.scenario_block_cache(bench)
+            return scenarios.rows_block_cache(results["6"])
+
+        def memory() -> list[Any]:
+            results["7"] = scenarios.scenario_memory(bench)
+            return scenarios.rows_memory(results["7"])
+
+        def concurrent() -> list[Any]:
+            results["8"] = scenarios.scenario_concurrent(bench)
+            return scenarios.rows_concurrent(results["8"])
+
+        attempt(("1", "2"), listing)
+        attempt(("3",), find)
+        attempt(("4",), sequential)
+        attempt(("5",), random_reads)
+        attempt(("6",), block_cache)
+        attempt(("7",), memory)  # before 8: scenario 7 covers 1-6
+        attempt(("8",), concurrent)
+    finally:
+        mounts.close_all()
+        for f in fakes:
+            f.stop()
+        sampler.stop()
+        if args.keep_work:
+            print(f"work dir kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    line = harness.machine_line(machine)
+    print()
+    print_table(rows, line)
+    if mounts.log_problems:
+        print(f"daemon log problems ({len(mounts.log_problems)}):")
+        for problem in mounts.log_problems[:20]:
+            print("  " + problem)
+    output = {
+        "machine": machine,
+        "machine_line": line,
+        "gcfs_source": {k: v for k, v in source.items() if k != "path"},
+        "config": {
+            "quick": args.quick,
+            "repeat": args.repeat,
+            "cost_model": asdict(cost),
+            "items": args.items,
+            "file_mib": args.file_mib,
+            "random_reads": args.random_reads,
+            "readers": args.readers,
+            "reader_mib": args.reader_mib,
+            "scenarios": args.scenarios,
+        },
+        "wall_s": time.monotonic() - started,
+        "table": [asdict(r) for r in rows],
+        "scenarios": results,
+        "daemon_log_problems": mounts.log_problems,
+        "op_traces": mounts.traces,
+    }
+    args.out.write_text(json.dumps(output, indent=2, default=str) + "\n", encoding="utf-8")
+    print(f"results written to {args.out} ({output['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The benchmark runs: `tests/bench/run.py --quick` completes, prints its table and writes JSON
+with every scenario. No timing is asserted here: numbers belong to the benchmark's report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RUN = Path(__file__).parent / "bench" / "run.py"
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8")
+
+
+def test_quick_benchmark_completes(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    header = next((line for line in lines if line.startswith("#  ")), None)
+    assert header is not None, done.stdout
+    for column in ("scenario", "gcfs", "baseline", "ratio", "target", "met?"):
+        assert column in header
+    assert any(line.startswith("machine: ") for line in lines), done.stdout
+
+    results = json.loads(out.read_text(encoding="utf-8"))
+    assert results["machine"]["cores"] >= 1
+    for scenario in SCENARIOS:
+        assert scenario in results["scenarios"], scenario
+        assert "error" not in results["scenarios"][scenario], results["scenarios"][scenario]
+        assert "skipped" not in results["scenarios"][scenario]
+    rows = {row["scenario"] for row in results["table"]}
+    for scenario in ("1", "2", "3", "4a", "4b", "5", "6a", "6b", "7", "8"):
+        assert scenario in rows, scenario
