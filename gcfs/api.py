@@ -215,7 +215,8 @@ class GcApiClient:
         objects: list[dict[str, Any]] = []
         for offset in sorted(pages):
             for obj in pages[offset]:
-                key = obj.get("pk", id(obj))
+                pk = obj.get("pk")
+                key = pk if isinstance(pk, str) else id(obj)  # a broken pk may be a list
                 if key not in seen:
                     seen.add(key)
                     objects.append(obj)

@@ -66,6 +66,8 @@ On the storage origin (records carry `range` and `had_authorization`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import socket
 import struct
 import sys
@@ -197,6 +199,11 @@ class _Handler(BaseHTTPRequestHandler):
             reply = Reply(
                 500, "server-error", json_bytes({"detail": "fake server error"}), JSON_TYPE
             )
+        mutate = fake.mutate
+        if mutate is not None and reply.status == 200 and reply.content_type == JSON_TYPE:
+            # A broken or newer server: the test's function rewrites the JSON it would send.
+            body = mutate(reply.endpoint, json.loads(reply.body))
+            reply = dataclasses.replace(reply, body=json_bytes(body))
         had_authorization = request.authorization is not None
         if faults.is_blackholed(False):
             faults.count("blackhole")
@@ -517,6 +524,9 @@ class FakeGC:
         self.latency = 0.0
         self.per_item_latency = 0.0
         self.socket_field = False
+        # mutate(endpoint, body) -> body: rewrites every 200 JSON answer of the site (tests of
+        # malformed or unexpected JSON); None sends what the world serializes.
+        self.mutate: Callable[[str, Any], Any] | None = None
         self.log_requests = False
         self.signature_lifetime = 3600
         self.storage_latency = 0.0
