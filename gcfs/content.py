@@ -105,12 +105,13 @@ REUSE_RESOLUTION = 60.0
 # the kernel's 128 KiB FUSE reads.
 SEQUENTIAL_SLACK = 256 << 10
 # A random read (not where the last one ended) of at most this much, of blocks we do not
-# have, fetches just the 64 KiB-aligned range it needs instead of whole 1 MiB blocks: a viewer
+# have, fetches just the 16 KiB-aligned range it needs instead of whole 1 MiB blocks: a viewer
 # jumping around a 5 GiB slide pays ~20 ms of storage latency per read, not 20 ms + 1 MiB, and
-# fetches about what it reads. Such ranges are not cached on disk (they are not whole blocks);
-# the kernel's page cache keeps them for this mount.
+# fetches about what it reads (a 64 KiB read at an odd offset: 80 KiB; 64 KiB alignment made
+# that 128 KiB). Such ranges are not cached on disk (they are not whole blocks); the kernel's
+# page cache keeps them for this mount.
 RANDOM_READ_MAX = 256 << 10
-RANDOM_READ_ALIGN = 64 << 10
+RANDOM_READ_ALIGN = 16 << 10
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")

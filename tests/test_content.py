@@ -222,13 +222,14 @@ async def test_read_at_a_large_offset_fetches_about_one_block(tmp_path: Path) ->
             offset = 200 * MiB + 12345
             data = await f.read(offset, 64 * 1024)
             assert data == content.read(offset, 64 * 1024)
-            # A random read fetches the 64 KiB-aligned range around it, not a whole block.
-            assert demo.storage_bytes_sent == 128 * 1024
-            assert storage_gets(demo) == [128 * 1024]
-            # a few random reads elsewhere: 64 KiB each, no read-ahead
+            # A random read fetches the 16 KiB-aligned range around it, not a whole block:
+            # [200 MiB, 200 MiB + 80 KiB) for 64 KiB at 200 MiB + 12345.
+            assert demo.storage_bytes_sent == 80 * 1024
+            assert storage_gets(demo) == [80 * 1024]
+            # a few random reads elsewhere: 16 KiB each, no read-ahead
             for offset in (7 * MiB, 150 * MiB + 5, 299 * MiB + 99):
                 assert await f.read(offset, 4096) == content.read(offset, 4096)
-            assert storage_gets(demo) == [128 * 1024] + [64 * 1024] * 3
+            assert storage_gets(demo) == [80 * 1024] + [16 * 1024] * 3
             assert await f.read(0, 8) == b"II*\x00\x08\x00\x00\x00"
             f.close()
         assert_token_never_reached_storage(demo)
