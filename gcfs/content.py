@@ -54,9 +54,10 @@ import math
 import random
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TypeVar
 
 import httpx
 import trio
@@ -80,6 +81,8 @@ from .retry import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Read-ahead memory of all open files together. 64 MiB is two full 32 MiB windows: enough for
 # two sequential readers at full speed; a third reads ahead less until one of them moves on.
@@ -572,34 +575,10 @@ class RemoteFile:
         return data[offset - first : end - first]
 
     async def _fetch_range(self, first: int, last: int) -> bytes:
-        """Bytes [first, last] in one verified ranged GET, retried like a block fetch (expiry,
-        transient failures, garbled answers) within the retry budget; nothing is cached."""
-        store = self.store
-        rng = random.Random()
-        expired = False
-        with trio.move_on_after(store.retry.budget) as scope:
-            for attempt in range(1_000):
-                generation = self._generation
-                try:
-                    if self._signed is None:
-                        await self._reresolve(generation)
-                    return await self._stream_range(first, last)
-                except _Expired:
-                    if expired:
-                        raise PermissionDenied(f"storage refused {self.url} twice") from None
-                    expired = True
-                    store._expired += 1
-                    await self._reresolve(generation)
-                except (Unavailable, BadResponse) as exc:
-                    if isinstance(exc, Unavailable) and not exc.transient:
-                        raise
-                    store._storage_outage.failed(exc)
-                    retry_after = exc.retry_after if isinstance(exc, Unavailable) else None
-                    await trio.sleep(store.retry.delay(attempt, retry_after, rng))
-        error = Unavailable(f"{self.url}: no answer for bytes {first}-{last}")
-        if scope.cancelled_caught:
-            store._storage_outage.gave_up(error)
-        raise error
+        """Bytes [first, last] in one verified ranged GET, retried like a block fetch;
+        nothing of it is cached or shared."""
+        attempt = functools.partial(self._stream_range, first, last)
+        return await self._retry_storage(attempt, f"{self.url} bytes {first}-{last}")
 
     async def _stream_range(self, first: int, last: int) -> bytes:
         async with self._ranged(first, last) as (response, expected, where):
@@ -609,7 +588,6 @@ class RemoteFile:
         self.bytes_fetched += len(data)
         if len(data) != expected:
             raise BadResponse(f"{where}: {len(data)} of {expected} bytes arrived")
-        store._storage_outage.succeeded()
         return data
 
     @contextlib.asynccontextmanager
@@ -835,26 +813,21 @@ class RemoteFile:
         """Fetch the claimed `run`, hand each block to `sink` and the followers, then store
         the blocks of every response that arrived whole. Always completes the flights.
 
-        A transient failure (reset, timeout, 429/5xx, a short or garbled response) is
-        retried for the blocks not yet delivered, with backoff, within the retry budget; a
-        403 means the signature expired and the /media/ URL is resolved once more.
+        After a failure, only the blocks not yet delivered are asked for again.
         """
         store = self.store
         bodies: list[_Body] = []
-        rng = random.Random()
-        outage = store._storage_outage
-        budget = store.retry.budget
+
+        async def attempt() -> None:
+            pending = next((n for n, f in enumerate(flights) if not f.done.is_set()), None)
+            if pending is None:
+                return
+            body = _Body()
+            bodies.append(body)
+            await self._stream(range(run.start + pending, run.stop), flights[pending:], body, sink)
+
         try:
-            if outage.down_since is not None:
-                if outage.hold_off():
-                    raise Unavailable(f"{self.url}: storage is failing; not asking again yet")
-                budget = min(budget, OUTAGE_PROBE_BUDGET)
-            with trio.move_on_after(budget) as scope:
-                await self._fetch_with_retries(run, flights, sink, bodies, rng)
-            if scope.cancelled_caught:
-                error = Unavailable(f"{self.url}: no whole answer within {budget:g} s")
-                outage.gave_up(error)
-                raise error
+            await self._retry_storage(attempt, f"{self.url} blocks {run.start}-{run.stop - 1}")
         except GcfsError as exc:
             self._settle(run, flights, exc)
             raise
@@ -867,51 +840,50 @@ class RemoteFile:
                     await trio.to_thread.run_sync(self._cache_put, verified)
             self._settle(run, flights, None)
 
-    async def _fetch_with_retries(
-        self,
-        run: range,
-        flights: list[_Flight],
-        sink: Callable[[int, bytes], None],
-        bodies: list[_Body],
-        rng: random.Random,
-    ) -> None:
+    async def _retry_storage(self, attempt: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run one storage request until it succeeds: again after an expired signature (once,
+        with the /media/ URL resolved again) and after a transient failure or a garbled
+        answer (a wrong Content-Range, a short body: nothing of it reached a reader or the
+        cache, and the GET is idempotent), with backoff, all within the retry budget. During
+        a storage outage it fails at once, or probes briefly (retry.OutageLog)."""
         store = self.store
+        outage = store._storage_outage
+        budget = store.retry.budget
+        if outage.down_since is not None:
+            if outage.hold_off():
+                raise Unavailable(f"{what}: storage is failing; not asking again yet")
+            budget = min(budget, OUTAGE_PROBE_BUDGET)
+        rng = random.Random()
         expired = False
-        for attempt in range(1_000):
-            pending = next((n for n, f in enumerate(flights) if not f.done.is_set()), None)
-            if pending is None:
-                return
-            body = _Body()
-            bodies.append(body)
-            generation = self._generation
-            try:
-                if self._signed is None:
+        with trio.move_on_after(budget):
+            for number in range(1_000):
+                generation = self._generation
+                try:
+                    if self._signed is None:  # opened while the site was down
+                        await self._reresolve(generation)
+                        generation = self._generation
+                    result = await attempt()
+                    outage.succeeded()
+                    return result
+                except _Expired:
+                    if expired:
+                        raise PermissionDenied(
+                            f"storage refused {self.url} after a fresh resolution"
+                        ) from None
+                    expired = True
+                    store._expired += 1
                     await self._reresolve(generation)
-                    generation = self._generation
-                await self._stream(
-                    range(run.start + pending, run.stop), flights[pending:], body, sink
-                )
-                store._storage_outage.succeeded()
-                return
-            except _Expired:
-                if expired:
-                    raise PermissionDenied(
-                        f"storage refused {self.url} after a fresh resolution"
-                    ) from None
-                expired = True
-                store._expired += 1
-                await self._reresolve(generation)
-            except (Unavailable, BadResponse) as exc:
-                # BadResponse here is a wrong Content-Range or a short body: nothing of it
-                # reached a reader or the cache, and the GET is idempotent, so try again.
-                if isinstance(exc, Unavailable) and not exc.transient:
-                    raise
-                store._storage_outage.failed(exc)
-                retry_after = exc.retry_after if isinstance(exc, Unavailable) else None
-                delay = store.retry.delay(attempt, retry_after, rng)
-                log.debug("%s blocks %s: %s; retrying in %.2f s", self.url, run, exc, delay)
-                await trio.sleep(delay)
-        raise Unavailable(f"{self.url}: too many attempts")
+                except (Unavailable, BadResponse) as exc:
+                    if isinstance(exc, Unavailable) and not exc.transient:
+                        raise
+                    outage.failed(exc)
+                    retry_after = exc.retry_after if isinstance(exc, Unavailable) else None
+                    delay = store.retry.delay(number, retry_after, rng)
+                    log.debug("%s: %s; retrying in %.2f s", what, exc, delay)
+                    await trio.sleep(delay)
+        error = Unavailable(f"{what}: no whole answer within {budget:g} s")
+        outage.gave_up(error)
+        raise error
 
     def _settle(self, run: range, flights: list[_Flight], error: GcfsError | None) -> None:
         """Finish the flights of `run`: unfinished ones fail with `error` (None: the leader
