@@ -409,6 +409,7 @@ class GcFilesystem:
             "pid": os.getpid(),
             "version": __version__,
             "token_rejected": self.api.token_rejected,
+            "inodes": len(self.inodes),
             **self.api.stats.snapshot(),
             "metadata_cache": dataclasses.asdict(self.cache.statistics()),
             "content": dataclasses.asdict(self.content.statistics()),
@@ -518,10 +519,16 @@ class GcFilesystem:
         return node
 
     async def lookup(self, parent_inode: int, name: str) -> Node:
+        """The node `name` in a directory; the kernel now knows it (counted)."""
         parent = self.directory(parent_inode)
-        if name == ".":
-            return parent
-        return await parent.find(self, name)
+        node = parent if name == "." else await parent.find(self, name)
+        self.inodes.remember(node)
+        return node
+
+    def forget_inode(self, inode: int, count: int) -> None:
+        """The kernel forgot an inode `count` times (pyfuse3's forget)."""
+        if self.inodes.forget(inode, count):
+            self._children_of.pop(inode, None)
 
     async def listdir(self, inode: int) -> list[Node]:
         return list((await self.children(self.directory(inode))).values())

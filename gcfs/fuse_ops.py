@@ -215,6 +215,8 @@ class GcfsOperations(pyfuse3.Operations):
                 attrs = self._attributes(node)
                 if not pyfuse3.readdir_reply(token, os.fsencode(node.name), attrs, index + 1):
                     break
+                # READDIRPLUS: each entry the kernel takes counts as a lookup.
+                self.fs.inodes.remember(node)
 
         await self._guard(f"readdir {fh}", run)
 
@@ -222,8 +224,9 @@ class GcfsOperations(pyfuse3.Operations):
         self._open_dirs.pop(fh, None)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        # Nodes stay in the inode table (see InodeTable); nothing to release.
-        return None
+        # Plain dictionary work that cannot fail: no deadline needed.
+        for inode, count in inode_list:
+            self.fs.forget_inode(inode, count)
 
     # getxattr and listxattr skip `_guard`: `ls -l` asks every entry for an ACL attribute, so
     # on a 10,000-item directory they are 10,000 calls, and the deadline's cancel scope and the

@@ -182,19 +182,24 @@ def describe(node: N, kind: str, obj: object = None, *, url: str = "", api_url: 
 
 
 class InodeTable:
-    """inode number -> node, for every node the kernel has been told about.
+    """inode number -> node, for the nodes the kernel currently knows.
 
-    Nodes are replaced, not mutated, when a listing is fetched again: the newest node for an
-    identity wins. Limitation: nodes are never dropped (we do not track the kernel's lookup
-    counts yet); memory grows with the number of distinct objects seen, about 300 bytes each.
+    Numbers come from identities (`inode_for`), so a node gets its number when it is built
+    (`add`) but is only registered when the kernel learns of it: a lookup or a READDIRPLUS
+    entry (`remember`, which counts like the kernel's lookup count). `forget` undoes that;
+    at zero the node leaves the table, so memory follows what the kernel holds (it reclaims
+    inodes under memory pressure), not everything ever listed. A node rebuilt from a fresh
+    listing replaces the registered one for its identity, so getattr sees new sizes.
     """
 
     def __init__(self) -> None:
         self._nodes: dict[int, Node] = {}
         self._by_identity: dict[str, int] = {}
+        self._lookups: dict[int, int] = {}
 
     def add(self, node: Node) -> Node:
-        """Give `node` its inode number and make it the current node for its identity."""
+        """Give `node` its inode number; if the kernel knows that number, `node` becomes the
+        node it refers to (the newest version of the object)."""
         number = self._by_identity.get(node.identity)
         if number is None:
             number = inode_for(node.identity)
@@ -203,10 +208,32 @@ class InodeTable:
                     "inode collision between %r and %r", node.identity, self._nodes[number].identity
                 )
                 number += 1
-            self._by_identity[node.identity] = number
         node.inode = number
-        self._nodes[number] = node
+        if number in self._nodes:
+            self._nodes[number] = node
         return node
+
+    def remember(self, node: Node) -> None:
+        """The kernel was told about `node` (a lookup or a directory entry): count it."""
+        if node.inode == 0:
+            self.add(node)
+        self._nodes[node.inode] = node
+        self._by_identity[node.identity] = node.inode
+        self._lookups[node.inode] = self._lookups.get(node.inode, 0) + 1
+
+    def forget(self, inode: int, count: int) -> bool:
+        """The kernel dropped `count` references; True when the node left the table."""
+        if inode == ROOT_INODE or inode not in self._lookups:
+            return False
+        left = self._lookups[inode] - count
+        if left > 0:
+            self._lookups[inode] = left
+            return False
+        del self._lookups[inode]
+        node = self._nodes.pop(inode, None)
+        if node is not None and self._by_identity.get(node.identity) == inode:
+            del self._by_identity[node.identity]
+        return True
 
     def add_root(self, node: Node) -> None:
         node.inode = ROOT_INODE

@@ -169,3 +169,27 @@ def test_prefetch_refuses_what_does_not_fit(
     # Walking the subtree learned the sizes (1-byte probes); no content was fetched.
     storage = [r for r in fake.requests if r.endpoint == "storage-get"]
     assert all(r.range == "bytes=0-0" for r in storage), storage
+
+
+def test_memory_follows_what_the_kernel_holds(mount: Mount, fake: FakeGC) -> None:
+    """Nodes the kernel forgets (here: its caches dropped) leave the daemon's inode table;
+    walking again rebuilds them with the same inode numbers and contents."""
+    status = mount.path / ".gcfs" / "status.json"
+    before = {}
+    for directory, _, files in os.walk(mount.path / "archives"):
+        for name in files:
+            path = Path(directory) / name
+            before[path] = (path.stat().st_ino, path.stat().st_size)
+    walked = json.loads(status.read_bytes())["inodes"]
+    assert walked > len(before)
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")  # reclaim dentries and inodes
+
+    from tests.conftest import poll
+
+    poll(
+        lambda: json.loads(status.read_bytes())["inodes"] < walked // 2,
+        10,
+        "the kernel's FORGETs to shrink the inode table",
+    )
+    for path, (inode, size) in before.items():
+        assert (path.stat().st_ino, path.stat().st_size) == (inode, size)

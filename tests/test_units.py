@@ -122,9 +122,26 @@ def test_inodes_are_stable_and_distinct() -> None:
     assert inode_for("archive:x") != inode_for("archive:y")
     table = InodeTable()
     first = table.add(Node("archive:x", "x"))
-    again = table.add(Node("archive:x", "x"))
+    assert table.get(first.inode) is None  # numbered, but the kernel has not seen it yet
+    table.remember(first)
+    again = table.add(Node("archive:x", "x"))  # a rebuilt listing: the newest node wins
     assert first.inode == again.inode > 1
     assert table.get(first.inode) is again
+
+
+def test_inode_table_follows_the_kernels_lookup_counts() -> None:
+    """A node stays while the kernel holds references, and leaves when it forgot them all."""
+    table = InodeTable()
+    node = table.add(Node("item:1", "1"))
+    table.remember(node)  # lookup
+    table.remember(node)  # a READDIRPLUS entry
+    assert not table.forget(node.inode, 1)
+    assert table.get(node.inode) is node
+    assert table.forget(node.inode, 1)
+    assert table.get(node.inode) is None and len(table) == 0
+    assert not table.forget(node.inode, 1)  # unknown inodes are ignored
+    table.remember(table.add(Node("item:1", "1")))
+    assert table.get(node.inode) is not None  # the same number again
 
 
 async def test_cache_single_flight(autojump_clock: trio.testing.MockClock) -> None:
