@@ -220,7 +220,7 @@ class CollectionDir(DirNode):
 
 
 class ObjectDir(DirNode):
-    """One archive, algorithm or reader study: its metadata file (and, later, its contents)."""
+    """One archive, algorithm or reader study: its metadata file and its contents (tree.py)."""
 
     __slots__ = ("collection", "obj")
 
