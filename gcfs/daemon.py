@@ -2,8 +2,9 @@
 
 serve(cfg, on_ready)
   GcApiClient  -> whoami (the only request at mount time; a bad token ends here)
-  GcFilesystem -> GcfsOperations -> pyfuse3.init (the mount appears)
-  on_ready()   -> the foreground caller or the waiting parent learns the mount is up
+  ContentStore -> GcFilesystem -> GcfsOperations -> pyfuse3.init (the mount appears)
+  control socket (gcfs refresh/status), signal handler (SIGTERM/SIGINT unmount, SIGHUP forgets)
+  on_ready()   -> the foreground caller, the waiting parent or systemd learns the mount is up
   pyfuse3.main() until `fusermount3 -u` (the kernel ends the session) or SIGTERM/SIGINT
                  (we call pyfuse3.terminate())
   pyfuse3.close(unmount=True): the mount point is left clean in every case, crash

@@ -6,8 +6,12 @@ children are built once per cache lifetime and kept as a name -> node map, so `r
 
 Moving parts:
 - `GcApiClient` does HTTP; `MetadataCache` keeps its answers (and the derived child maps) for
-  `ttl` seconds and makes concurrent askers share one request.
-- `InodeTable` maps inode numbers to the newest node for each identity.
+  `ttl` seconds, makes concurrent askers share one request, and serves the last good value
+  while the server fails.
+- `ContentStore` gives files their true sizes (probed when their directory is built).
+- `InodeTable` maps the inode numbers the kernel holds to the newest node for each identity.
+- `gcfs refresh` and SIGHUP forget a directory's cache entries (`DirNode.cache_keys`) and the
+  lookups of names it does not list (stubs, absent names).
 - Names that cannot be identifiers fail before any request (`names.could_be_identifier`);
   names that were looked up and proved absent are remembered for `ttl` seconds.
 
