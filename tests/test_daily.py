@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from gcfs.fakegc import FakeGC
-from tests.conftest import Mount, gcfs_command
+from tests.conftest import Mount, gcfs_command, poll
 
 MiB = 2**20
 
@@ -75,8 +75,6 @@ def test_recursive_refresh_and_sighup(mount: Mount, fake: FakeGC, world: Any) ->
 
     def reloaded() -> bool:
         return bool(json.loads(path.read_bytes())["description"] == "changed twice")
-
-    from tests.conftest import poll
 
     poll(reloaded, 10, "SIGHUP to forget the cached archive")
     assert fake.count("archives-list") >= 1
@@ -183,8 +181,6 @@ def test_memory_follows_what_the_kernel_holds(mount: Mount, fake: FakeGC) -> Non
     walked = json.loads(status.read_bytes())["inodes"]
     assert walked > len(before)
     Path("/proc/sys/vm/drop_caches").write_text("2\n")  # reclaim dentries and inodes
-
-    from tests.conftest import poll
 
     poll(
         lambda: json.loads(status.read_bytes())["inodes"] < walked // 2,
