@@ -228,6 +228,28 @@ def _raise_unavailable(status: int, where: str, headers: Mapping[str, str] | Non
         raise Unavailable(f"{where}: HTTP {status}", transient=False)
 
 
+@contextlib.asynccontextmanager
+async def _get(
+    http: httpx.AsyncClient,
+    url: str,
+    headers: Mapping[str, str],
+    http_timeout: httpx.Timeout,
+    where: str,
+) -> AsyncIterator[httpx.Response]:
+    """A streamed GET that never follows a redirect; transport failures (resets, timeouts,
+    refused connections) become `Unavailable`, which the retry loops try again. The message
+    names the exception type only: httpx's text can carry a signed URL."""
+    try:
+        async with http.stream(
+            "GET", url, headers=headers, follow_redirects=False, timeout=http_timeout
+        ) as response:
+            yield response
+    except httpx.TimeoutException as exc:
+        raise Unavailable(f"{where}: timed out") from exc
+    except httpx.HTTPError as exc:
+        raise Unavailable(f"{where}: {type(exc).__name__}") from exc
+
+
 def _redact(url: str | httpx.URL) -> str:
     """A URL without its query: a signed URL's query is a credential for up to an hour."""
     return str(httpx.URL(url).copy_with(query=None))
@@ -422,20 +444,11 @@ class ContentStore:
     async def _resolve_once(self, url: str) -> str:
         self._resolutions_count += 1
         where = f"GET {url}"
-        try:
-            async with self._http.stream(
-                "GET",
-                url,
-                headers=dict(self._auth_headers),
-                follow_redirects=False,
-                timeout=self._timeout,
-            ) as response:  # a 200 would be the whole file: never read the body
-                status = response.status_code
-                location = response.headers.get("location")
-        except httpx.TimeoutException as exc:
-            raise Unavailable(f"{where}: timed out") from exc
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"{where}: {type(exc).__name__}: {exc}") from exc
+        headers = dict(self._auth_headers)
+        async with _get(self._http, url, headers, self._timeout, where) as response:
+            # A 200 would be the whole file: never read the body.
+            status = response.status_code
+            location = response.headers.get("location")
         log.debug("resolve %s -> %d", url, status)
         if status in _REDIRECTS and location:
             return str(httpx.URL(url).join(location))
@@ -470,21 +483,10 @@ class ContentStore:
     async def _probe_signed(self, signed: str) -> int:
         self._probes += 1
         where = f"GET {_redact(signed)}"
-        try:
-            async with self._http.stream(
-                "GET",
-                signed,
-                headers=self.storage_headers(
-                    signed, {"Range": "bytes=0-0", "Accept-Encoding": "identity"}
-                ),
-                follow_redirects=False,
-                timeout=self._timeout,
-            ) as response:  # closed unread: after a 200 (Range ignored) the body is the file
-                status, headers = response.status_code, response.headers
-        except httpx.TimeoutException as exc:
-            raise Unavailable(f"{where}: timed out") from exc
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"{where}: {type(exc).__name__}: {exc}") from exc
+        asked = self.storage_headers(signed, {"Range": "bytes=0-0", "Accept-Encoding": "identity"})
+        async with _get(self._http, signed, asked, self._timeout, where) as response:
+            # Closed unread: after a 200 (Range ignored) the body is the whole file.
+            status, headers = response.status_code, response.headers
         log.debug("probe %s -> %d", where, status)
         if status not in (200, 206, 416):
             _raise_for_storage(status, where, headers)
@@ -604,25 +606,14 @@ class RemoteFile:
         where = f"GET {_redact(signed)} bytes={first}-{last}"
         store._requests += 1
         self.requests += 1
-        try:
-            async with store._http.stream(
-                "GET",
-                signed,
-                headers=store.storage_headers(
-                    signed, {"Range": f"bytes={first}-{last}", "Accept-Encoding": "identity"}
-                ),
-                follow_redirects=False,
-                timeout=store._timeout,
-            ) as response:
-                status = response.status_code
-                if status != 206:
-                    _raise_for_storage(status, where, response.headers)
-                expected = check_partial(status, response.headers, first, last, self.size)
-                yield response, expected, where
-        except httpx.TimeoutException as exc:
-            raise Unavailable(f"{where}: timed out") from exc
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"{where}: {type(exc).__name__}") from exc
+        extra = {"Range": f"bytes={first}-{last}", "Accept-Encoding": "identity"}
+        headers = store.storage_headers(signed, extra)
+        async with _get(store._http, signed, headers, store._timeout, where) as response:
+            status = response.status_code
+            if status != 206:
+                _raise_for_storage(status, where, response.headers)
+            expected = check_partial(status, response.headers, first, last, self.size)
+            yield response, expected, where
         log.debug("%s -> %d", where, status)
 
     def _advance(self, offset: int, end: int, first: int, last: int) -> bool:
