@@ -24,6 +24,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="values also carry `socket`, as the live API does",
     )
+    parser.add_argument(
+        "--fixed-job-filters",
+        action="store_true",
+        help="answer cases/images/?job_input= and ?job_output= (the real server fails them "
+        "with 500)",
+    )
     parser.add_argument("--log-requests", action="store_true", help="log each request to stderr")
     return parser.parse_args(argv)
 
@@ -33,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     fake = FakeGC(demo_world(), host=args.host, port=args.port)
     fake.latency = args.latency
     fake.socket_field = args.socket_field
+    fake.job_filters_fixed = args.fixed_job_filters
     fake.log_requests = args.log_requests
     with fake:
         # The token itself stays out of the output; it is gcfs.fakegc.DEMO_TOKEN.

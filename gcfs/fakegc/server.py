@@ -9,7 +9,9 @@
 It speaks HTTP/1.1 with keep-alive and a Content-Length on every response, as gcfs's httpx client
 expects. Knobs, settable while running: `latency` (seconds added to every API request),
 `per_item_latency` (seconds per serialized result of a list page) and `socket_field` (values also
-carry `socket`, the live API's newer name for `interface`, gc-api.md §9).
+carry `socket`, the live API's newer name for `interface`, gc-api.md §9) and `job_filters_fixed`
+(False by default: `cases/images/?job_input=<pk>` and `?job_output=<pk>` answer 500 with an HTML
+page for a valid pk, as the real server does, gc-api.md §3.11; True behaves as a fixed server).
 
 A second origin, the object store, runs beside the site on its own port (`fake.storage_url`):
 `/media/` answers 302 to presigned URLs there (see storage.py). Its knobs: `signature_lifetime`
@@ -38,7 +40,8 @@ Endpoint names in `RequestRecord.endpoint` and `count()`:
     questions-list/-detail      /api/v1/reader-studies/questions/[<pk>/]
     answers-list/-detail        /api/v1/reader-studies/answers/[<pk>/]
     answers-mine                /api/v1/reader-studies/answers/mine/
-    cases-images-list/-detail   /api/v1/cases/images/[<pk>/]
+    cases-images-list/-detail   /api/v1/cases/images/[<pk>/] (the list answers 500 HTML to
+                                ?job_input=/?job_output= with a valid pk: job_filters_fixed)
     cases-images-dicom-instances  /api/v1/cases/images/<pk>/dicom/instances/ (signed requests)
     components-interfaces-list/-detail  /api/v1/components/interfaces/[<int pk>/]
     website-algorithm           /algorithms/<slug>/ (200 public, 302 hidden, 404 absent)
@@ -192,7 +195,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._drop()
         request = Request(self.command, self.path, self.headers.get("Authorization"))
         try:
-            reply = fake.site.handle(request, socket_field=fake.socket_field)
+            reply = fake.site.handle(
+                request, socket_field=fake.socket_field, job_filters_fixed=fake.job_filters_fixed
+            )
         except Exception:
             # A bug in the fake must not take the server down: answer 500 and show the traceback.
             traceback.print_exc(file=sys.stderr)
@@ -524,6 +529,9 @@ class FakeGC:
         self.latency = 0.0
         self.per_item_latency = 0.0
         self.socket_field = False
+        # The real server answers 500 to cases/images/?job_input=<pk> and ?job_output=<pk>
+        # (gc-api.md §3.11); True behaves as a server with that bug fixed.
+        self.job_filters_fixed = False
         # mutate(endpoint, body) -> body: rewrites every 200 JSON answer of the site (tests of
         # malformed or unexpected JSON); None sends what the world serializes.
         self.mutate: Callable[[str, Any], Any] | None = None
