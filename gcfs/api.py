@@ -21,6 +21,7 @@ import trio
 
 from .config import TokenSource
 from .errors import BadResponse, GcfsError, NotFound, PermissionDenied, Unavailable, one_error
+from .health import EndpointHealth, endpoint_family
 from .retry import OutageLog, RetryPolicy, is_transient_status, parse_retry_after, retrying
 from .stats import Statistics, endpoint_of
 
@@ -73,6 +74,7 @@ class GcApiClient:
         self.token_rejected = False
         self._accepted_once = False
         self.outage = OutageLog(self.base_url)
+        self.health = EndpointHealth()
         self.stats = Statistics()
         self._limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
         self._http = httpx.AsyncClient(
@@ -126,19 +128,28 @@ class GcApiClient:
             raise Unavailable(
                 f"GET {url}: HTTP {response.status_code}",
                 retry_after=parse_retry_after(response.headers.get("retry-after")),
+                status=response.status_code,
             )
         return response
 
-    async def _send(self, url: str, params: Params | None, *, auth: bool) -> httpx.Response:
-        """GET with retries; a 401 makes us read the token file again and try once more."""
+    async def _send(
+        self,
+        url: str,
+        params: Params | None,
+        *,
+        auth: bool,
+        retry: RetryPolicy | None = None,
+    ) -> httpx.Response:
+        """GET with retries (`retry`, default the client's policy); a 401 makes us read the
+        token file again and try once more."""
 
         async def attempt() -> httpx.Response:
             return await self._attempt(url, params, auth=auth)
 
         what = f"GET {url}"
-        response = await self._retrying(attempt, what)
+        response = await self._retrying(attempt, what, retry)
         if auth and response.status_code == 401 and self.token.reload():
-            response = await self._retrying(attempt, what)
+            response = await self._retrying(attempt, what, retry)
         if auth:
             rejected = response.status_code == 401
             # Before the token was ever accepted, a 401 is the mount's own error to report.
@@ -155,30 +166,44 @@ class GcApiClient:
         return response
 
     async def _retrying(
-        self, attempt: Callable[[], Awaitable[httpx.Response]], what: str
+        self,
+        attempt: Callable[[], Awaitable[httpx.Response]],
+        what: str,
+        retry: RetryPolicy | None = None,
     ) -> httpx.Response:
         def count_retry() -> None:
             self.stats.retries += 1
 
         return await retrying(
-            attempt, policy=self.retry, what=what, outage=self.outage, on_retry=count_retry
+            attempt,
+            policy=retry or self.retry,
+            what=what,
+            outage=self.outage,
+            on_retry=count_retry,
         )
 
-    async def get_json(self, path: str, params: Params | None = None) -> JSON:
-        """GET an API path (relative to /api/v1/, with trailing slash) and parse the JSON."""
-        response = await self._send(self.api_url + path, params, auth=True)
-        _raise_for_status(response)
+    async def get_json(
+        self, path: str, params: Params | None = None, *, retry: RetryPolicy | None = None
+    ) -> JSON:
+        """GET an API path (relative to /api/v1/, with trailing slash) and parse the JSON.
+
+        An answer that retrying cannot fix (5xx after retries, a 4xx other than 401/403/404)
+        marks the endpoint family as failing (`health`, logged once); a success clears it."""
+        url = self.api_url + path
+        family = endpoint_family(url, params or {}, self.api_url)
+        try:
+            response = await self._send(url, params, auth=True, retry=retry)
+            _raise_for_status(response)
+        except (Unavailable, BadResponse) as exc:
+            if exc.status is not None:
+                self.health.failed(family, exc.status)
+            raise
+        self.health.succeeded(family)
         return _parse_json(response)
 
     async def whoami(self, *, retry: RetryPolicy | None = None) -> str:
         """The username behind the token; the one request made at mount time."""
-        if retry is not None:
-            saved, self.retry = self.retry, retry
-            try:
-                return await self.whoami()
-            finally:
-                self.retry = saved
-        body = await self.get_json("profiles/users/self/")
+        body = await self.get_json("profiles/users/self/", retry=retry)
         try:
             username = body["user"]["username"]
         except (KeyError, TypeError):
@@ -189,7 +214,9 @@ class GcApiClient:
 
     # -- listings --------------------------------------------------------------------------
 
-    async def list_all(self, path: str, params: Params | None = None) -> list[dict[str, Any]]:
+    async def list_all(
+        self, path: str, params: Params | None = None, *, retry: RetryPolicy | None = None
+    ) -> list[dict[str, Any]]:
         """Every object of a list endpoint: the first page, then the rest concurrently.
 
         Uses `count` from the (small) first page to know how many pages follow, so a listing
@@ -197,7 +224,7 @@ class GcApiClient:
         de-duplicated by pk: archive items have no ordering, so offset pages can overlap.
         """
         base = dict(params or {})
-        first = await self._page(path, base, offset=0, limit=FIRST_PAGE_SIZE)
+        first = await self._page(path, base, offset=0, limit=FIRST_PAGE_SIZE, retry=retry)
         total = first[0]
         pages: dict[int, list[dict[str, Any]]] = {0: first[1]}
         offsets = range(FIRST_PAGE_SIZE, total, PAGE_SIZE)
@@ -206,7 +233,7 @@ class GcApiClient:
 
             async def fetch(offset: int) -> None:
                 async with limiter:
-                    pages[offset] = (await self._page(path, base, offset=offset))[1]
+                    pages[offset] = (await self._page(path, base, offset=offset, retry=retry))[1]
 
             async with one_error(), trio.open_nursery() as nursery:
                 for offset in offsets:
@@ -230,9 +257,16 @@ class GcApiClient:
         return objects
 
     async def _page(
-        self, path: str, params: dict[str, str | int], *, offset: int, limit: int = PAGE_SIZE
+        self,
+        path: str,
+        params: dict[str, str | int],
+        *,
+        offset: int,
+        limit: int = PAGE_SIZE,
+        retry: RetryPolicy | None = None,
     ) -> tuple[int, list[dict[str, Any]]]:
-        body = await self.get_json(path, {**params, "limit": limit, "offset": offset})
+        query = {**params, "limit": limit, "offset": offset}
+        body = await self.get_json(path, query, retry=retry)
         if not isinstance(body, dict):
             raise BadResponse(f"{path}: a list page is not a JSON object")
         count, results = body.get("count"), body.get("results")
@@ -272,7 +306,7 @@ class GcApiClient:
         if status == 200:
             return Existence.VISIBLE
         if status >= 500:
-            raise Unavailable(f"GET {url}: HTTP {status}", transient=False)
+            raise Unavailable(f"GET {url}: HTTP {status}", transient=False, status=status)
         return Existence.UNKNOWN
 
 
@@ -289,8 +323,8 @@ def _raise_for_status(response: httpx.Response) -> None:
         raise PermissionDenied(f"{where}: forbidden ({_detail(response)})")
     if status >= 500:
         # 500 is the server's answer, not an accident: gcapi does not retry it either.
-        raise Unavailable(f"{where}: HTTP {status}", transient=False)
-    raise BadResponse(f"{where}: unexpected HTTP {status} ({_detail(response)})")
+        raise Unavailable(f"{where}: HTTP {status}", transient=False, status=status)
+    raise BadResponse(f"{where}: unexpected HTTP {status} ({_detail(response)})", status=status)
 
 
 def _detail(response: httpx.Response) -> str:

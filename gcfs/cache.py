@@ -9,6 +9,10 @@ again. There are no detached tasks: the leader fetches in its own task.
 When a fetch fails with `Unavailable` (retries exhausted), the last good value of the key is
 served instead, however old: an outage should not empty directories the user has seen.
 
+A failure is remembered for `ERROR_TTL` seconds (the same error is raised again without a
+request): a shell loop or a file manager stat-ing a directory that cannot be listed must not
+send the failing request again on every call. Cancellation is not a failure and is not kept.
+
 The cache is touched only from the trio thread, and `get_nowait`/`put` have no checkpoint, so
 each of them is atomic with respect to other tasks.
 """
@@ -23,7 +27,7 @@ from typing import Any, Generic, TypeVar
 import trio
 from cachetools import LRUCache, TTLCache
 
-from .errors import Unavailable
+from .errors import GcfsError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,10 @@ T = TypeVar("T")
 # Entries are whole listings or single objects. 20,000 of them covers a user walking through
 # thousands of items; a listing of 10,000 items is one entry of a few MiB.
 DEFAULT_MAXSIZE = 20_000
+# How long a failed fetch is remembered. A few seconds: long enough that a loop over a broken
+# directory (`while ! ls d; do ...`, a file manager polling) costs one request per 5 s instead of
+# one per call, short enough that a blip is forgotten before a user retries by hand.
+ERROR_TTL = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +49,7 @@ class CacheStatistics:
     shared: int  # callers that waited for another caller's fetch instead of fetching
     stale: int  # answers served from the last good value because the server failed
     size: int
+    remembered_errors: int = 0  # answers that raised a recent failure again, without a request
 
 
 class _Flight(Generic[T]):
@@ -61,18 +70,26 @@ class MetadataCache:
         *,
         maxsize: int = DEFAULT_MAXSIZE,
         timer: Callable[[], float] = trio.current_time,
+        error_ttl: float = ERROR_TTL,
     ) -> None:
         self._entries: TTLCache[Hashable, Any] = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
+        self._errors: TTLCache[Hashable, GcfsError] = TTLCache(
+            maxsize=maxsize, ttl=min(error_ttl, ttl), timer=timer
+        )
         # The last good value of each key, expired or not: served when the server fails
         # (stale-if-error), so a mount keeps showing what it has seen during an outage.
         # It holds references to the same objects, so it costs little beyond the TTL cache.
         self._last_good: LRUCache[Hashable, Any] = LRUCache(maxsize=maxsize)
         self._flights: dict[Hashable, _Flight[Any]] = {}
-        self._hits = self._misses = self._shared = self._stale = 0
+        self._hits = self._misses = self._shared = self._stale = self._remembered = 0
 
     def get_nowait(self, key: Hashable) -> Any | None:
         """The cached value, or None. Sync on purpose: no checkpoint, so atomic."""
         return self._entries.get(key)
+
+    def is_fresh(self, key: Hashable) -> bool:
+        """True while `key` holds a value younger than the TTL."""
+        return key in self._entries
 
     def put(self, key: Hashable, value: Any) -> None:
         self._entries[key] = value
@@ -80,10 +97,12 @@ class MetadataCache:
     def forget(self, key: Hashable) -> None:
         self._entries.pop(key, None)
         self._last_good.pop(key, None)
+        self._errors.pop(key, None)
 
     def forget_matching(self, predicate: Callable[[Hashable], bool]) -> int:
         """Forget every key for which `predicate` is true; how many there were."""
-        keys = {k for k in (*self._entries.keys(), *self._last_good.keys()) if predicate(k)}
+        everything = (*self._entries.keys(), *self._last_good.keys(), *self._errors.keys())
+        keys = {k for k in everything if predicate(k)}
         for key in keys:
             self.forget(key)
         return len(keys)
@@ -91,6 +110,7 @@ class MetadataCache:
     def clear(self) -> None:
         self._entries.clear()
         self._last_good.clear()
+        self._errors.clear()
 
     async def get(self, key: Hashable, fetch: Callable[[], Awaitable[T]]) -> T:
         """The value for `key`, from the cache or from one shared call of `fetch()`."""
@@ -98,6 +118,14 @@ class MetadataCache:
         if cached is not None:
             self._hits += 1
             return cached  # type: ignore[no-any-return]
+        error = self._errors.get(key)
+        if error is not None:
+            stale = self._last_good.get(key) if isinstance(error, Unavailable) else None
+            if stale is not None:
+                self._stale += 1
+                return stale  # type: ignore[no-any-return]
+            self._remembered += 1
+            raise error.with_traceback(None)
         flight = self._flights.get(key)
         if flight is not None:
             self._shared += 1
@@ -122,6 +150,8 @@ class MetadataCache:
             # Followers see the leader's error; Cancelled (the leader's own deadline) becomes
             # a plain error for them rather than a cancellation they did not ask for.
             flight.error = exc if isinstance(exc, Exception) else _LeaderCancelled(key)
+            if isinstance(exc, GcfsError):
+                self._errors[key] = exc
             raise
         else:
             flight.value = value
@@ -135,7 +165,12 @@ class MetadataCache:
 
     def statistics(self) -> CacheStatistics:
         return CacheStatistics(
-            self._hits, self._misses, self._shared, self._stale, len(self._entries)
+            self._hits,
+            self._misses,
+            self._shared,
+            self._stale,
+            len(self._entries),
+            self._remembered,
         )
 
 

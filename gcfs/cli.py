@@ -58,7 +58,7 @@ UMOUNT_WAIT = 10.0
 T = TypeVar("T")
 
 
-COMMANDS = ("mount", "demo", "umount", "refresh", "status", "prefetch")
+COMMANDS = ("mount", "demo", "umount", "refresh", "status", "prefetch", "path")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 EXIT_STATUS = """\
@@ -78,6 +78,8 @@ examples:
   gcfs mount ~/gc --token-file ~/.gctoken      mount your account; returns once it answers
   gcfs umount ~/gc                             unmount and stop the daemon
   gcfs status ~/gc                             what the daemon is doing
+  gcfs path https://grand-challenge.org/api/v1/cases/images/<pk>/
+                                               where an object is in the mount
   gcfs COMMAND --help                          more on one command
 
 fstab:
@@ -313,6 +315,29 @@ def build_parser(prog: str = "gcfs") -> argparse.ArgumentParser:
     prefetch.add_argument(
         "path", metavar="PATH", type=Path, help="a file or directory inside a gcfs mount"
     )
+
+    path = _subparser(
+        commands,
+        "path",
+        help="print where an object is in the mount, by pk, slug or URL",
+        description="Print the path in the mount of the object IDENTIFIER names: a pk "
+        "(UUID), a slug (bare when only one collection has it, or archives/<slug>), an API "
+        "URL (https://grand-challenge.org/api/v1/...) or a website URL. MOUNTPOINT defaults "
+        "to the gcfs mount holding the current directory, or the only one there is. Exit "
+        "status 1 with one line when the object does not exist or is not visible to you.",
+        epilog="examples:\n"
+        "  gcfs path lidc-lung-ct\n"
+        "  gcfs path 0b4c2f8e-6d1a-4c55-9a0e-3f1f5b9e2a11 ~/gc\n"
+        "  gcfs path https://grand-challenge.org/api/v1/reader-studies/display-sets/<pk>/\n"
+        "  cat \"$(gcfs path https://grand-challenge.org/algorithms/corads-ai/)/algorithm.json\"\n"
+        f"\n{EXIT_STATUS}",
+    )
+    path.add_argument(
+        "identifier", metavar="IDENTIFIER", help="a pk, a slug, an API URL or a website URL"
+    )
+    path.add_argument(
+        "mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?", help="where gcfs is mounted"
+    )
     return parser
 
 
@@ -349,6 +374,10 @@ def main(argv: Sequence[str] | None = None, *, dry_run: bool = False, prog: str 
             from . import prefetch
 
             return prefetch.prefetch_command(args.path)
+        if args.command == "path":
+            from . import locate
+
+            return locate.path_command(args.identifier, args.mountpoint)
         return mount(args, dry_run=dry_run)
     except UserError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -126,14 +127,14 @@ async def _dispatch(request: Any, fs: GcFilesystem, invalidate: Invalidate) -> d
 def find_mount(path: Path) -> tuple[Path, str]:
     """The gcfs mount point holding `path`, and `path` relative to it."""
     absolute = Path(os.path.abspath(path.expanduser()))
-    mounts = _gcfs_mounts()
+    mounts = gcfs_mounts()
     for candidate in (absolute, *absolute.parents):
         if str(candidate) in mounts:
             return candidate, str(absolute.relative_to(candidate))
     raise UserError(f"{path} is not inside a gcfs mount")
 
 
-def _gcfs_mounts() -> set[str]:
+def gcfs_mounts() -> set[str]:
     found = set()
     with open("/proc/self/mounts", encoding="utf-8") as mounts:
         for line in mounts:
@@ -209,6 +210,18 @@ def format_status(status: dict[str, Any]) -> list[str]:
         f"in {cache.get('directory', '-')}",
         f"errors:       {status.get('errors_last_hour')} in the last hour",
     ]
+    failing = status.get("failing_endpoints") or {}
+    for family, failure in sorted(failing.items()):
+        since = time.strftime("%H:%M:%S", time.localtime(failure.get("since", 0)))
+        lines.append(
+            f"failing:      {family}: HTTP {failure.get('status')} since {since} "
+            f"({failure.get('failures')} times)"
+        )
+    if status.get("fallbacks"):
+        lines.append(
+            f"fallbacks:    {status['fallbacks']} directories asked object by object "
+            "(a batch listing failed)"
+        )
     for endpoint, by_status in sorted(status.get("requests", {}).items()):
         counts = ", ".join(f"{code}: {n}" for code, n in sorted(by_status.items()))
         lines.append(f"  {endpoint:<40} {counts}")

@@ -56,24 +56,39 @@ class ReadOnly(GcfsError):
 
 class Unavailable(GcfsError):
     """The server could not be reached or failed. `transient` failures (timeouts, resets,
-    429/502/503/504) are worth retrying; `retry_after` is the server's requested wait."""
+    429/502/503/504) are worth retrying; `retry_after` is the server's requested wait;
+    `status` is the HTTP status when the server answered (None: no answer at all)."""
 
     errno = errno.EIO
-    # An outage is logged once when it starts and once when it ends (retry.OutageLog);
-    # every operation that fails meanwhile is not news.
+    # An outage is logged once when it starts and once when it ends (retry.OutageLog), a
+    # failing endpoint likewise (health.EndpointHealth); every operation that fails meanwhile
+    # is not news.
     log_level = logging.DEBUG
 
     def __init__(
-        self, message: str, *, transient: bool = True, retry_after: float | None = None
+        self,
+        message: str,
+        *,
+        transient: bool = True,
+        retry_after: float | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.transient = transient
         self.retry_after = retry_after
+        self.status = status
 
 
 class BadResponse(GcfsError):
+    """An answer we cannot use: an unexpected status (`status`), a body that is not what the
+    API serves."""
+
     errno = errno.EIO
     log_level = logging.WARNING
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Timeout(GcfsError):

@@ -24,7 +24,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,9 +32,18 @@ import trio
 from cachetools import TTLCache
 
 from . import __version__, layout, render, tree
-from .api import Existence, GcApiClient
+from .api import JSON, Existence, GcApiClient
+from .apitree import API_DIR, api_root
 from .cache import MetadataCache
-from .errors import BadResponse, NotADirectory, NotFound, PermissionDenied, one_error
+from .errors import (
+    BadResponse,
+    NotADirectory,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+    one_error,
+)
+from .health import endpoint_family
 from .names import could_be_identifier, is_slug, is_uuid, slug_from_url
 from .nodes import (
     DirNode,
@@ -59,6 +68,11 @@ Children = Mapping[str, Node]
 # Remembered absent names per directory. Probes of missing names come in bursts from shells and
 # file managers; 10,000 (about 1 MiB) holds any burst we have seen.
 NEGATIVE_CACHE_SIZE = 10_000
+# Objects asked for at once when a batch listing fails and each object is fetched by its own
+# API URL instead. A job has a handful of images, an archive item one or two; 8 keeps a large
+# display set quick (~1 round trip per 8 images) without taking all 16 of the API client's
+# connections from the other operations.
+FALLBACK_CONCURRENCY = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +94,7 @@ class Collection:
     @property
     def kind(self) -> str:
         """`user.gc.kind` of its objects: archive, algorithm, reader-study."""
-        return self.name.removesuffix("s")
+        return self.metadata_name.removesuffix(".json")
 
 
 ARCHIVES = Collection(
@@ -125,16 +139,29 @@ class RootDir(DirNode):
                 token_rejected=fs.api.token_rejected,
             )
 
-        nodes: list[Node] = [GeneratedFileNode("root/README.md", "README.md", readme)]
-        nodes += [CollectionDir(f"collection:{c.name}", c.name, c) for c in COLLECTIONS]
-        nodes.append(tree.ImagesRootDir("collection:images", "images"))
+        nodes: list[Node] = [
+            describe(GeneratedFileNode("root/README.md", "README.md", readme), "readme")
+        ]
+        for c in COLLECTIONS:
+            directory = CollectionDir(f"collection:{c.name}", c.name, c)
+            api_url, url = f"{fs.api.api_url}{c.api_path}", f"{fs.base_url}/{c.name}/"
+            nodes.append(describe(directory, "collection", api_url=api_url, url=url))
+        images = tree.ImagesRootDir("collection:images", "images")
+        nodes.append(describe(images, "collection", api_url=f"{fs.api.api_url}cases/images/"))
 
         def status() -> bytes:
             return (json.dumps(fs.status(), indent=2) + "\n").encode()
 
         status_file = GeneratedFileNode("root/.gcfs/status.json", "status.json", status)
-        nodes.append(StaticDir("root/.gcfs", ".gcfs", {"status.json": status_file}))
+        control = StaticDir("root/.gcfs", ".gcfs", {"status.json": describe(status_file, "status")})
+        nodes.append(describe(control, "status"))
         return {node.name: node for node in nodes}
+
+    async def find(self, fs: GcFilesystem, name: str) -> Node:
+        # api/ is looked up, never listed: `ls ~/gc` shows the tree, not its second index.
+        if name == API_DIR:
+            return fs.inodes.add(fs.api_dir)
+        return await super().find(fs, name)
 
 
 class CollectionDir(DirNode):
@@ -218,9 +245,15 @@ class CollectionDir(DirNode):
             ttl=fs.ttl,
             certain=existence is Existence.HIDDEN,
         )
-        stub = stub_dir(f"stub:{c.name}:{name}", name, readme)
         request_url = f"{fs.base_url}/{c.name}/{name}/permission-requests/create/"
-        return fs.inodes.add(describe(stub, "no-access", url=request_url if is_slug(name) else ""))
+        stub = stub_dir(
+            f"stub:{c.name}:{name}",
+            name,
+            readme,
+            exists=existence is Existence.HIDDEN,
+            url=request_url if is_slug(name) else "",
+        )
+        return fs.inodes.add(stub)
 
 
 class ObjectDir(DirNode):
@@ -281,11 +314,16 @@ class GcFilesystem:
         self.cache = MetadataCache(ttl)
         self.inodes = InodeTable()
         self._absent: TTLCache[tuple[str, str], bool] = TTLCache(NEGATIVE_CACHE_SIZE, ttl)
+        # Batch listings (by endpoint family) that failed while asking for each object worked:
+        # not tried again for the TTL.
+        self._failing_batches: TTLCache[str, bool] = TTLCache(256, ttl)
+        self.fallbacks = 0  # directories filled object by object because a batch failed
         # The children each directory was last built with: what `gcfs refresh` walks and
         # which kernel entries it invalidates.
         self._children_of: dict[int, Children] = {}
-        self.root = RootDir("root", "")
+        self.root = describe(RootDir("root", ""), "root")
         self.inodes.add_root(self.root)
+        self.api_dir = api_root(self.api.api_url)
 
     # -- the API, cached --------------------------------------------------------------------
 
@@ -298,18 +336,77 @@ class GcFilesystem:
         )
         return objects
 
-    async def images_by_pk(self, param: str, pk: str) -> dict[str, dict[str, Any]]:
-        """The images the token may see among those of an archive, study or job, by pk.
+    async def images_for(self, listing: tuple[str, str], wanted: Set[str]) -> dict[str, JSON]:
+        """The images `wanted` (pks) that the token may see, by pk.
 
-        One paged listing (`cases/images/?archive=<pk>`, ...) serves every directory of that
-        archive or study, instead of one request per image.
+        `listing` is the filter (`("archive", <pk>)`, `("reader_study", <pk>)`,
+        `("job_input", <job pk>)`) of one paged `cases/images/` listing that serves every
+        directory of that archive, study or job instead of one request per image; when the
+        server cannot answer it, each image is asked for by its own API URL.
         """
-        images = await self.list_objects("cases/images/", {param: pk})
-        return {
-            image["pk"]: image
-            for image in images
-            if isinstance(image, dict) and isinstance(image.get("pk"), str)
-        }
+        param, pk = listing
+        return await self.objects_among(
+            "cases/images/", {param: pk}, wanted, lambda image: f"cases/images/{image}/"
+        )
+
+    async def objects_among(
+        self,
+        path: str,
+        params: Mapping[str, str],
+        wanted: Set[str],
+        detail: Callable[[str], str],
+    ) -> dict[str, JSON]:
+        """The objects `wanted` (pks) among those of the batch listing `path?params`, by pk;
+        an object the token may not see is missing from the answer.
+
+        Route around a failing batch request (issue: the real server answers 500 to its job
+        image filters): when the listing fails in a way retrying cannot fix (a 5xx after
+        retries, a 4xx other than 401/403/404, a body we cannot use), each wanted object is
+        fetched by its detail URL (`detail(pk)`, relative to /api/v1/), at most
+        FALLBACK_CONCURRENCY at a time, single-flight and cached like any object. When that
+        works, the listing's family is remembered as failing for the TTL: later directories go
+        straight to the objects, and the listing is tried again after the TTL (the server may
+        have been fixed). 401/403/404 are answers about the objects, not failures: they stand.
+        """
+        family = endpoint_family(self.api.api_url + path, params, self.api.api_url)
+        if family not in self._failing_batches:
+            try:
+                listed = await self.list_objects(path, params)
+            except (Unavailable, BadResponse) as exc:
+                log.debug("%s %s failed (%s); asking for each object", path, dict(params), exc)
+            else:
+                by_pk = {obj.get("pk"): obj for obj in listed}
+                return {pk: by_pk[pk] for pk in wanted if pk in by_pk}
+        found = await self._each_object(sorted(wanted), detail)
+        if family not in self._failing_batches:
+            self._failing_batches[family] = True  # the objects answer where the batch did not
+        self.fallbacks += 1
+        return found
+
+    async def _each_object(
+        self, pks: Sequence[str], detail: Callable[[str], str]
+    ) -> dict[str, JSON]:
+        found: dict[str, JSON] = {}
+        limiter = trio.CapacityLimiter(FALLBACK_CONCURRENCY)
+
+        async def fetch(pk: str) -> None:
+            async with limiter:
+                try:
+                    obj = await self.api_object(detail(pk))
+                except NotFound:
+                    return  # hidden or gone: left out, as the listing would have left it out
+            if isinstance(obj, dict):
+                found[pk] = obj
+
+        async with one_error(), trio.open_nursery() as nursery:
+            for pk in pks:
+                nursery.start_soon(fetch, pk)
+        return found
+
+    async def api_object(self, path: str) -> JSON:
+        """One object by its API path (`cases/images/<pk>/`), cached for the TTL and fetched
+        once however many directories ask for it at the same time."""
+        return await self.cache.get(("object", path), lambda: self.api.get_json(path))
 
     async def dicom_for(
         self, images: list[dict[str, Any]]
@@ -347,13 +444,20 @@ class GcFilesystem:
         nodes: dict[str, Node] = {}
         for name, entry in entries.items():
             path = f"{identity}/{name}"
+            shows = dict(entry.attrs)
+            kind = shows.pop("kind", "")
+            extra = {f"user.gc.{key}": value for key, value in shows.items() if key != "api_url"}
+            api_url = shows.get("api_url", "")
+            node: Node
             if isinstance(entry, layout.InlineFile):
-                nodes[name] = FileNode(path, name, data=entry.data)
+                node = describe(FileNode(path, name, data=entry.data), kind or "value", extra=extra)
             elif isinstance(entry, layout.Directory):
-                nodes[name] = tree.EntriesDir(path, name, entry.entries)
+                node = tree.EntriesDir(path, name, entry.entries)
+                describe(node, kind or "directory", api_url=api_url, extra=extra)
             elif isinstance(entry, layout.RemoteFile) and name in sizes:
+                # api_url of a file is the URL its bytes are fetched from (its /media/ URL).
                 file_node = RemoteFileNode(path, name, url=entry.url, length=sizes[name])
-                nodes[name] = describe(file_node, "file", api_url=entry.url)
+                node = describe(file_node, kind or "file", api_url=entry.url, extra=extra)
             else:
                 what, url = (
                     (entry.what, entry.url)
@@ -361,7 +465,10 @@ class GcFilesystem:
                     else (f"file {name}", getattr(entry, "url", ""))
                 )
                 readme = render.unreadable_readme(what, url, username=self.username, ttl=self.ttl)
-                nodes[name] = stub_dir(path, name, readme)
+                node = stub_dir(path, name, readme, exists=None)
+                for stub_node in (node, *node.entries.values()):
+                    stub_node.xattrs = {**(stub_node.xattrs or {}), **extra}
+            nodes[name] = node
         return nodes
 
     async def _probe(self, files: Mapping[str, layout.RemoteFile]) -> dict[str, int]:
@@ -415,6 +522,10 @@ class GcFilesystem:
             "token_rejected": self.api.token_rejected,
             "inodes": len(self.inodes),
             **self.api.stats.snapshot(),
+            # Endpoint families the server fails now, and directories filled object by object
+            # because a batch listing failed (objects_among).
+            "failing_endpoints": self.api.health.snapshot(),
+            "fallbacks": self.fallbacks,
             "metadata_cache": dataclasses.asdict(self.cache.statistics()),
             "content": dataclasses.asdict(self.content.statistics()),
             "block_cache": None
@@ -495,6 +606,7 @@ class GcFilesystem:
         inodes = list(self._children_of)
         self.cache.clear()
         self._absent.clear()
+        self._failing_batches.clear()
         self._children_of.clear()
         return entries, inodes
 

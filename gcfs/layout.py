@@ -38,6 +38,7 @@ Nothing here does I/O: callers fetch images and DICOM instances first and pass t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -55,11 +56,18 @@ log = logging.getLogger(__name__)
 SHOWN_IMAGE_TYPES = frozenset({"MHD", "TIFF"})
 
 
+# What an entry shows, for its extended attributes: ("kind", "value"), ("socket", <slug>),
+# ("pk", <pk>), ("api_url", <url>). Not part of an entry's equality: the same file named by two
+# values is still one file.
+Attrs = tuple[tuple[str, str], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class InlineFile:
     """A file whose bytes we already have (a Value socket's JSON)."""
 
     data: bytes
+    attrs: Attrs = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +76,7 @@ class RemoteFile:
 
     url: str
     headers: tuple[tuple[str, str], ...] = ()
+    attrs: Attrs = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +85,13 @@ class Unreadable:
 
     what: str  # "image <pk>" or "file <name>"
     url: str
+    attrs: Attrs = field(default=(), compare=False)
 
 
 @dataclass(slots=True)
 class Directory:
     entries: dict[str, Entry] = field(default_factory=dict)
+    attrs: Attrs = ()  # an image socket's directory shows the image; others show nothing
 
 
 Entry = InlineFile | RemoteFile | Unreadable | Directory
@@ -212,11 +223,31 @@ def image_files(image: object, dicom: Sequence[DicomInstance] | None) -> dict[st
         if not isinstance(url, str) or name is None:
             log.warning("image %s: skipping a file without a usable URL", image.get("pk"))
             continue
-        _put(directory, safe_name(name), RemoteFile(url))
+        file_pk = image_file.get("pk")
+        attrs = _attrs(kind="file", pk=file_pk if isinstance(file_pk, str) else "")
+        _put(directory, safe_name(name), RemoteFile(url, attrs=attrs))
     for instance in dicom or ():
-        entry = RemoteFile(instance.url, instance.headers)
+        entry = RemoteFile(instance.url, instance.headers, attrs=_attrs(kind="file"))
         _put(directory, safe_name(f"{instance.sop_instance_uid}.dcm"), entry)
     return directory.entries
+
+
+def _attrs(**values: object) -> Attrs:
+    """Attrs from keyword arguments; empty and non-text values are left out."""
+    return tuple(
+        (key, str(value))
+        for key, value in values.items()
+        if isinstance(value, str | int) and not isinstance(value, bool) and value != ""
+    )
+
+
+def _with_socket(entry: Entry, socket: Attrs) -> Entry:
+    """`entry` (a file or a directory of files) marked as a value of the socket."""
+    if isinstance(entry, Directory):
+        return Directory(
+            {n: _with_socket(e, socket) for n, e in entry.entries.items()}, entry.attrs + socket
+        )
+    return dataclasses.replace(entry, attrs=entry.attrs + socket)
 
 
 def lay_out_values(
@@ -254,6 +285,7 @@ def _lay_out_value(
     super_kind = socket.get("super_kind")
     slug = socket.get("slug")
     what = f"value {index} ({slug if isinstance(slug, str) else '?'})"
+    of_socket = _attrs(socket=slug)
     if super_kind == "Image" or value.get("image") is not None:
         pk = image_pk_of(value)
         if pk is None:
@@ -261,7 +293,7 @@ def _lay_out_value(
             return
         image = images.get(pk)
         if image is None:
-            entry: Entry = Unreadable(f"image {pk}", str(value.get("image")))
+            entry: Entry = Unreadable(f"image {pk}", str(value.get("image")), of_socket)
             fallback = slug if isinstance(slug, str) and slug else pk
             _place(root, segments or [safe_name(fallback)], entry)
             return
@@ -270,10 +302,11 @@ def _lay_out_value(
             return
         files = image_files(image, dicom.get(pk))
         if segments:
-            _place(root, segments, Directory(files))
+            shows = _attrs(kind="image", pk=pk, api_url=value.get("image"))
+            _place(root, segments, _with_socket(Directory(files, shows), of_socket))
         else:
             for name, file_entry in files.items():
-                _place(root, [name], file_entry)
+                _place(root, [name], _with_socket(file_entry, of_socket))
     elif value.get("file") is not None:
         url = value.get("file")
         if not isinstance(url, str) or not _is_fetchable(url):
@@ -281,7 +314,8 @@ def _lay_out_value(
         elif not segments:
             log.warning("values: skipping %s: no usable relative_path", what)
         else:
-            _place(root, segments, RemoteFile(url))
+            attrs = _attrs(kind="file", pk=value.get("pk")) + of_socket
+            _place(root, segments, RemoteFile(url, attrs=attrs))
     elif not segments:
         log.warning("values: skipping %s: no usable relative_path", what)
     else:
@@ -290,7 +324,9 @@ def _lay_out_value(
         except (TypeError, ValueError, RecursionError):
             log.warning("values: skipping %s: its value is not JSON", what)
             return
-        _place(root, segments, InlineFile(data))
+        _place(
+            root, segments, InlineFile(data, _attrs(kind="value", pk=value.get("pk")) + of_socket)
+        )
 
 
 def _place(root: Directory, segments: list[str], entry: Entry) -> None:
@@ -319,6 +355,7 @@ def _put(directory: Directory, name: str, entry: Entry) -> str:
         if isinstance(existing, Directory) and isinstance(entry, Directory):
             for child, child_entry in entry.entries.items():
                 _put(existing, child, child_entry)
+            existing.attrs = existing.attrs or entry.attrs  # a made-up directory takes a name
             break
         if existing == entry:
             log.debug("%s listed twice; showing it once", candidate)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -158,17 +158,37 @@ class StaticDir(DirNode):
         return self.entries
 
 
-def stub_dir(identity: str, name: str, readme: bytes) -> StaticDir:
-    """A directory holding only README.md: what stands in for what we may not see."""
+def stub_dir(
+    identity: str, name: str, readme: bytes, *, exists: bool | None, url: str = ""
+) -> StaticDir:
+    """A directory holding only README.md: what stands in for what we may not see.
+
+    Both carry `user.gc.kind` `no-access`, `user.gc.url` the request-access page (`url`, where
+    there is one) and `user.gc.exists`: `yes` when the server confirmed that the object
+    exists, `unknown` when it cannot tell (archive slugs, archive items), absent when the
+    README stands for a file or image that a visible object names (it exists)."""
+    extra = {} if exists is None else {"user.gc.exists": "yes" if exists else "unknown"}
     readme_node = FileNode(f"{identity}/README.md", "README.md", data=readme)
-    return StaticDir(identity, name, {"README.md": readme_node})
+    describe(readme_node, "no-access", url=url, extra=extra)
+    directory = StaticDir(identity, name, {"README.md": readme_node})
+    return describe(directory, "no-access", url=url, extra=extra)
 
 
-def describe(node: N, kind: str, obj: object = None, *, url: str = "", api_url: str = "") -> N:
-    """Give `node` the extended attributes of the object it shows; returns the node.
+def describe(
+    node: N,
+    kind: str,
+    obj: object = None,
+    *,
+    url: str = "",
+    api_url: str = "",
+    extra: Mapping[str, str] | None = None,
+) -> N:
+    """Give `node` the extended attributes of what it shows; returns the node.
 
-    `url` (the web page) and `api_url` default to the object's own fields; an object without
-    a page (an image, an archive item's API URL) simply lacks that attribute.
+    `user.gc.kind` always; `user.gc.pk`, `user.gc.api_url` and `user.gc.url` (the web page)
+    default to the object's own fields and are left out where the object has none (an image
+    has no page, an archive item no API URL field: the caller builds it). `extra` adds others
+    (`user.gc.socket` of a value).
     """
     fields = obj if isinstance(obj, dict) else {}
     values = {
@@ -176,8 +196,13 @@ def describe(node: N, kind: str, obj: object = None, *, url: str = "", api_url: 
         "user.gc.pk": fields.get("pk"),
         "user.gc.api_url": api_url or fields.get("api_url"),
         "user.gc.url": url or fields.get("url"),
+        **(extra or {}),
     }
-    node.xattrs = {k: str(v) for k, v in values.items() if isinstance(v, str | int) and v != ""}
+    node.xattrs = {
+        k: str(v)
+        for k, v in values.items()
+        if isinstance(v, str | int) and not isinstance(v, bool) and v != ""
+    }
     return node
 
 

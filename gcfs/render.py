@@ -49,8 +49,11 @@ then fetched again.
     reader-studies/<slug>/display-sets/<pk>/    display-set.json + its values
     reader-studies/<slug>/answers.json|.csv     every answer you may see
     images/<pk>/                                any image by pk: image.json + its files
+    api/v1/<API path>                           any object by its API URL: swap the site
+                                                ({base_url}/) for this directory
 
 Directories are named by slug; a pk (UUID) also works and is a symlink to the slug.
+`gcfs path <pk, slug or URL>` prints where an object is.
 An object you may not see shows as a directory holding only README.md, which says how to
 request access. Every write fails with "Read-only file system".
 """
@@ -123,5 +126,27 @@ An object you can see refers to {what}, but your account ({username}) may not re
 Access to images and files follows the archive, reader study or algorithm job they belong
 to. Ask the owner of that object for access; once it is granted, `gcfs refresh` on the
 directory above this one shows the real files at once (or wait {ttl:g} s).
+"""
+    return text.encode("utf-8")
+
+
+def api_stub_readme(noun: str, api_url: str, *, username: str, ttl: float, certain: bool) -> bytes:
+    """The README standing in for an object looked up by API URL (`api/v1/...`) that the token
+    may not see; `certain` when the server confirmed that it exists."""
+    if certain:
+        status = f"This {noun} exists, but your account ({username}) may not see it."
+    else:
+        status = (
+            f"This {noun} is not visible to you: it does not exist, or your account ({username})\n"
+            f"lacks access. Grand Challenge does not tell the two apart for this kind of object."
+        )
+    text = f"""# No access to {noun} {api_url.rstrip("/").rsplit("/", 1)[-1]}
+
+{status}
+  {api_url}
+
+Access follows the archive, reader study or algorithm the object belongs to: ask its owner
+for access. Once it is granted, `gcfs refresh` on the directory above this one shows the
+object at once (or wait {ttl:g} s).
 """
     return text.encode("utf-8")

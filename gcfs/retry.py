@@ -151,9 +151,10 @@ async def retrying(
                     outage.succeeded()
                 return result
     reason = f"{last}" if last is not None else "no answer"
-    error = Unavailable(f"{what}: gave up after {budget:g} s ({reason})")
+    status = last.status if last is not None else None
+    error = Unavailable(f"{what}: gave up after {budget:g} s ({reason})", status=status)
     if outage is not None:
         outage.gave_up(error)
     if scope.cancelled_caught:
         raise error from last
-    raise Unavailable(f"{what}: too many retries") from last
+    raise Unavailable(f"{what}: too many retries", status=status) from last

@@ -11,7 +11,9 @@
 Requests: one paged listing per directory of objects; the images of an archive's items or a
 study's display sets come from one paged `cases/images/?archive=<pk>` (or `?reader_study=`)
 listing shared by all its directories, never one request per image; a job's images come from
-`?job_input=<pk>` / `?job_output=<pk>`. Listing a directory that holds remote files probes their
+`?job_input=<pk>` / `?job_output=<pk>`. When such a listing fails (the real server answers 500
+to the job filters), each image is fetched by its own API URL (`GcFilesystem.objects_among`).
+Listing a directory that holds remote files probes their
 sizes concurrently (one ranged GET each, remembered forever: files are immutable by pk).
 """
 
@@ -27,7 +29,16 @@ from . import layout, render
 from .answers_csv import render_answers_csv
 from .errors import NotFound, one_error
 from .names import is_uuid
-from .nodes import DirNode, FileNode, Node, RemoteFileNode, StaticDir, describe, stub_dir
+from .nodes import (
+    DirNode,
+    FileNode,
+    Node,
+    RemoteFileNode,
+    StaticDir,
+    SymlinkNode,
+    describe,
+    stub_dir,
+)
 
 if TYPE_CHECKING:
     from .fs import GcFilesystem
@@ -48,6 +59,7 @@ class ObjectListDir(DirNode):
     """A directory of API objects named by pk, from one paged listing."""
 
     __slots__ = ("api_path", "api_root", "params", "web_url")
+    gc_kind = "listing"  # user.gc.kind of the directory itself
 
     def __init__(
         self,
@@ -56,14 +68,17 @@ class ObjectListDir(DirNode):
         api_path: str,
         params: dict[str, str],
         *,
-        api_root: str = "",
+        api_root: str,
         web_url: str = "",
+        page: str = "",
     ) -> None:
         super().__init__(identity, name)
         self.api_path = api_path
         self.params = params
         self.api_root = api_root  # .../api/v1/, for objects whose JSON lacks api_url
         self.web_url = web_url  # the parent object's page, for its children's pages
+        query = "&".join(f"{k}={v}" for k, v in sorted(params.items()))
+        describe(self, self.gc_kind, api_url=f"{api_root}{api_path}?{query}", url=page)
 
     def child(self, pk: str, obj: dict[str, Any]) -> Node:
         raise NotImplementedError
@@ -112,11 +127,9 @@ class ValuesDir(DirNode):
     async def build(self, fs: GcFilesystem) -> dict[str, Node]:
         values = self.obj.get(self.values_key)
         values = [v for v in values if isinstance(v, dict)] if isinstance(values, list) else []
-        images: dict[str, dict[str, Any]] = {}
-        if any(layout.image_pk_of(v) for v in values):
-            images = await fs.images_by_pk(*self.images_filter)
-        wanted = [pk for pk in images if pk in {layout.image_pk_of(v) for v in values}]
-        dicom = await fs.dicom_for([images[pk] for pk in wanted])
+        wanted = self.image_pks()
+        images = await fs.images_for(self.images_filter, wanted) if wanted else {}
+        dicom = await fs.dicom_for(list(images.values()))
         tree = layout.lay_out_values(values, images, dicom)
         entries: dict[str, layout.Entry] = dict(tree.entries)
         name = layout.metadata_name(self.metadata or "", entries)
@@ -127,9 +140,17 @@ class ValuesDir(DirNode):
             nodes[name].xattrs = dict(self.xattrs)
         return nodes
 
+    def image_pks(self) -> set[str]:
+        """The pks of the images its values name."""
+        values = self.obj.get(self.values_key)
+        if not isinstance(values, list):
+            return set()
+        return {pk for v in values if isinstance(v, dict) and (pk := layout.image_pk_of(v))}
+
     def cache_keys(self) -> list[Hashable]:
         param, pk = self.images_filter
-        return [*super().cache_keys(), list_key("cases/images/", {param: pk})]
+        objects = [("object", f"cases/images/{image}/") for image in sorted(self.image_pks())]
+        return [*super().cache_keys(), list_key("cases/images/", {param: pk}), *objects]
 
 
 class EntriesDir(DirNode):
@@ -150,6 +171,7 @@ class EntriesDir(DirNode):
 
 class ItemsDir(ObjectListDir):
     __slots__ = ()
+    gc_kind = "archive-items"
 
     def child(self, pk: str, obj: dict[str, Any]) -> Node:
         item = ValuesDir(
@@ -171,13 +193,15 @@ class ItemsDir(ObjectListDir):
 async def archive_contents(fs: GcFilesystem, identity: str, obj: dict[str, Any]) -> list[Node]:
     pk = str(obj["pk"])
     url = obj.get("url")
+    web_url = url if isinstance(url, str) else ""
     items = ItemsDir(
         f"{identity}/items",
         "items",
         "archives/items/",
         {"archive": pk},
         api_root=fs.api.api_url,
-        web_url=url if isinstance(url, str) else "",
+        web_url=web_url,
+        page=f"{web_url}items/" if web_url.endswith("/") else "",
     )
     return [items]
 
@@ -186,13 +210,18 @@ async def archive_contents(fs: GcFilesystem, identity: str, obj: dict[str, Any])
 
 
 class AlgorithmImagesDir(DirNode):
-    """`images/<pk>.json`: the algorithm's container images (only editors see any)."""
+    """`images/<pk>.json`: the algorithm's container images (only editors see any).
+
+    `images/<pk>` (lookup only) links to `<pk>.json`, so that the website's URL of an image
+    (`/algorithms/<slug>/images/<pk>/`) maps onto the tree like every other page."""
 
     __slots__ = ("algorithm_pk",)
 
-    def __init__(self, identity: str, name: str, algorithm_pk: str) -> None:
+    def __init__(self, identity: str, name: str, algorithm_pk: str, api_root: str) -> None:
         super().__init__(identity, name)
         self.algorithm_pk = algorithm_pk
+        api_url = f"{api_root}algorithms/images/?algorithm={algorithm_pk}"
+        describe(self, "algorithm-images", api_url=api_url)
 
     def cache_keys(self) -> list[Hashable]:
         params = {"algorithm": self.algorithm_pk}
@@ -210,39 +239,61 @@ class AlgorithmImagesDir(DirNode):
                 children[name] = describe(node, "algorithm-image", obj)
         return children
 
+    async def find(self, fs: GcFilesystem, name: str) -> Node:
+        children = await fs.children(self)
+        if name not in children and f"{name}.json" in children:
+            link = SymlinkNode(f"{self.identity}/{name}", name, target=f"{name}.json")
+            return fs.inodes.add(describe(link, "link"))
+        return await super().find(fs, name)
+
 
 class JobsDir(ObjectListDir):
     __slots__ = ()
+    gc_kind = "jobs"
 
     def child(self, pk: str, obj: dict[str, Any]) -> Node:
-        identity = f"job:{pk}"
-        inputs = ValuesDir(
-            f"{identity}/inputs",
-            "inputs",
-            obj,
-            values_key="inputs",
-            images_filter=("job_input", pk),
-            metadata=None,
-        )
-        outputs = ValuesDir(
-            f"{identity}/outputs",
-            "outputs",
-            obj,
-            values_key="outputs",
-            images_filter=("job_output", pk),
-            metadata=None,
-        )
-        job_json = FileNode(f"{identity}/job.json", "job.json", data=render.metadata_json(obj))
-        describe(job_json, "job", obj)
-        entries: dict[str, Node] = {"job.json": job_json, "inputs": inputs, "outputs": outputs}
-        return describe(StaticDir(identity, pk, entries), "job", obj)
+        return job_dir(f"job:{pk}", pk, obj)
+
+
+def job_dir(identity: str, name: str, job: dict[str, Any]) -> StaticDir:
+    """A job's directory: job.json, inputs/ and outputs/, each showing the job."""
+    pk = str(job.get("pk"))
+    inputs = ValuesDir(
+        f"{identity}/inputs",
+        "inputs",
+        job,
+        values_key="inputs",
+        images_filter=("job_input", pk),
+        metadata=None,
+    )
+    outputs = ValuesDir(
+        f"{identity}/outputs",
+        "outputs",
+        job,
+        values_key="outputs",
+        images_filter=("job_output", pk),
+        metadata=None,
+    )
+    job_json = FileNode(f"{identity}/job.json", "job.json", data=render.metadata_json(job))
+    describe(job_json, "job", job)
+    describe(inputs, "job-inputs", job)
+    describe(outputs, "job-outputs", job)
+    entries: dict[str, Node] = {"job.json": job_json, "inputs": inputs, "outputs": outputs}
+    return describe(StaticDir(identity, name, entries), "job", job)
 
 
 async def algorithm_contents(fs: GcFilesystem, identity: str, obj: dict[str, Any]) -> list[Node]:
     pk = str(obj["pk"])
+    api_root = fs.api.api_url
     return [
-        AlgorithmImagesDir(f"{identity}/images", "images", pk),
-        JobsDir(f"{identity}/jobs", "jobs", "algorithms/jobs/", {"algorithm_image__algorithm": pk}),
+        AlgorithmImagesDir(f"{identity}/images", "images", pk, api_root),
+        JobsDir(
+            f"{identity}/jobs",
+            "jobs",
+            "algorithms/jobs/",
+            {"algorithm_image__algorithm": pk},
+            api_root=api_root,
+        ),
     ]
 
 
@@ -251,6 +302,7 @@ async def algorithm_contents(fs: GcFilesystem, identity: str, obj: dict[str, Any
 
 class DisplaySetsDir(ObjectListDir):
     __slots__ = ()
+    gc_kind = "display-sets"
 
     def child(self, pk: str, obj: dict[str, Any]) -> Node:
         display_set = ValuesDir(
@@ -284,22 +336,40 @@ async def reader_study_contents(fs: GcFilesystem, identity: str, obj: dict[str, 
             fetch, "display_sets", "reader-studies/display-sets/", {"reader_study": pk}
         )
     answers, display_sets = results["answers"], results["display_sets"]
+    api_root = fs.api.api_url
+    questions_url = f"{api_root}reader-studies/questions/?reader_study={pk}"
+    answers_url = f"{api_root}reader-studies/answers/?question__reader_study={pk}"
     return [
-        FileNode(
-            f"{identity}/questions.json", "questions.json", data=render.metadata_json(questions)
+        describe(
+            FileNode(
+                f"{identity}/questions.json", "questions.json", data=render.metadata_json(questions)
+            ),
+            "questions",
+            api_url=questions_url,
         ),
         DisplaySetsDir(
             f"{identity}/display-sets",
             "display-sets",
             "reader-studies/display-sets/",
             {"reader_study": pk},
+            api_root=api_root,
             web_url=obj["url"] if isinstance(obj.get("url"), str) else "",
         ),
-        FileNode(f"{identity}/answers.json", "answers.json", data=render.metadata_json(answers)),
-        FileNode(
-            f"{identity}/answers.csv",
-            "answers.csv",
-            data=render_answers_csv(answers, questions, display_sets),
+        describe(
+            FileNode(
+                f"{identity}/answers.json", "answers.json", data=render.metadata_json(answers)
+            ),
+            "answers",
+            api_url=answers_url,
+        ),
+        describe(
+            FileNode(
+                f"{identity}/answers.csv",
+                "answers.csv",
+                data=render_answers_csv(answers, questions, display_sets),
+            ),
+            "answers-csv",
+            api_url=answers_url,
         ),
     ]
 
@@ -343,7 +413,7 @@ class ImagesRootDir(DirNode):
 
     async def _lookup(self, fs: GcFilesystem, pk: str) -> Node:
         try:
-            image = await fs.api.get_json(f"cases/images/{pk}/")
+            image = await fs.api_object(f"cases/images/{pk}/")
         except NotFound:
             image = None
         if isinstance(image, dict):
@@ -356,7 +426,7 @@ class ImagesRootDir(DirNode):
         readme = render.unreadable_readme(
             f"image {pk}", f"{fs.api.api_url}cases/images/{pk}/", username=fs.username, ttl=fs.ttl
         )
-        return fs.inodes.add(stub_dir(f"stub:image:{pk}", pk, readme))
+        return fs.inodes.add(stub_dir(f"stub:image:{pk}", pk, readme, exists=True))
 
 
 __all__ = [
