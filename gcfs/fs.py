@@ -379,7 +379,9 @@ class GcFilesystem:
                 return {pk: by_pk[pk] for pk in wanted if pk in by_pk}
         found = await self._each_object(sorted(wanted), detail)
         if family not in self._failing_batches:
-            self._failing_batches[family] = True  # the objects answer where the batch did not
+            # The objects answer where the batch did not: skip it for the TTL.
+            self._failing_batches[family] = True
+            log.info("asking for objects one by one instead of %s for %g s", family, self.ttl)
         self.fallbacks += 1
         return found
 

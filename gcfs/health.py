@@ -61,11 +61,7 @@ class EndpointHealth:
             current.status = status
             return
         self._failing[family] = _Failing(status, time.time(), 1)
-        log.warning(
-            "the server fails %s with HTTP %d; asking for each object instead where gcfs can",
-            family,
-            status,
-        )
+        log.warning("the server fails %s with HTTP %d (gcfs status lists it)", family, status)
 
     def succeeded(self, family: str) -> None:
         if self._failing.pop(family, None) is not None:
