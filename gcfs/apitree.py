@@ -266,7 +266,8 @@ async def _job(fs: GcFilesystem, here: LookupDir, pk: str) -> Node:
         if isinstance(link, SymlinkNode):
             return link
     # A job we may see of an algorithm we may not: no link reaches it, so it is shown here.
-    return fs.inodes.add(job_dir(f"{here.identity}/{pk}", pk, job))
+    fetched_at = fs.cache.fetched_at(("object", f"algorithms/jobs/{pk}/"))  # of `job`
+    return fs.inodes.add(job_dir(f"{here.identity}/{pk}", pk, job, fetched_at=fetched_at))
 
 
 async def _display_set(fs: GcFilesystem, here: LookupDir, pk: str) -> Node:

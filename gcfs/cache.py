@@ -80,6 +80,10 @@ class MetadataCache:
         # (stale-if-error), so a mount keeps showing what it has seen during an outage.
         # It holds references to the same objects, so it costs little beyond the TTL cache.
         self._last_good: LRUCache[Hashable, Any] = LRUCache(maxsize=maxsize)
+        # When each key's value was fetched (the timer's clock): how old the answers are that
+        # a node was built from (GcFilesystem.is_vouched_for).
+        self._fetched_at: LRUCache[Hashable, float] = LRUCache(maxsize=maxsize)
+        self._timer = timer
         self._flights: dict[Hashable, _Flight[Any]] = {}
         self._hits = self._misses = self._shared = self._stale = self._remembered = 0
 
@@ -87,9 +91,9 @@ class MetadataCache:
         """The cached value, or None. Sync on purpose: no checkpoint, so atomic."""
         return self._entries.get(key)
 
-    def is_fresh(self, key: Hashable) -> bool:
-        """True while `key` holds a value younger than the TTL."""
-        return key in self._entries
+    def fetched_at(self, key: Hashable) -> float | None:
+        """When the value of `key` was last fetched (the timer's clock), or None."""
+        return self._fetched_at.get(key)
 
     def put(self, key: Hashable, value: Any) -> None:
         self._entries[key] = value
@@ -98,6 +102,7 @@ class MetadataCache:
         self._entries.pop(key, None)
         self._last_good.pop(key, None)
         self._errors.pop(key, None)
+        self._fetched_at.pop(key, None)
 
     def forget_matching(self, predicate: Callable[[Hashable], bool]) -> int:
         """Forget every key for which `predicate` is true; how many there were."""
@@ -111,6 +116,7 @@ class MetadataCache:
         self._entries.clear()
         self._last_good.clear()
         self._errors.clear()
+        self._fetched_at.clear()
 
     async def get(self, key: Hashable, fetch: Callable[[], Awaitable[T]]) -> T:
         """The value for `key`, from the cache or from one shared call of `fetch()`."""
@@ -136,16 +142,17 @@ class MetadataCache:
         self._misses += 1
         flight = _Flight()
         self._flights[key] = flight
+        stale_value: Any = None
         try:
             try:
                 value = await fetch()
             except Unavailable as exc:
-                stale = self._last_good.get(key)
-                if stale is None:
+                stale_value = self._last_good.get(key)
+                if stale_value is None:
                     raise
                 self._stale += 1
                 log.debug("%r: serving the last good value (%s)", key, exc)
-                value = stale
+                value = stale_value
         except BaseException as exc:
             # Followers see the leader's error; Cancelled (the leader's own deadline) becomes
             # a plain error for them rather than a cancellation they did not ask for.
@@ -155,9 +162,12 @@ class MetadataCache:
             raise
         else:
             flight.value = value
-            if value is not None:
+            if value is not None and value is not stale_value:
                 self._entries[key] = value
                 self._last_good[key] = value
+                self._fetched_at[key] = self._timer()
+            elif value is not None:
+                self._entries[key] = value
             return value
         finally:
             del self._flights[key]

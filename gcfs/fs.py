@@ -24,7 +24,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence, Set
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -299,6 +299,16 @@ def _slug_of(obj: dict[str, Any], collection: Collection) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Among:
+    """What `objects_among` found: the objects by pk, and when the oldest answer that listed
+    them was fetched (the proof, while younger than the TTL, that the token may read their
+    files; None if unknown)."""
+
+    objects: dict[str, JSON]
+    fetched_at: float | None
+
+
 class GcFilesystem:
     """The filesystem core: nodes by inode, directories listed and looked up through the API."""
 
@@ -336,7 +346,7 @@ class GcFilesystem:
         )
         return objects
 
-    async def images_for(self, listing: tuple[str, str], wanted: Set[str]) -> dict[str, JSON]:
+    async def images_for(self, listing: tuple[str, str], wanted: Set[str]) -> Among:
         """The images `wanted` (pks) that the token may see, by pk.
 
         `listing` is the filter (`("archive", <pk>)`, `("reader_study", <pk>)`,
@@ -355,7 +365,7 @@ class GcFilesystem:
         params: Mapping[str, str],
         wanted: Set[str],
         detail: Callable[[str], str],
-    ) -> dict[str, JSON]:
+    ) -> Among:
         """The objects `wanted` (pks) among those of the batch listing `path?params`, by pk;
         an object the token may not see is missing from the answer.
 
@@ -376,14 +386,15 @@ class GcFilesystem:
                 log.debug("%s %s failed (%s); asking for each object", path, dict(params), exc)
             else:
                 by_pk = {obj.get("pk"): obj for obj in listed}
-                return {pk: by_pk[pk] for pk in wanted if pk in by_pk}
+                found = {pk: by_pk[pk] for pk in wanted if pk in by_pk}
+                return Among(found, self.cache.fetched_at(tree.list_key(path, dict(params))))
         found = await self._each_object(sorted(wanted), detail)
         if family not in self._failing_batches:
             # The objects answer where the batch did not: skip it for the TTL.
             self._failing_batches[family] = True
             log.info("asking for objects one by one instead of %s for %g s", family, self.ttl)
         self.fallbacks += 1
-        return found
+        return Among(found, self.oldest([("object", detail(pk)) for pk in found]))
 
     async def _each_object(
         self, pks: Sequence[str], detail: Callable[[str], str]
@@ -437,10 +448,14 @@ class GcFilesystem:
         return layout.dicom_instances(instances)
 
     async def materialize(
-        self, identity: str, entries: Mapping[str, layout.Entry]
+        self,
+        identity: str,
+        entries: Mapping[str, layout.Entry],
+        vouched_at: float | None,
     ) -> dict[str, Node]:
         """Nodes for a values layout; remote files get their true size first (probed
-        concurrently), and a file we may not read becomes a README stub."""
+        concurrently), and a file we may not read becomes a README stub. `vouched_at`: when
+        the oldest answer that listed these files was fetched (RemoteFileNode)."""
         remote = {n: e for n, e in entries.items() if isinstance(e, layout.RemoteFile)}
         sizes = await self._probe(remote)  # a file missing here may not be read
         nodes: dict[str, Node] = {}
@@ -454,11 +469,13 @@ class GcFilesystem:
             if isinstance(entry, layout.InlineFile):
                 node = describe(FileNode(path, name, data=entry.data), kind or "value", extra=extra)
             elif isinstance(entry, layout.Directory):
-                node = tree.EntriesDir(path, name, entry.entries)
+                node = tree.EntriesDir(path, name, entry.entries, vouched_at)
                 describe(node, kind or "directory", api_url=api_url, extra=extra)
             elif isinstance(entry, layout.RemoteFile) and name in sizes:
                 # api_url of a file is the URL its bytes are fetched from (its /media/ URL).
-                file_node = RemoteFileNode(path, name, url=entry.url, length=sizes[name])
+                file_node = RemoteFileNode(
+                    path, name, url=entry.url, length=sizes[name], vouched_at=vouched_at
+                )
                 node = describe(file_node, kind or "file", api_url=entry.url, extra=extra)
             else:
                 what, url = (
@@ -503,6 +520,20 @@ class GcFilesystem:
 
         children: Children = await self.cache.get(("dir", directory.identity), build)
         return children
+
+    def is_vouched_for(self, node: RemoteFileNode) -> bool:
+        """True while every answer that listed the file is younger than the TTL: then the
+        token may read it as surely as it may see its name, and opening its cached bytes
+        needs no request. After the TTL an open asks the server again (a /media/
+        resolution), so a revoked permission ends access within one TTL."""
+        return node.vouched_at is not None and trio.current_time() - node.vouched_at < self.ttl
+
+    def oldest(self, keys: Iterable[Hashable]) -> float | None:
+        """When the oldest of these cached answers was fetched; None if one is unknown."""
+        times = [self.cache.fetched_at(key) for key in keys]
+        if not times or any(t is None for t in times):
+            return None
+        return min(t for t in times if t is not None)
 
     def is_known_absent(self, directory: DirNode, name: str) -> bool:
         return (directory.identity, name) in self._absent

@@ -110,10 +110,17 @@ class SymlinkNode(Node):
 
 @dataclass(eq=False, slots=True)
 class RemoteFileNode(Node):
-    """A file whose bytes are fetched on read; its size was learned when it was listed."""
+    """A file whose bytes are fetched on read; its size was learned when it was listed.
+
+    `vouched_at`: when the oldest of the API answers that listed it (its item's listing, its
+    image's) was fetched (trio clock), None if unknown. While that is younger than the TTL,
+    those answers are the proof that the token may read the file, as they are for every
+    other name in the tree, so an open of cached bytes needs no request
+    (GcFilesystem.is_vouched_for)."""
 
     url: str = ""
     length: int = 0
+    vouched_at: float | None = None
     kind = NodeKind.FILE
 
     @property

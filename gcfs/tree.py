@@ -80,7 +80,8 @@ class ObjectListDir(DirNode):
         query = "&".join(f"{k}={v}" for k, v in sorted(params.items()))
         describe(self, self.gc_kind, api_url=f"{api_root}{api_path}?{query}", url=page)
 
-    def child(self, pk: str, obj: dict[str, Any]) -> Node:
+    def child(self, pk: str, obj: dict[str, Any], fetched_at: float | None) -> Node:
+        """The node of one object; `fetched_at`: when the listing was fetched."""
         raise NotImplementedError
 
     def cache_keys(self) -> list[Hashable]:
@@ -88,13 +89,20 @@ class ObjectListDir(DirNode):
 
     async def build(self, fs: GcFilesystem) -> dict[str, Node]:
         children: dict[str, Node] = {}
-        for obj in await fs.list_objects(self.api_path, self.params):
+        listed = await fs.list_objects(self.api_path, self.params)
+        fetched_at = fs.cache.fetched_at(list_key(self.api_path, self.params))
+        for obj in listed:
             pk = _pk(obj)
             if pk is None:
                 log.warning("%s: skipping an object without a valid pk", self.api_path)
                 continue
-            children[pk] = self.child(pk, obj)
+            children[pk] = self.child(pk, obj, fetched_at)
         return children
+
+
+def _older(first: float | None, second: float | None) -> float | None:
+    """The older of two fetch times; None (unknown) wins."""
+    return None if first is None or second is None else min(first, second)
 
 
 def list_key(api_path: str, params: dict[str, str] | None = None) -> Hashable:
@@ -105,7 +113,7 @@ def list_key(api_path: str, params: dict[str, str] | None = None) -> Hashable:
 class ValuesDir(DirNode):
     """A directory of values laid out as an algorithm's /input, with a metadata file."""
 
-    __slots__ = ("images_filter", "metadata", "obj", "values_key")
+    __slots__ = ("fetched_at", "images_filter", "metadata", "obj", "values_key")
     # The xattrs of the object (set with `describe`) go to its metadata file too.
 
     def __init__(
@@ -117,25 +125,32 @@ class ValuesDir(DirNode):
         values_key: str,
         images_filter: tuple[str, str],
         metadata: str | None,
+        fetched_at: float | None,
     ) -> None:
         super().__init__(identity, name)
         self.obj = obj
         self.values_key = values_key
         self.images_filter = images_filter
         self.metadata = metadata
+        self.fetched_at = fetched_at  # when the answer `obj` came from was fetched
 
     async def build(self, fs: GcFilesystem) -> dict[str, Node]:
         values = self.obj.get(self.values_key)
         values = [v for v in values if isinstance(v, dict)] if isinstance(values, list) else []
         wanted = self.image_pks()
-        images = await fs.images_for(self.images_filter, wanted) if wanted else {}
+        vouched_at = self.fetched_at
+        images: dict[str, Any] = {}
+        if wanted:
+            among = await fs.images_for(self.images_filter, wanted)
+            images = among.objects
+            vouched_at = _older(vouched_at, among.fetched_at)
         dicom = await fs.dicom_for(list(images.values()))
         tree = layout.lay_out_values(values, images, dicom)
         entries: dict[str, layout.Entry] = dict(tree.entries)
         name = layout.metadata_name(self.metadata or "", entries)
         if self.metadata is not None:
             entries[name] = layout.InlineFile(render.metadata_json(self.obj))
-        nodes = await fs.materialize(self.identity, entries)
+        nodes = await fs.materialize(self.identity, entries, vouched_at)
         if self.metadata is not None and self.xattrs:
             nodes[name].xattrs = dict(self.xattrs)
         return nodes
@@ -156,14 +171,21 @@ class ValuesDir(DirNode):
 class EntriesDir(DirNode):
     """A subdirectory of a values layout (an image socket's directory, say)."""
 
-    __slots__ = ("entries",)
+    __slots__ = ("entries", "vouched_at")
 
-    def __init__(self, identity: str, name: str, entries: dict[str, layout.Entry]) -> None:
+    def __init__(
+        self,
+        identity: str,
+        name: str,
+        entries: dict[str, layout.Entry],
+        vouched_at: float | None,
+    ) -> None:
         super().__init__(identity, name)
         self.entries = entries
+        self.vouched_at = vouched_at  # of the answers its parent was built from
 
     async def build(self, fs: GcFilesystem) -> dict[str, Node]:
-        return await fs.materialize(self.identity, self.entries)
+        return await fs.materialize(self.identity, self.entries, self.vouched_at)
 
 
 # -- archives ------------------------------------------------------------------------------
@@ -173,7 +195,7 @@ class ItemsDir(ObjectListDir):
     __slots__ = ()
     gc_kind = "archive-items"
 
-    def child(self, pk: str, obj: dict[str, Any]) -> Node:
+    def child(self, pk: str, obj: dict[str, Any], fetched_at: float | None) -> Node:
         item = ValuesDir(
             f"item:{pk}",
             pk,
@@ -181,6 +203,7 @@ class ItemsDir(ObjectListDir):
             values_key="values",
             images_filter=("archive", self.params["archive"]),
             metadata="item.json",
+            fetched_at=fetched_at,
         )
         # Items have no api_url or url field (gc-api.md §3.2): both are built.
         api_url = f"{self.api_root}archives/items/{pk}/"
@@ -251,12 +274,15 @@ class JobsDir(ObjectListDir):
     __slots__ = ()
     gc_kind = "jobs"
 
-    def child(self, pk: str, obj: dict[str, Any]) -> Node:
-        return job_dir(f"job:{pk}", pk, obj)
+    def child(self, pk: str, obj: dict[str, Any], fetched_at: float | None) -> Node:
+        return job_dir(f"job:{pk}", pk, obj, fetched_at=fetched_at)
 
 
-def job_dir(identity: str, name: str, job: dict[str, Any]) -> StaticDir:
-    """A job's directory: job.json, inputs/ and outputs/, each showing the job."""
+def job_dir(
+    identity: str, name: str, job: dict[str, Any], *, fetched_at: float | None
+) -> StaticDir:
+    """A job's directory: job.json, inputs/ and outputs/, each showing the job. `fetched_at`:
+    when the answer `job` came from was fetched."""
     pk = str(job.get("pk"))
     inputs = ValuesDir(
         f"{identity}/inputs",
@@ -265,6 +291,7 @@ def job_dir(identity: str, name: str, job: dict[str, Any]) -> StaticDir:
         values_key="inputs",
         images_filter=("job_input", pk),
         metadata=None,
+        fetched_at=fetched_at,
     )
     outputs = ValuesDir(
         f"{identity}/outputs",
@@ -273,6 +300,7 @@ def job_dir(identity: str, name: str, job: dict[str, Any]) -> StaticDir:
         values_key="outputs",
         images_filter=("job_output", pk),
         metadata=None,
+        fetched_at=fetched_at,
     )
     job_json = FileNode(f"{identity}/job.json", "job.json", data=render.metadata_json(job))
     describe(job_json, "job", job)
@@ -304,7 +332,7 @@ class DisplaySetsDir(ObjectListDir):
     __slots__ = ()
     gc_kind = "display-sets"
 
-    def child(self, pk: str, obj: dict[str, Any]) -> Node:
+    def child(self, pk: str, obj: dict[str, Any], fetched_at: float | None) -> Node:
         display_set = ValuesDir(
             f"display-set:{pk}",
             pk,
@@ -312,6 +340,7 @@ class DisplaySetsDir(ObjectListDir):
             values_key="values",
             images_filter=("reader_study", self.params["reader_study"]),
             metadata="display-set.json",
+            fetched_at=fetched_at,
         )
         page = f"{self.web_url}display-sets/{pk}/" if self.web_url.endswith("/") else ""
         return describe(display_set, "display-set", obj, url=page)
@@ -378,11 +407,14 @@ async def reader_study_contents(fs: GcFilesystem, identity: str, obj: dict[str, 
 
 
 class ImageDir(DirNode):
-    __slots__ = ("image",)
+    __slots__ = ("fetched_at", "image")
 
-    def __init__(self, identity: str, name: str, image: dict[str, Any]) -> None:
+    def __init__(
+        self, identity: str, name: str, image: dict[str, Any], fetched_at: float | None
+    ) -> None:
         super().__init__(identity, name)
         self.image = image
+        self.fetched_at = fetched_at  # when `image` was fetched
 
     async def build(self, fs: GcFilesystem) -> dict[str, Node]:
         pk = self.name  # the pk it was looked up by
@@ -390,7 +422,7 @@ class ImageDir(DirNode):
         entries: dict[str, layout.Entry] = dict(layout.image_files(self.image, dicom))
         name = layout.metadata_name("image.json", entries)
         entries[name] = layout.InlineFile(render.metadata_json(self.image))
-        nodes = await fs.materialize(self.identity, entries)
+        nodes = await fs.materialize(self.identity, entries, self.fetched_at)
         nodes[name].xattrs = dict(self.xattrs or {})
         return nodes
 
@@ -417,7 +449,9 @@ class ImagesRootDir(DirNode):
         except NotFound:
             image = None
         if isinstance(image, dict):
-            return fs.inodes.add(describe(ImageDir(f"image:{pk}", pk, image), "image", image))
+            fetched_at = fs.cache.fetched_at(("object", f"cases/images/{pk}/"))
+            image_dir = ImageDir(f"image:{pk}", pk, image, fetched_at)
+            return fs.inodes.add(describe(image_dir, "image", image))
         # 404 for hidden and absent alike; the job filter validates pks against all images.
         existence = await fs.api.filter_oracle("algorithms/jobs/", "input_image", pk)
         if existence.value == "absent":
