@@ -284,29 +284,19 @@ def job_dir(
     """A job's directory: job.json, inputs/ and outputs/, each showing the job. `fetched_at`:
     when the answer `job` came from was fetched."""
     pk = str(job.get("pk"))
-    inputs = ValuesDir(
-        f"{identity}/inputs",
-        "inputs",
-        job,
-        values_key="inputs",
-        images_filter=("job_input", pk),
-        metadata=None,
-        fetched_at=fetched_at,
-    )
-    outputs = ValuesDir(
-        f"{identity}/outputs",
-        "outputs",
-        job,
-        values_key="outputs",
-        images_filter=("job_output", pk),
-        metadata=None,
-        fetched_at=fetched_at,
-    )
     job_json = FileNode(f"{identity}/job.json", "job.json", data=render.metadata_json(job))
-    describe(job_json, "job", job)
-    describe(inputs, "job-inputs", job)
-    describe(outputs, "job-outputs", job)
-    entries: dict[str, Node] = {"job.json": job_json, "inputs": inputs, "outputs": outputs}
+    entries: dict[str, Node] = {"job.json": describe(job_json, "job", job)}
+    for key, images_filter in (("inputs", "job_input"), ("outputs", "job_output")):
+        values = ValuesDir(
+            f"{identity}/{key}",
+            key,
+            job,
+            values_key=key,
+            images_filter=(images_filter, pk),
+            metadata=None,
+            fetched_at=fetched_at,
+        )
+        entries[key] = describe(values, f"job-{key}", job)
     return describe(StaticDir(identity, name, entries), "job", job)
 
 
@@ -366,15 +356,17 @@ async def reader_study_contents(fs: GcFilesystem, identity: str, obj: dict[str, 
         )
     answers, display_sets = results["answers"], results["display_sets"]
     api_root = fs.api.api_url
-    questions_url = f"{api_root}reader-studies/questions/?reader_study={pk}"
     answers_url = f"{api_root}reader-studies/answers/?question__reader_study={pk}"
+
+    def study_file(name: str, data: bytes, kind: str, api_url: str) -> Node:
+        return describe(FileNode(f"{identity}/{name}", name, data=data), kind, api_url=api_url)
+
     return [
-        describe(
-            FileNode(
-                f"{identity}/questions.json", "questions.json", data=render.metadata_json(questions)
-            ),
+        study_file(
+            "questions.json",
+            render.metadata_json(questions),
             "questions",
-            api_url=questions_url,
+            f"{api_root}reader-studies/questions/?reader_study={pk}",
         ),
         DisplaySetsDir(
             f"{identity}/display-sets",
@@ -384,21 +376,12 @@ async def reader_study_contents(fs: GcFilesystem, identity: str, obj: dict[str, 
             api_root=api_root,
             web_url=obj["url"] if isinstance(obj.get("url"), str) else "",
         ),
-        describe(
-            FileNode(
-                f"{identity}/answers.json", "answers.json", data=render.metadata_json(answers)
-            ),
-            "answers",
-            api_url=answers_url,
-        ),
-        describe(
-            FileNode(
-                f"{identity}/answers.csv",
-                "answers.csv",
-                data=render_answers_csv(answers, questions, display_sets),
-            ),
+        study_file("answers.json", render.metadata_json(answers), "answers", answers_url),
+        study_file(
+            "answers.csv",
+            render_answers_csv(answers, questions, display_sets),
             "answers-csv",
-            api_url=answers_url,
+            answers_url,
         ),
     ]
 
