@@ -9,7 +9,26 @@ import sys
 from pathlib import Path
 
 RUN = Path(__file__).parent / "bench" / "run.py"
-SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8")
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11")
+ROWS = (
+    "1",
+    "2",
+    "3",
+    "4a",
+    "4b",
+    "4c",
+    "4d",
+    "5",
+    "6a",
+    "6b",
+    "7",
+    "8",
+    "9a",
+    "9b",
+    "9c",
+    "10",
+    "11",
+)
 
 
 def test_quick_benchmark_completes(tmp_path: Path) -> None:
@@ -35,6 +54,11 @@ def test_quick_benchmark_completes(tmp_path: Path) -> None:
         assert scenario in results["scenarios"], scenario
         assert "error" not in results["scenarios"][scenario], results["scenarios"][scenario]
         assert "skipped" not in results["scenarios"][scenario]
-    rows = {row["scenario"] for row in results["table"]}
-    for scenario in ("1", "2", "3", "4a", "4b", "5", "6a", "6b", "7", "8"):
+    rows = {row["scenario"]: row for row in results["table"]}
+    for scenario in ROWS:
         assert scenario in rows, scenario
+        assert rows[scenario]["what"] != "failed to run", rows[scenario]
+    # rclone's row says when rclone is missing instead of vanishing (.ci/install installs it).
+    peer = results["scenarios"]["4"]["uncapped"]["rclone"]
+    assert ("missing" in peer) == (results["machine"]["rclone"] is None)
+    assert ("rclone not installed" in rows["4c"]["baseline"]) == ("missing" in peer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -355,6 +356,95 @@ def test_storage_latency_and_bandwidth(fake: FakeGC, http: httpx.Client) -> None
     assert len(r.content) == 1024 * 1024
     # 1 MiB at 4 MiB/s: the last 64 KiB chunk is due after 15/16 of 0.25 s.
     assert time.monotonic() - started >= 0.2
+
+
+def test_media_latency(fake: FakeGC, http: httpx.Client) -> None:
+    url = image_url(fake, http, "small.mha")
+    fake.media_latency = 0.2
+    started = time.monotonic()
+    assert http.get(url, headers=auth(OWNER)).status_code == 302
+    assert time.monotonic() - started >= 0.2
+    fake.media_latency = 0.0
+
+
+# -- the plain view (benchmarks only) -----------------------------------------------------------
+
+
+def hrefs(page: str) -> list[str]:
+    return re.findall(r'<a href="([^"]*)">', page)
+
+
+def image_pk(fake: FakeGC, name: str) -> str:
+    return next(im.pk for im in fake.world.images.values() if im.name == name)
+
+
+def test_plain_view_is_off_by_default(fake: FakeGC, http: httpx.Client) -> None:
+    pk = image_pk(fake, "small.mha")
+    assert fake.plain_storage_view is False
+    for path in ("/plain/", f"/plain/{pk}/", f"/plain/{pk}/small.mha"):
+        for method in ("GET", "HEAD"):
+            r = http.request(method, fake.storage_url + path)
+            assert r.status_code == 404, (method, path)
+        assert b"<Code>NoSuchKey</Code>" in http.get(fake.storage_url + path).content
+    assert fake.storage_bytes_sent == 0
+    assert fake.count("storage-plain") == 0
+
+
+def test_plain_view_is_never_on_the_site(fake: FakeGC, http: httpx.Client) -> None:
+    fake.plain_storage_view = True
+    pk = image_pk(fake, "small.mha")
+    for path in ("/plain/", f"/plain/{pk}/small.mha", f"/media/plain/{pk}/small.mha"):
+        assert http.get(fake.base_url + path, follow_redirects=True).status_code == 404, path
+    assert fake.count("storage-plain") == 0
+
+
+def test_plain_view_indexes(fake: FakeGC, http: httpx.Client) -> None:
+    fake.plain_storage_view = True
+    root = http.get(fake.storage_url + "/plain/")
+    assert root.status_code == 200
+    assert root.headers["content-type"] == "text/html; charset=utf-8"
+    with_files = {im.pk for im in fake.world.images.values() if im.files}
+    assert set(hrefs(root.text)) == {f"{pk}/" for pk in with_files}
+    pk = image_pk(fake, "big.tif")
+    page = http.get(f"{fake.storage_url}/plain/{pk}/")
+    assert page.status_code == 200 and hrefs(page.text) == ["big.tif"]
+    assert '<a href="big.tif">big.tif</a>' in page.text  # the shape rclone's http remote reads
+    assert http.get(f"{fake.storage_url}/plain/{ABSENT}/").status_code == 404
+    assert http.get(f"{fake.storage_url}/plain/{pk}/nothing.tif").status_code == 404
+    assert fake.count("storage-plain") == 2
+
+
+def test_plain_view_bytes_head_and_ranges(fake: FakeGC, http: httpx.Client) -> None:
+    fake.plain_storage_view = True
+    small = f"{fake.storage_url}/plain/{image_pk(fake, 'small.mha')}/small.mha"
+    big = f"{fake.storage_url}/plain/{image_pk(fake, 'big.tif')}/big.tif"
+    r = http.get(small)
+    assert (r.status_code, r.content) == (200, SMALL)
+    head = http.head(big)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(BIG))
+    assert head.headers["accept-ranges"] == "bytes"
+    start, end = 1024 * 1024 - 100, 2 * 1024 * 1024 + 100  # across a generated block edge
+    r = http.get(big, headers={"Range": f"bytes={start}-{end - 1}"})
+    assert r.status_code == 206
+    assert r.content == content_read(BIG, start, end - start)
+    assert r.headers["content-range"] == f"bytes {start}-{end - 1}/{len(BIG)}"
+    assert r.headers["content-length"] == str(end - start)
+    assert http.get(big, headers={"Range": f"bytes={len(BIG)}-"}).status_code == 416
+    assert fake.requests[0].endpoint == "storage-plain"
+    assert fake.storage_bytes_sent == len(SMALL) + end - start
+
+
+def test_plain_view_quotes_names() -> None:
+    w = World()
+    image = w.add_image("odd", [("scan 1#<b>.mha", b"odd bytes")])
+    with FakeGC(w) as fake, httpx.Client() as http:
+        fake.plain_storage_view = True
+        page = http.get(f"{fake.storage_url}/plain/{image.pk}/").text
+        assert hrefs(page) == ["scan%201%23%3Cb%3E.mha"]
+        assert "scan 1#&lt;b&gt;.mha</a>" in page
+        r = http.get(f"{fake.storage_url}/plain/{image.pk}/{hrefs(page)[0]}")
+        assert (r.status_code, r.content) == (200, b"odd bytes")
 
 
 # -- generated content --------------------------------------------------------------------------

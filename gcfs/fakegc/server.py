@@ -8,10 +8,12 @@
 
 It speaks HTTP/1.1 with keep-alive and a Content-Length on every response, as gcfs's httpx client
 expects. Knobs, settable while running: `latency` (seconds added to every API request),
-`per_item_latency` (seconds per serialized result of a list page) and `socket_field` (values also
-carry `socket`, the live API's newer name for `interface`, gc-api.md §9) and `job_filters_fixed`
-(False by default: `cases/images/?job_input=<pk>` and `?job_output=<pk>` answer 500 with an HTML
-page for a valid pk, as the real server does, gc-api.md §3.11; True behaves as a fixed server).
+`per_item_latency` (seconds per serialized result of a list page), `media_latency` (seconds
+added to every `/media/` request: the site's redirects are round trips to the same server as
+the API, default 0), `socket_field` (values also carry `socket`, the live API's newer name for
+`interface`, gc-api.md §9) and `job_filters_fixed` (False by default: `cases/images/?job_input=`
+and `?job_output=` answer 500 with an HTML page for a valid pk, as the real server does,
+gc-api.md §3.11; True behaves as a fixed server).
 
 A second origin, the object store, runs beside the site on its own port (`fake.storage_url`):
 `/media/` answers 302 to presigned URLs there (see storage.py). Its knobs: `signature_lifetime`
@@ -20,7 +22,10 @@ storage request), `storage_bandwidth` (bytes per second per connection, None = u
 `clock` (a time.time-like callable used to sign and to check expiry). Bodies are streamed in
 64 KiB writes from at most 1 MiB pieces, so 300 MiB objects need no 300 MiB of memory;
 `storage_bytes_sent` counts the body bytes handed to the socket. `presign(key)` builds a URL the
-way /media/ does, e.g. an expired one with `signed_at=`.
+way /media/ does, e.g. an expired one with `signed_at=`. `plain_storage_view` (default False) is
+for benchmarks only: it adds an unsigned view of the image files with HTML directory indexes,
+`{storage_url}/plain/<image pk>/<file name>`, that rclone's http remote can mount; Grand
+Challenge has no such thing, and while it is off `/plain/` is an unknown key like any other.
 
 `fake.faults` (a `Faults`, see faults.py) injects, at run time and per request, error statuses,
 connection resets, short bodies, wrong Content-Ranges, stalls, blackholes, outages and revoked
@@ -61,6 +66,8 @@ On the storage origin (records carry `range` and `had_authorization`):
 
     storage-get                 GET of a valid presigned URL: 200, or 206 for a single Range;
                                 GET of a DICOM instance with its signed headers, likewise
+    storage-plain               GET or HEAD below /plain/ while `plain_storage_view` is on: an
+                                HTML index (path ending in "/"), or a file, 200 or 206
     storage-rejected            400 (an Authorization header beside a presigned query: the
                                 client forwarded its token), 403 (HEAD, expired, bad or missing
                                 signature), 404 NoSuchKey, 416 unsatisfiable Range
@@ -88,8 +95,10 @@ from gcfs.fakegc.api import JSON_TYPE, Reply, Request, Site, json_bytes
 from gcfs.fakegc.faults import NO_FAULT, Decision, Faults, cut_length, wrong_range
 from gcfs.fakegc.storage import (
     BUCKET,
+    HTML_TYPE,
     NO_SUCH_KEY,
     OCTET_STREAM,
+    PLAIN_PREFIX,
     TWO_AUTH_MECHANISMS,
     XML_TYPE,
     Signer,
@@ -97,6 +106,8 @@ from gcfs.fakegc.storage import (
     dicom_object,
     object_for_key,
     parse_range,
+    plain_listing,
+    plain_object,
 )
 from gcfs.fakegc.world import Content, World, content_chunks, content_size
 
@@ -126,6 +137,10 @@ class _Server(ThreadingHTTPServer):
     """Tracks open connections so that stop() can close idle keep-alive sockets too."""
 
     daemon_threads = True
+    # socketserver's default listen backlog is 5: six or more clients connecting at once (curl
+    # -Z with 8 transfers, a reader's parallel ranges) overflowed it, and each dropped SYN cost
+    # its client the kernel's 1 s retransmit (TcpExtListenOverflows counted them).
+    request_queue_size = 128
 
     def __init__(
         self,
@@ -370,8 +385,31 @@ class _StorageHandler(BaseHTTPRequestHandler):
                 return self._error(error, path)
             with world.lock:
                 content = dicom_object(world, path, query.get("imageSetId"))
+        elif fake.plain_storage_view and path.startswith(PLAIN_PREFIX):
+            return self._plain(path, range_header)
         else:
             content = None
+        return self._object(content, path, range_header, "storage-get")
+
+    def _plain(self, path: str, range_header: str | None) -> _StorageAnswer:
+        """The benchmark-only unsigned view: an HTML index for a path ending in "/", else a
+        file, with Range and HEAD like any object (storage.plain_listing)."""
+        world = self.server.fake.world
+        with world.lock:
+            if path.endswith("/"):
+                index = plain_listing(world, path)
+                if index is None:
+                    return self._error(NO_SUCH_KEY, path)
+                return _StorageAnswer(
+                    200, "storage-plain", [("Content-Type", HTML_TYPE)], len(index), body=index
+                )
+            content = plain_object(world, path)
+        return self._object(content, path, range_header, "storage-plain")
+
+    def _object(
+        self, content: Content | None, path: str, range_header: str | None, endpoint: str
+    ) -> _StorageAnswer:
+        """The answer for a stored object: 200, 206 for a single Range, 404 or 416."""
         if content is None:
             return self._error(NO_SUCH_KEY, path)
         total = content_size(content)
@@ -385,12 +423,10 @@ class _StorageHandler(BaseHTTPRequestHandler):
                 (("RangeRequested", range_header or ""), ("ActualObjectSize", str(total))),
             )
         if wanted is None:
-            return _StorageAnswer(200, "storage-get", headers, total, content=content)
+            return _StorageAnswer(200, endpoint, headers, total, content=content)
         start, end = wanted
         headers.append(("Content-Range", f"bytes {start}-{end - 1}/{total}"))
-        return _StorageAnswer(
-            206, "storage-get", headers, end - start, content=content, start=start
-        )
+        return _StorageAnswer(206, endpoint, headers, end - start, content=content, start=start)
 
     def _apply(self, answer: _StorageAnswer, decision: Decision, path: str) -> _StorageAnswer:
         """The answer with an injected error status or a wrong range, if the decision says so."""
@@ -528,6 +564,7 @@ class FakeGC:
         self.port = port
         self.latency = 0.0
         self.per_item_latency = 0.0
+        self.media_latency = 0.0
         self.socket_field = False
         # The real server answers 500 to cases/images/?job_input=<pk> and ?job_output=<pk>
         # (gc-api.md §3.11); True behaves as a server with that bug fixed.
@@ -539,6 +576,8 @@ class FakeGC:
         self.signature_lifetime = 3600
         self.storage_latency = 0.0
         self.storage_bandwidth: float | None = None
+        # Benchmarks only: serve image files unsigned under {storage_url}/plain/ (storage.py).
+        self.plain_storage_view = False
         self.clock: Callable[[], float] = time.time
         self.faults = Faults()
         self.storage_port = 0
@@ -716,8 +755,11 @@ class FakeGC:
             self._stopping.wait(decision.stall)
 
     def _delay(self, reply: Reply) -> None:
-        if not reply.is_api:
+        if reply.is_api:
+            delay = self.latency + self.per_item_latency * reply.results
+        elif reply.endpoint.startswith("media-"):
+            delay = self.media_latency
+        else:
             return
-        delay = self.latency + self.per_item_latency * reply.results
         if delay > 0:
             time.sleep(delay)

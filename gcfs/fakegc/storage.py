@@ -14,6 +14,11 @@ server's `dicom/instances/` action hands them out:
 
     {storage_url}/datastore/<id>/studies/<study>/series/<series>/instances/<sop>?imageSetId=<id>
 
+For benchmarks only, and only while `FakeGC.plain_storage_view` is on, the store also shows its
+image files unsigned under `/plain/`, with HTML directory indexes, so that a generic HTTP client
+such as rclone's http remote can mount the same bytes from the same server (`plain_listing`,
+`plain_object`). Grand Challenge has nothing like it: off, `/plain/` is an unknown key (404).
+
 Nothing here knows about sockets; `server.py` streams the bodies.
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import html
 import re
 import secrets
 import time
@@ -36,6 +42,8 @@ DATASTORE_ID = "0123456789abcdef0123456789abcdef"
 REGION = "eu-central-1"
 ACCESS_KEY = "gcfs-fake"
 AMZ_DATE = "%Y%m%dT%H%M%SZ"
+PLAIN_PREFIX = "/plain/"  # the benchmark-only unsigned view (FakeGC.plain_storage_view)
+HTML_TYPE = "text/html; charset=utf-8"
 XML_TYPE = "application/xml"
 OCTET_STREAM = "application/octet-stream"
 
@@ -215,6 +223,35 @@ def object_for_key(world: World, key: str) -> Content | None:
             return None
         return ai.content
     return None
+
+
+def plain_listing(world: World, path: str) -> bytes | None:
+    """The HTML index of a directory of the plain view (`path` ends with "/"), None if there is
+    no such directory: `/plain/` lists one `<image pk>/` per image with files, and
+    `/plain/<image pk>/` lists that image's files by name. rclone's http remote takes every
+    `<a href>` that stays below the directory as an entry, a trailing "/" marking a directory,
+    and learns each file's size from a HEAD (backend/http/http.go: parse, Object.head)."""
+    parts = path[len(PLAIN_PREFIX) :].split("/")
+    if parts == [""]:
+        names = [f"{pk}/" for pk, image in world.images.items() if image.files]
+    elif len(parts) == 2 and parts[1] == "" and parts[0] in world.images:
+        names = [f.name for f in world.images[parts[0]].files]
+    else:
+        return None
+    links = "".join(f'<a href="{quote(n)}">{html.escape(n)}</a>\n' for n in names)
+    return (
+        f"<!DOCTYPE html>\n<html><head><title>Index of {html.escape(path)}</title></head>\n"
+        f"<body>\n{links}</body></html>\n"
+    ).encode()
+
+
+def plain_object(world: World, path: str) -> Content | None:
+    """The content at `/plain/<image pk>/<file name>` (unquoted), None if there is none."""
+    image_pk, _, name = path[len(PLAIN_PREFIX) :].partition("/")
+    image = world.images.get(image_pk)
+    if image is None:
+        return None
+    return next((f.content for f in image.files if f.name == name), None)
 
 
 def dicom_object(world: World, path: str, image_set_id: str | None) -> Content | None:

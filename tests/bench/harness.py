@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -20,19 +21,23 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from gcfs.fakegc import DEMO_TOKEN, FakeGC, World
+from gcfs.fakegc import DEMO_TOKEN, FakeGC, GeneratedContent, ImageFile, World
 from gcfs.fakegc.server import RequestRecord
+from gcfs.fakegc.storage import image_file_key
+from gcfs.fakegc.world import Content, content_read
 
 MOUNT_DEADLINE = 30.0  # seconds for a daemon to mount (one request plus pyfuse3.init)
 UNMOUNT_DEADLINE = 15.0
 MiB = 1 << 20
+KiB = 1 << 10
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of utime and stime in /proc/<pid>/stat
 READER = Path(__file__).with_name("reader.py")
 API_PAGE_MAX = 1000  # the API's largest page (gc-api.md §2)
 GCAPI_PAGE = 100  # gcapi's iterate_all page size
@@ -61,6 +66,7 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "curl": shutil.which("curl") is not None,
+        "rclone": rclone_version(),
         # Other work on the machine (a test suite running beside us) skews every number.
         "loadavg_at_start": os.getloadavg(),
     }
@@ -73,6 +79,35 @@ def machine_line(info: dict[str, Any]) -> str:
         f"load average {info['loadavg_at_start'][0]:.2f} at start, "
         f"{os.getloadavg()[0]:.2f} at end"
     )
+
+
+def rclone_version() -> str | None:
+    """rclone's version line (e.g. "rclone v1.60.1-DEV"), None if it is not installed."""
+    if shutil.which("rclone") is None:
+        return None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            ["rclone", "version"], capture_output=True, text=True, timeout=30, check=False
+        )
+        return done.stdout.splitlines()[0] if done.stdout else "rclone (version unknown)"
+    return "rclone (version unknown)"
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of process `pid`, all its threads, from /proc/<pid>/stat; None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: count from the last ")".
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15 of proc(5)
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU of this process's waited-for children (curl runs in between)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def drop_caches() -> bool:
@@ -102,6 +137,7 @@ class BenchFiles:
     big_content: bytes
     reader_items: list[tuple[str, str, str]] = field(default_factory=list)  # (item, image, name)
     image_dir: str = "images/ct"  # the image socket's relative_path
+    sets: dict[str, FileSet] = field(default_factory=dict)  # by name: epoch, small, prefetch
 
     def big_path(self, mount: Path) -> Path:
         return self.item_path(mount, self.big_item, self.big_name)
@@ -122,8 +158,68 @@ def random_bytes(size: int, seed: str) -> bytes:
     return b"".join(rng.randbytes(min(piece, size - at)) for at in range(0, size, piece))
 
 
+@dataclass(frozen=True)
+class SetSpec:
+    """`count` files of `size` bytes, one image per item of their own archive."""
+
+    count: int
+    size: int
+    generated: bool  # GeneratedContent (computed when served) instead of bytes held in memory
+
+
+@dataclass
+class FileSet:
+    """Files of one size in their own archive (the epoch, small-file and prefetch rows)."""
+
+    slug: str
+    size: int
+    files: list[tuple[str, ImageFile]]  # (item pk, the image's one file)
+    image_dir: str = "images/ct"
+
+    def items_dir(self, mount: Path) -> Path:
+        return mount / "archives" / self.slug / "items"
+
+    def paths(self, mount: Path) -> list[Path]:
+        return [self.items_dir(mount) / item / self.image_dir / f.name for item, f in self.files]
+
+    def signed_urls(self, fake: FakeGC) -> list[str]:
+        """Signed storage URLs of these files, as /media/ would hand them out, made by the fake
+        without a request: the baselines start their clocks with the URLs known, as gcfs
+        starts its own after the loader's listing (which resolves them for the sizes)."""
+        return [fake.presign(image_file_key(f.image_pk, f.pk, f.name)) for _, f in self.files]
+
+    @property
+    def total(self) -> int:
+        return self.size * len(self.files)
+
+
+def add_file_set(w: World, name: str, spec: SetSpec, socket: str) -> FileSet:
+    archive = w.add_archive(
+        f"bench-{name}", f"{spec.count} files for one benchmark row", viewers={"demo"}
+    )
+    found: list[tuple[str, ImageFile]] = []
+    for n in range(spec.count):
+        file_name = f"{name}-{n:05d}.mha"
+        seed = f"bench:{name}:{n}"
+        content: Content = (
+            GeneratedContent(spec.size, seed) if spec.generated else random_bytes(spec.size, seed)
+        )
+        image = w.add_image(file_name, [(file_name, content)], width=1, height=1, modality="CT")
+        item = w.add_archive_item(archive, [w.add_value(socket, image=image)], title=file_name)
+        found.append((item.pk, image.files[0]))
+    return FileSet(slug=archive.slug, size=spec.size, files=found)
+
+
+def file_bytes(f: ImageFile) -> bytes:
+    return content_read(f.content, 0, len(f.content))
+
+
 def bench_world(
-    items: int, big_size: int, readers: int, reader_size: int
+    items: int,
+    big_size: int,
+    readers: int,
+    reader_size: int,
+    sets: dict[str, SetSpec] | None = None,
 ) -> tuple[World, BenchFiles]:
     w = World()
     w.add_user("demo", DEMO_TOKEN, institution="Benchmark")
@@ -152,6 +248,8 @@ def bench_world(
         image = w.add_image(name, [(name, content)], width=1, height=1, modality="CT")
         item = w.add_archive_item(files, [w.add_value(ct, image=image)], title=f"reader-{n:02d}")
         spec.reader_items.append((item.pk, image.pk, name))
+    for set_name, set_spec in (sets or {}).items():
+        spec.sets[set_name] = add_file_set(w, set_name, set_spec, "ct-image")
     return w, spec
 
 
@@ -161,10 +259,12 @@ class CostModel:
     per_item_latency: float
     storage_latency: float
     storage_bandwidth: float | None  # bytes per second per connection
+    media_latency: float = 0.0  # per /media/ request: a round trip to the site, like the API's
 
     def apply(self, fake: FakeGC, *, bandwidth: bool = True) -> None:
         fake.latency = self.latency
         fake.per_item_latency = self.per_item_latency
+        fake.media_latency = self.media_latency
         fake.storage_latency = self.storage_latency
         fake.storage_bandwidth = self.storage_bandwidth if bandwidth else None
 
@@ -258,7 +358,7 @@ def request_summary(records: list[RequestRecord]) -> dict[str, Any]:
     }
 
 
-def distribution(values: list[float]) -> dict[str, float]:
+def distribution(values: Sequence[float]) -> dict[str, float]:
     if not values:
         return {"n": 0}
     ordered = sorted(values)
@@ -357,11 +457,13 @@ class Mount:
         fake: FakeGC,
         cache_dir: Path,
         label: str,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.mounts = mounts
         self.fake = fake
         self.cache_dir = cache_dir
         self.label = label
+        self.extra_args = extra_args  # more `gcfs mount` flags, e.g. ("--ttl", "600")
         self.index = mounts.next_index()
         self.path = mounts.work / f"mnt{self.index}"
         self.log_path = mounts.work / "logs" / f"daemon{self.index}-{label}.log"
@@ -384,23 +486,16 @@ class Mount:
             str(self.cache_dir),
             "--log-level",
             self.mounts.log_level,
+            *self.extra_args,
         ]
-        env = dict(os.environ, XDG_RUNTIME_DIR=str(self.mounts.runtime_dir))
+        env = self.mounts.environment()
         env["GCFS_BENCH_TRACE"] = str(self.trace_prefix)  # read by trace_ops.py only
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
             )
         self.mounts.live.append(self)
-        end = time.monotonic() + MOUNT_DEADLINE
-        while not os.path.ismount(self.path):
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"gcfs exited with {self.process.returncode}:\n{self.log_text()}"
-                )
-            if time.monotonic() > end:
-                raise RuntimeError(f"gcfs did not mount within {MOUNT_DEADLINE} s")
-            time.sleep(0.01)
+        wait_for_mount(self.path, self.process, "gcfs", self.log_text)
         self.mounts.sampler.watch(self.process.pid, self.label)
         return self
 
@@ -418,16 +513,7 @@ class Mount:
     def stop(self) -> None:
         if self.process is not None:
             self.mounts.sampler.unwatch(self.process.pid)
-        if os.path.ismount(self.path) or (self.path.exists() and _is_stale(self.path)):
-            subprocess.run(
-                ["fusermount3", "-u", "-z", str(self.path)], check=False, timeout=UNMOUNT_DEADLINE
-            )
-        if self.process is not None and self.process.poll() is None:
-            try:
-                self.process.wait(timeout=UNMOUNT_DEADLINE)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=UNMOUNT_DEADLINE)
+        unmount(self.path, self.process)
         if self in self.mounts.live:
             self.mounts.live.remove(self)
         self.mounts.check_log(self)
@@ -437,6 +523,109 @@ class Mount:
                 self.mounts.traces.append({"label": self.label, **json.loads(trace.read_text())})
 
     def __enter__(self) -> Mount:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for_mount(
+    path: Path, process: subprocess.Popen[bytes], name: str, log: Callable[[], str]
+) -> None:
+    end = time.monotonic() + MOUNT_DEADLINE
+    while not os.path.ismount(path):
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log()}")
+        if time.monotonic() > end:
+            raise RuntimeError(f"{name} did not mount within {MOUNT_DEADLINE} s")
+        time.sleep(0.01)
+
+
+def unmount(path: Path, process: subprocess.Popen[bytes] | None) -> None:
+    """`fusermount3 -u -z`, then wait for the server to exit (killed after the deadline)."""
+    if os.path.ismount(path) or (path.exists() and _is_stale(path)):
+        subprocess.run(
+            ["fusermount3", "-u", "-z", str(path)], check=False, timeout=UNMOUNT_DEADLINE
+        )
+    if process is not None and process.poll() is None:
+        try:
+            process.wait(timeout=UNMOUNT_DEADLINE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=UNMOUNT_DEADLINE)
+
+
+class RcloneMount:
+    """The peer: `rclone mount :http: PATH --http-url URL --vfs-cache-mode off --read-only`,
+    the http remote over the fake store's plain view (FakeGC.plain_storage_view). No VFS
+    cache, so it streams from storage like gcfs on a cold cache; an empty config file of its
+    own, so that nothing in ~/.config/rclone changes what it does."""
+
+    def __init__(self, mounts: Mounts, url: str, label: str) -> None:
+        self.mounts = mounts
+        self.url = url
+        self.label = label
+        self.index = mounts.next_index()
+        self.path = mounts.work / f"mnt{self.index}"
+        self.log_path = mounts.work / "logs" / f"rclone{self.index}-{label}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        config = self.mounts.work / "rclone.conf"
+        config.touch()
+        return [
+            "rclone",
+            "mount",
+            ":http:",
+            str(self.path),
+            "--http-url",
+            self.url,
+            "--vfs-cache-mode",
+            "off",
+            "--read-only",
+            "--config",
+            str(config),
+            "--cache-dir",
+            str(self.mounts.work / "rclone-cache"),
+            "--log-file",
+            str(self.log_path),
+            "--log-level",
+            "INFO",
+        ]
+
+    def start(self) -> RcloneMount:
+        self.path.mkdir()
+        self.log_path.parent.mkdir(exist_ok=True)
+        self.process = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.mounts.live.append(self)
+        wait_for_mount(self.path, self.process, "rclone", self.log_text)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        unmount(self.path, self.process)
+        if self in self.mounts.live:
+            self.mounts.live.remove(self)
+        for line in self.log_text().splitlines():
+            if "ERROR" in line or "CRITICAL" in line:
+                self.mounts.log_problems.append(f"{self.log_path.name}: {line[:300]}")
+
+    def __enter__(self) -> RcloneMount:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -453,7 +642,7 @@ class Mounts:
         self.log_level = log_level
         self.sampler = sampler
         self.daemon_command = daemon_command
-        self.live: list[Mount] = []
+        self.live: list[Mount | RcloneMount] = []
         self.log_problems: list[str] = []
         self.traces: list[dict[str, Any]] = []  # from trace_ops.py daemons (--trace-ops)
         self._index = 0
@@ -472,8 +661,19 @@ class Mounts:
         self._caches += 1
         return self.work / f"cache{self._caches}"
 
-    def mount(self, fake: FakeGC, label: str, cache_dir: Path | None = None) -> Mount:
-        return Mount(self, fake, cache_dir or self.fresh_cache(), label)
+    def mount(
+        self,
+        fake: FakeGC,
+        label: str,
+        cache_dir: Path | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> Mount:
+        return Mount(self, fake, cache_dir or self.fresh_cache(), label, extra_args)
+
+    def environment(self) -> dict[str, str]:
+        """For gcfs's processes: daemons, and `gcfs prefetch`, which finds its daemon's
+        control socket in $XDG_RUNTIME_DIR/gcfs."""
+        return dict(os.environ, XDG_RUNTIME_DIR=str(self.runtime_dir))
 
     def check_log(self, mount: Mount) -> None:
         text = mount.log_text()
@@ -580,3 +780,73 @@ def safe(fn: Callable[[], Any]) -> Any:
     with contextlib.suppress(Exception):
         return fn()
     return None
+
+
+# -- many files: a loader's listing, its workers, a download script ---------------------------
+
+
+def walk_files(root: Path, suffix: str) -> list[Path]:
+    """The files below `root` whose names end with `suffix`, as a loader's glob finds them
+    (os.walk: readdir only; item.json and the like are left out)."""
+    found = [Path(d) / n for d, _, names in os.walk(root) for n in names if n.endswith(suffix)]
+    return sorted(found)
+
+
+def shuffled(count: int, seed: int) -> list[int]:
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def span(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Bytes, files and wall time of processes that started together: first start to last end."""
+    return {
+        "bytes": sum(r["bytes"] for r in results),
+        "files": sum(r["files"] for r in results),
+        "s": max(r["end"] for r in results) - min(r["start"] for r in results),
+    }
+
+
+def start_time(processes: int) -> float:
+    """When processes started now should begin together: after their interpreters are up."""
+    return time.monotonic() + 1.0 + 0.05 * processes
+
+
+def read_epoch(
+    paths: list[Path], workers: int, list_file: Path, timeout: float
+) -> dict[str, float]:
+    """`workers` processes read `paths` whole, worker w the paths w, w + workers, ...: the
+    way a training loader's workers share a shuffled epoch."""
+    list_file.write_text("".join(f"{p}\n" for p in paths), encoding="utf-8")
+    at = repr(start_time(workers))
+    commands = [
+        reader_command("epoch", str(list_file), str(w), str(workers), at) for w in range(workers)
+    ]
+    return span(run_readers(commands, timeout))
+
+
+def download(
+    urls: list[str], outputs: list[Path], parallel: int, list_file: Path, timeout: float
+) -> dict[str, Any]:
+    """Download signed URLs to `outputs`, `parallel` at a time: `curl -Z --parallel-max N` (or
+    one after another for 1), else reader.py's threads. The tool's wall time, its bytes on disk."""
+    if shutil.which("curl"):
+        list_file.write_text(
+            "".join(f'url = "{u}"\noutput = "{o}"\n' for u, o in zip(urls, outputs, strict=True)),
+            encoding="utf-8",
+        )
+        command = ["curl", "-sS", "--fail", "-K", str(list_file)]
+        if parallel > 1:
+            command += ["-Z", "--parallel-max", str(parallel)]
+        seconds, _ = timed_run(command, timeout, capture_output=True)
+        tool = "curl" + (f" -Z --parallel-max {parallel}" if parallel > 1 else "")
+    else:
+        list_file.write_text(
+            "".join(f"{u}\t{o}\n" for u, o in zip(urls, outputs, strict=True)), encoding="utf-8"
+        )
+        command = reader_command("download", str(list_file), str(parallel), repr(start_time(1)))
+        seconds = span(run_readers([command], timeout))["s"]
+        tool = f"python http.client, {parallel} threads"
+    list_file.unlink()
+    on_disk = sum(o.stat().st_size for o in outputs if o.exists())
+    return {"bytes": on_disk, "files": len(outputs), "s": seconds, "tool": tool}

@@ -1,17 +1,21 @@
 """The gcfs benchmark: every scenario against its baseline, in one run, on this machine.
 
     python tests/bench/run.py [--quick] [--out FILE] [--repeat N]
-                              [--latency-ms 50] [--per-item-ms 1]
+                              [--latency-ms 50] [--per-item-ms 1] [--media-latency-ms 50]
                               [--storage-latency-ms 20] [--bandwidth-mib 100]
                               [--scenarios 1,2,...] [--keep-work] [--daemon-log-level INFO]
+                              [sizes: --items, --file-mib, --epoch-files, --prefetch-files, ...]
 
 It starts the fake Grand Challenge (gcfs.fakegc.FakeGC) in this process with a cost model:
-a fixed latency per API request, a cost per serialized result, a storage latency and a
-per-connection bandwidth cap. It builds a world with an archive of cheap items (one Value
-each), a large generated image file, reader files for scenario 8 and (on a second fake) the
-demo tree, mounts gcfs in subprocesses (`python -m gcfs mount --foreground`, as the tests do),
-runs each scenario against its baseline alternately for `--repeat` repetitions, prints a table
-with the medians and writes everything measured to a JSON file.
+a fixed latency per API request and per /media/ redirect (both round trips to the site), a
+cost per serialized result, a storage latency and a per-connection bandwidth cap. It builds
+a world with an archive of cheap items (one Value each), a large generated image file,
+reader files for scenario 8, three archives of many files (one image per item: the epoch,
+small-file and prefetch sets of scenarios 9-11) and (on a second fake) the demo tree, mounts
+gcfs in subprocesses (`python -m gcfs mount --foreground`, as the tests do), runs each
+scenario against its baseline alternately for `--repeat` repetitions, prints a table with the
+medians and writes everything measured to a JSON file. A baseline tool that is missing
+(rclone) is named in its row, never skipped quietly.
 
 Scenarios (targets from the issue):
   1  cold `ls -l` of items/ (10,000 items) vs gcapi's iterate_all with httpx: >= 8x faster,
@@ -20,14 +24,27 @@ Scenarios (targets from the issue):
   3  cold `find` over the demo tree vs a sequential API walk (pages of 100): no (path, query)
      requested twice; requests and time reported
   4  `cat` of the large file (cold: fresh mount, fresh cache dir) vs `curl` of its signed URL:
-     a) without a bandwidth cap >= 0.8x curl's throughput, b) with the cap >= 3x
+     a) without a bandwidth cap >= 0.8x curl's throughput, b) with the cap >= 4x;
+     without the cap also c) vs `cat` through an rclone mount (`rclone mount :http:
+     --vfs-cache-mode off`) of the same bytes from the store's plain view: >= 1x, and
+     d) the daemon's CPU-seconds per GiB (utime + stime from /proc/<pid>/stat): <= 1.5
   5  random 64 KiB preads (cold cache): storage bytes <= 2x bytes read; median latency <
      storage latency + 10 ms; baseline: direct ranged GETs of 64 KiB
   6  re-read from the block cache (new mount on the warm cache dir) vs `cat` of a local file:
-     a) page cache dropped before both reads (disk to disk), b) warm vs warm; >= 0.5x
-  7  daemon VmRSS, sampled every 100 ms through scenarios 1-6: < 150 MiB
+     a) page cache dropped before both reads (disk to disk): >= 1x, b) warm vs warm: >= 0.5x
+  7  daemon VmRSS, sampled every 100 ms through every other scenario: < 150 MiB
   8  N processes reading N different files at once: aggregate throughput vs N direct
      streams, fairness min/max per-reader throughput (>= 0.5 taken as "no reader starves")
+  9  a training epoch: 500 files of 4 MiB read whole by 4 worker processes from a shuffled
+     list, epoch 1 cold, epoch 2 on the same mount with the page cache dropped, vs a
+     download of the signed URLs with 8 parallel GETs (curl -Z) then the same 4 workers on
+     the local copies (the listing before epoch 1 and the baseline's URLs are untimed):
+     a) epoch 1 <= 1.2x the download's time, b) epoch 2 <= 1.5x the local read's time,
+     c) 0 requests during epoch 2
+ 10  re-opening 1,000 cached 4 KiB files one after another (block cache warm, page cache
+     dropped, within the TTL) at the API latency: 0 requests, < 1 s; local read beside it
+ 11  `gcfs prefetch` of 2,000 files of 1 MiB at 50 ms storage latency vs the same files
+     fetched one after another (curl, signed URLs): the ratio (reported)
 
 Timings belong here only; tests/test_bench_smoke.py runs `--quick` and checks the output's
 shape, never a number.
@@ -51,8 +68,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8")
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11")
 MiB = 1 << 20
+KiB = 1 << 10
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -65,6 +83,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, help="repetitions per scenario (default 3, quick 1)")
     p.add_argument("--latency-ms", type=float, default=50.0, help="per API request")
     p.add_argument("--per-item-ms", type=float, default=1.0, help="per serialized list result")
+    p.add_argument(
+        "--media-latency-ms",
+        type=float,
+        help="per /media/ redirect (default: --latency-ms; it is a request to the same site)",
+    )
     p.add_argument("--storage-latency-ms", type=float, default=20.0, help="per storage request")
     p.add_argument(
         "--bandwidth-mib", type=float, default=100.0, help="per storage connection, 0 = no cap"
@@ -74,6 +97,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--random-reads", type=int, help="scenario 5 reads (default 1000, quick 100)")
     p.add_argument("--readers", type=int, help="scenario 8 readers (default 16, quick 4)")
     p.add_argument("--reader-mib", type=int, help="scenario 8 file size (default 64, quick 16)")
+    p.add_argument("--epoch-files", type=int, help="scenario 9 files (default 500, quick 24)")
+    p.add_argument("--epoch-kib", type=int, help="scenario 9 file size (default 4096, quick 256)")
+    p.add_argument("--small-files", type=int, help="scenario 10 files (default 1000, quick 40)")
+    p.add_argument("--small-kib", type=int, help="scenario 10 file size (default 4, quick 4)")
+    p.add_argument("--prefetch-files", type=int, help="scenario 11 files (default 2000, quick 20)")
+    p.add_argument(
+        "--prefetch-kib", type=int, help="scenario 11 file size (default 1024, quick 64)"
+    )
+    p.add_argument(
+        "--prefetch-storage-latency-ms",
+        type=float,
+        default=50.0,
+        help="per storage request, scenario 11 only",
+    )
+    p.add_argument(
+        "--prefetch-repeat", type=int, help="scenario 11 repetitions (default 1: it is long)"
+    )
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="e.g. 1,2,4")
     p.add_argument("--keep-work", action="store_true", help="keep the work dir (daemon logs)")
     p.add_argument("--daemon-log-level", default="INFO")
@@ -95,12 +135,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "random_reads": (100, 1000),
         "readers": (4, 16),
         "reader_mib": (16, 64),
+        "epoch_files": (24, 500),
+        "epoch_kib": (256, 4096),
+        "small_files": (40, 1000),
+        "small_kib": (4, 4),
+        "prefetch_files": (20, 2000),
+        "prefetch_kib": (64, 1024),
+        "prefetch_repeat": (1, 1),
     }
     for key, (small, full) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, small if quick else full)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     return args
+
+
+def file_sets(args: argparse.Namespace) -> dict[str, Any]:
+    """The many-file sets of scenarios 9-11 (harness.SetSpec). The epoch's bytes are held in
+    memory, as the large file's are, so that the fake serves them with memory copies only
+    (GeneratedContent's ~340 MiB/s here would cap the 8 parallel GETs on the fake's side);
+    the prefetch set is generated: at 50 ms per request its ~3 ms per MiB does not matter."""
+    from tests.bench.harness import SetSpec
+
+    return {
+        "epoch": SetSpec(args.epoch_files, args.epoch_kib * KiB, generated=False),
+        "small": SetSpec(args.small_files, args.small_kib * KiB, generated=False),
+        "prefetch": SetSpec(args.prefetch_files, args.prefetch_kib * KiB, generated=True),
+    }
 
 
 def print_table(rows: list[Any], machine: str) -> None:
@@ -178,14 +239,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # The snapshot first (gcfs, gcfs.fakegc), then the checkout (tests.bench).
     sys.path[:0] = [source["path"], str(REPO)]
+    from gcfs.fakegc import FakeGC
     from tests.bench import harness, scenarios
 
     machine = harness.machine_info()
+    media_ms = args.latency_ms if args.media_latency_ms is None else args.media_latency_ms
     cost = harness.CostModel(
         latency=args.latency_ms / 1000,
         per_item_latency=args.per_item_ms / 1000,
         storage_latency=args.storage_latency_ms / 1000,
         storage_bandwidth=args.bandwidth_mib * MiB if args.bandwidth_mib > 0 else None,
+        media_latency=media_ms / 1000,
     )
     sampler = harness.RssSampler()
     sampler.start()
@@ -202,13 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(
             f"gcfs from {source['from']}; building the world: {args.items} items, "
-            f"a {args.file_mib} MiB file, {args.readers} x {args.reader_mib} MiB",
+            f"a {args.file_mib} MiB file, {args.readers} x {args.reader_mib} MiB, "
+            f"{args.epoch_files} x {args.epoch_kib} KiB, {args.small_files} x "
+            f"{args.small_kib} KiB, {args.prefetch_files} x {args.prefetch_kib} KiB",
             flush=True,
         )
         world, files = harness.bench_world(
-            args.items, args.file_mib * MiB, args.readers, args.reader_mib * MiB
+            args.items, args.file_mib * MiB, args.readers, args.reader_mib * MiB, file_sets(args)
         )
-        fake = harness.FakeGC(world).start()
+        fake = FakeGC(world).start()
         fakes.append(fake)
         cost.apply(fake)
         bench = scenarios.Bench(
@@ -263,13 +329,28 @@ def main(argv: list[str] | None = None) -> int:
             results["8"] = scenarios.scenario_concurrent(bench)
             return scenarios.rows_concurrent(results["8"])
 
+        def epoch() -> list[Any]:
+            results["9"] = scenarios.scenario_epoch(bench)
+            return scenarios.rows_epoch(results["9"])
+
+        def reopen() -> list[Any]:
+            results["10"] = scenarios.scenario_reopen(bench)
+            return scenarios.rows_reopen(results["10"])
+
+        def prefetch() -> list[Any]:
+            results["11"] = scenarios.scenario_prefetch(bench)
+            return scenarios.rows_prefetch(results["11"])
+
         attempt(("1", "2"), listing)
         attempt(("3",), find)
         attempt(("4",), sequential)
         attempt(("5",), random_reads)
         attempt(("6",), block_cache)
-        attempt(("7",), memory)  # before 8: scenario 7 covers 1-6
         attempt(("8",), concurrent)
+        attempt(("9",), epoch)
+        attempt(("10",), reopen)
+        attempt(("11",), prefetch)
+        attempt(("7",), memory)  # last: scenario 7 covers every other one
     finally:
         mounts.close_all()
         for f in fakes:
@@ -299,6 +380,14 @@ def main(argv: list[str] | None = None) -> int:
             "random_reads": args.random_reads,
             "readers": args.readers,
             "reader_mib": args.reader_mib,
+            "epoch_files": args.epoch_files,
+            "epoch_kib": args.epoch_kib,
+            "small_files": args.small_files,
+            "small_kib": args.small_kib,
+            "prefetch_files": args.prefetch_files,
+            "prefetch_kib": args.prefetch_kib,
+            "prefetch_storage_latency_ms": args.prefetch_storage_latency_ms,
+            "prefetch_repeat": args.prefetch_repeat,
             "scenarios": args.scenarios,
         },
         "wall_s": time.monotonic() - started,

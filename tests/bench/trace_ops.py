@@ -39,7 +39,7 @@ OPS = (
 )
 
 calls: Counter[str] = Counter()
-seconds: Counter[str] = Counter()
+seconds: dict[str, float] = {}
 read_sizes: Counter[int] = Counter()
 state: dict[str, Any] = {"in_read": 0, "peak_reads": 0, "sequential": 0, "jumps": 0}
 last_end: dict[int, int] = {}
@@ -67,7 +67,7 @@ def _wrap(cls: type, name: str) -> None:
         try:
             return await original(self, *args, **kwargs)
         finally:
-            seconds[name] += time.perf_counter() - started
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
             if name == "read":
                 state["in_read"] -= 1
 
@@ -80,7 +80,7 @@ def _dump() -> None:
         return
     report = {
         "calls": dict(calls.most_common()),
-        "seconds": {k: round(v, 4) for k, v in seconds.most_common()},
+        "seconds": {k: round(v, 4) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])},
         "read_sizes": {str(k): v for k, v in sorted(read_sizes.items())},
         "sequential_reads": state["sequential"],
         "non_sequential_reads": state["jumps"],
