@@ -24,7 +24,7 @@ import trio
 
 from . import notify
 from .api import GcApiClient
-from .blockcache import BlockCache
+from .blockstore import BlockStore
 from .config import Config, TokenSource, default_cache_dir, mount_options
 from .content import ContentStore
 from .control import serve_control
@@ -32,6 +32,7 @@ from .errors import GcfsError, PermissionDenied, Unavailable, UserError
 from .fs import GcFilesystem
 from .fuse_ops import GcfsOperations, invalidate
 from .retry import RetryPolicy
+from .storage_http import StorageClient
 
 log = logging.getLogger(__name__)
 
@@ -71,26 +72,26 @@ async def check_token(api: GcApiClient, cfg: Config) -> str:
         raise UserError(f"{cfg.base_url} does not look like Grand Challenge: {exc}") from None
 
 
-# Connections for file contents: /media/ resolution on the site and ranged GETs on storage.
-# Read-ahead keeps up to 8 ranges in flight per file; 64 lets several readers do that at once.
-CONTENT_CONNECTIONS = 64
+# Connections for /media/ resolution on the site (one GET per opened file, no body read);
+# storage has its own client (storage_http.DEFAULT_MAX_CONNECTIONS).
+MEDIA_CONNECTIONS = 16
 
 
-def open_block_cache(cfg: Config) -> BlockCache | None:
+def open_block_store(cfg: Config) -> BlockStore | None:
     if cfg.cache_size <= 0:
         return None
     directory = cfg.cache_dir or default_cache_dir()
     try:
-        return BlockCache(directory, cfg.cache_size)
+        return BlockStore(directory, cfg.cache_size)
     except OSError as exc:
         raise UserError(f"cannot use cache directory {directory}: {exc.strerror}") from None
 
 
 async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
-    block_cache = open_block_cache(cfg)
+    block_store = open_block_store(cfg)
     content_http = httpx.AsyncClient(
         timeout=httpx.Timeout(cfg.request_timeout),
-        limits=httpx.Limits(max_connections=CONTENT_CONNECTIONS),
+        limits=httpx.Limits(max_connections=MEDIA_CONNECTIONS),
         follow_redirects=False,
         headers={"User-Agent": "gcfs"},
     )
@@ -102,14 +103,19 @@ async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
         store = ContentStore(
             content_http,
             api.auth_headers,
-            block_cache,
+            block_store,
+            storage=StorageClient(timeout=cfg.request_timeout),
             http_timeout=cfg.request_timeout,
             retry=retry,
             site_outage=api.outage,
         )
-        async with store as content:
-            fs = GcFilesystem(api, content, username=username, ttl=cfg.ttl)
-            await _mount_and_serve(cfg, fs, username, on_ready)
+        try:
+            async with store as content:
+                fs = GcFilesystem(api, content, username=username, ttl=cfg.ttl)
+                await _mount_and_serve(cfg, fs, username, on_ready)
+        finally:
+            if block_store is not None:
+                block_store.close()
 
 
 async def _mount_and_serve(
