@@ -65,6 +65,16 @@ class GcfsOperations(pyfuse3.Operations):
         self._open_remote: dict[int, RemoteFile] = {}
         self._open_dirs: dict[int, list[Node]] = {}
         self._next_fh = 1
+        # Set once the kernel's INIT has been answered (see init()).
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        # pyfuse3 calls this while it handles the kernel's INIT request and sends the reply
+        # as soon as it returns, all on the trio thread: a task waiting for `initialized`
+        # runs after the reply went out. The daemon then raises the mount's read_ahead_kb,
+        # which the kernel would otherwise overwrite while processing that reply. Must not
+        # raise (pyfuse3's contract); Event.set cannot.
+        self.initialized.set()
 
     # -- the one translation point ------------------------------------------------------------
 
