@@ -273,6 +273,7 @@ class StorageResponse:
             event.http_version == b"1.1" and "close" not in headers.get("connection", "").lower()
         )
         self.received = 0  # body bytes received so far (also after a failure)
+        self.started = False  # readinto() was called: the body is no longer whole on the wire
         self.complete = self._framed and self.content_length == 0
 
     @property
@@ -290,6 +291,9 @@ class StorageResponse:
         soon as `marks[i]` bytes (ascending offsets) have arrived. BadResponse when the body
         is longer than `buffer` or shorter than its Content-Length; Unavailable when the
         connection fails or stalls for `timeout`."""
+        if self.started:
+            raise RuntimeError("the body of a response can be read once")
+        self.started = True
         state = _Marks(marks, on_mark)
         if self._framed:
             assert self.content_length is not None
@@ -534,9 +538,11 @@ class StorageRequest:
             if connection is None or response is None:
                 return
             # An error answer read to its end keeps the connection; so does a small body
-            # nobody read (a probe's one byte), unless we are being cancelled.
+            # nobody began to read (a probe's one byte), unless we are being cancelled. A body
+            # whose reading failed part way is never read again: the connection closes.
             if (
                 not response.complete
+                and not response.started
                 and (exc is None or isinstance(exc, Exception))
                 and response.content_length is not None
                 and response.content_length <= DRAIN_LIMIT

@@ -207,3 +207,18 @@ def test_redact() -> None:
         redact("https://s3.test:8443/b/k.mha?X-Amz-Signature=abc#f")
         == "https://s3.test:8443/b/k.mha"
     )
+
+
+async def test_a_body_that_failed_part_way_closes_the_connection() -> None:
+    """A small body that stalls is not read again when the request ends: reading it again
+    would wait for another timeout and could put a connection that is mid-body back into the
+    pool. The next request opens a new connection."""
+    answers = iter(
+        [Script([response(206, b"x" * 10, length=100), 0.45, b"y" * 90]), response(206, b"z")]
+    )
+    with RawServer(lambda request: next(answers)) as server:
+        async with StorageClient(timeout=0.3) as storage:
+            with pytest.raises(Unavailable):
+                await get(storage, server.url + "/o", 0, 99)
+            assert (await get(storage, server.url + "/o", 0, 0))[1] == b"z"
+    assert server.connections == 2
