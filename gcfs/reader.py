@@ -38,13 +38,15 @@ needs (RANDOM_READ_MAX), which is not cached on disk.
 Invariants:
 - A block reaches a reader only after its response passed `check_partial` and all of the
   block's bytes arrived; it reaches the disk only after the whole response was exactly as long
-  as asked, so a bad response caches nothing. Block store writes run in a worker thread that
-  trio does not abandon (shielded), so cancellation never leaves half a write.
-- Read-ahead memory (blocks held by files plus bytes being read ahead) stays below the store's
-  `max_inflight_bytes` across all files; blocks a reader needs right now are never held back by
-  that budget, so it cannot deadlock. (A buffer stays alive while any of its blocks is held, so
-  up to 3 MiB per file can outlive the accounting of its dropped blocks.) Read-ahead is never
-  fire-and-forget: it runs in the store's nursery, and `close()` cancels it.
+  as asked, so a bad response caches nothing. Block store writes run in the store's writer
+  tasks, not in the reader's: closing the file (which cancels its read-ahead) loses no write,
+  and a started write is never abandoned by trio, so nothing is ever half written.
+- Read-ahead memory (blocks held by files, bytes being read ahead, bytes waiting to be written)
+  stays below the store's `max_inflight_bytes` across all files; blocks a reader needs right
+  now are never held back by that budget, so it cannot deadlock. (A buffer stays alive while
+  any of its blocks is held, so up to 3 MiB per file can outlive the accounting of its dropped
+  blocks.) Read-ahead is never fire-and-forget: it runs in the store's nursery, and `close()`
+  cancels it.
 - Everything here runs on the trio thread; the sections between checkpoints are atomic, which
   is what makes the flight table and the budget counters safe without locks.
 """
@@ -91,7 +93,8 @@ SEQUENTIAL_SLACK = 256 << 10
 # reads that may arrive in either order); four leaves room. Reads further behind are taken for
 # the stream's when they fill a hole it skipped.
 OUT_OF_ORDER_READS = 4
-# Skipped ranges remembered at once (read_ahead_kb 4096 made at most 3 at a time).
+# Skipped ranges remembered at once: the kernel leaves a few at a time (read_ahead_kb 4096:
+# one or two per read-ahead window); more than 16 means the reader skips on purpose.
 MAX_HOLES = 16
 # A random read (not where the sequential ones are) of at most this much, of blocks we do not
 # have, fetches just the 16 KiB-aligned range it needs instead of whole 1 MiB blocks: a viewer
@@ -117,13 +120,12 @@ class _Body:
     """One response's buffer, the blocks of it that arrived, and whether all of it arrived
     exactly as asked (only then is it written to disk)."""
 
-    __slots__ = ("buffer", "delivered", "first", "length", "verified")
+    __slots__ = ("buffer", "first", "length", "verified")
 
     def __init__(self, buffer: Buffer, first: int) -> None:
         self.buffer = buffer
         self.first = first  # block index at offset 0 of the buffer
         self.length = 0  # bytes of whole blocks received
-        self.delivered = 0  # blocks handed on
         self.verified = False
 
 
@@ -485,7 +487,6 @@ class RemoteFile:
         def on_mark(n: int) -> None:
             block = Block(buffer, n * bs, marks[n] - n * bs)
             body.length = marks[n]
-            body.delivered = n + 1
             sink(run.start + n, block)
             flight = flights[n]
             flight.data = block
