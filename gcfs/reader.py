@@ -227,9 +227,11 @@ class RemoteFile:
             return False
         self._fill(offset, end)
         self._window = min(max(1, self._window * 2), self.store.max_window_blocks)
-        # Keep what a late, out-of-order read may still need: `near` behind the frontier, and
-        # the holes the kernel has yet to fill.
-        floor = max(0, min([self._frontier - near] + [start for start, _ in self._holes])) // bs
+        # Keep what a late, out-of-order read may still need: `near` behind the frontier, the
+        # holes the kernel has yet to fill, and of course this read's own blocks.
+        floor = min(
+            first, max(0, min([self._frontier - near] + [start for start, _ in self._holes])) // bs
+        )
         if floor > self._floor:
             for index in [i for i in self._blocks if i < floor]:
                 self._drop(index)

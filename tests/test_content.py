@@ -8,6 +8,7 @@ signatures (403). Its counters tell how many requests and body bytes a read cost
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -632,3 +633,30 @@ async def test_a_damaged_block_of_a_file_opened_from_the_cache_is_fetched_lazily
         f.close()
     assert gc.count("media-image-file") == 1
     assert sum(storage_gets(gc)) == BS  # block 2 alone
+
+
+async def test_the_kernels_out_of_order_reads_fetch_each_block_once(gc: FakeGC) -> None:
+    """Reads in the order the kernel sent them at read_ahead_kb 4096 (traced): a read lands
+    2 MiB ahead, the stream goes on, then the skipped reads come, the first of them starting
+    in the middle of a block. All are one sequential stream: no block is fetched twice."""
+    KiB = 1024
+    order = [(0, 512), (512, 1024)] + [(1536 + n * 1024, 1024) for n in range(11)]
+    order += [(15872 + n * 1024, 1024) for n in range(5)]  # 2 MiB ahead of the stream
+    order += [(12800, 512), (13312, 1024), (14336, 1024), (15360, 512)]  # the skipped ones
+    order += [(20992 + n * 1024, 1024) for n in range(8)]
+    url = file_url(gc, "large")
+    async with content_store(gc, None) as store:
+        f = await store.open(url)
+        gc.reset_counts()
+        for offset, size in order:
+            got = await f.read(offset * KiB, size * KiB)
+            assert got == LARGE_BYTES[offset * KiB : (offset + size) * KiB]
+        f.close()
+    covered = sorted(
+        (int(a), int(b))
+        for r in gc.requests
+        if r.endpoint == "storage-get"
+        for a, b in [r.range.removeprefix("bytes=").split("-")]
+    )
+    for (_, previous_last), (first, _) in itertools.pairwise(covered):
+        assert first > previous_last, covered  # no byte asked for twice
