@@ -572,14 +572,9 @@ class GcFilesystem:
 
     async def cached_bytes(self, node: Node) -> tuple[int, int]:
         """A file's size and how much of it the block cache holds (`gcfs prefetch`)."""
-        cache = self.content.cache
         if not isinstance(node, RemoteFileNode):
             return node.size, node.size  # generated files need no fetching
-        if cache is None:
-            return node.size, 0
-        blocks = -(-node.size // cache.block_size)
-        stored = await trio.to_thread.run_sync(cache.cached_blocks, node.url, blocks)
-        return node.size, min(node.size, stored * cache.block_size)
+        return node.size, await self.content.cached_bytes(node.url, node.size)
 
     # -- forgetting (gcfs refresh, SIGHUP) --------------------------------------------------
 

@@ -65,6 +65,16 @@ class GcfsOperations(pyfuse3.Operations):
         self._open_remote: dict[int, RemoteFile] = {}
         self._open_dirs: dict[int, list[Node]] = {}
         self._next_fh = 1
+        # Set once the kernel's INIT has been answered (see init()).
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        # pyfuse3 calls this while it handles the kernel's INIT request and sends the reply
+        # as soon as it returns, all on the trio thread: a task waiting for `initialized`
+        # runs after the reply went out. The daemon then raises the mount's read_ahead_kb,
+        # which the kernel would otherwise overwrite while processing that reply. Must not
+        # raise (pyfuse3's contract); Event.set cannot.
+        self.initialized.set()
 
     # -- the one translation point ------------------------------------------------------------
 
@@ -151,8 +161,12 @@ class GcfsOperations(pyfuse3.Operations):
                 raise ReadOnly(f"open {inode} for writing")
             node = self.fs.node(inode)
             if isinstance(node, RemoteFileNode):
-                # Resolves the /media/ URL once for this open file, not once per read.
-                remote = await self.fs.content.open(node.url)
+                # While the listing that showed the file is younger than the TTL it vouches
+                # for access, and cached bytes open with no request at all; otherwise the
+                # /media/ URL is resolved now (once per open, not per read), which checks
+                # access again: a revoked permission ends access within one TTL.
+                vouched = self.fs.is_vouched_for(node)
+                remote = await self.fs.content.open(node.url, check_access=not vouched)
                 fh = self._new_fh()
                 self._open_remote[fh] = remote
                 # Files are immutable by pk: the kernel may keep its page cache across opens.
@@ -173,8 +187,12 @@ class GcfsOperations(pyfuse3.Operations):
 
         return await self._guard(f"open {inode}", run)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        async def run() -> bytes:
+    # pyfuse3 takes any contiguous buffer here (handlers.pxi: PyObject_GetBuffer with
+    # PyBUF_CONTIG_RO, then fuse_reply_buf, which copies it into the kernel before the
+    # handler's task runs on). A remote file's read is a memoryview of its block buffer: no
+    # copy of the bytes in Python, and the view keeps the buffer out of reuse until then.
+    async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:  # type: ignore[override]
+        async def run() -> memoryview | bytes:
             remote = self._open_remote.get(fh)
             if remote is not None:
                 chunk = await remote.read(off, size)

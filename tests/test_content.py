@@ -8,8 +8,9 @@ signatures (403). Its counters tell how many requests and body bytes a read cost
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -17,13 +18,16 @@ import httpx
 import pytest
 import trio
 
-from gcfs.blockcache import BlockCache
-from gcfs.content import ContentStore, RemoteFile, check_partial, parse_size
+from gcfs.blockstore import BlockStore
+from gcfs.content import ContentStore, RemoteFile
 from gcfs.errors import BadResponse, NotFound, PermissionDenied, Unavailable
 from gcfs.fakegc import DEMO_TOKEN, FakeGC, World, demo_world
 from gcfs.fakegc.serializers import image_file_path
 from gcfs.fakegc.world import GeneratedContent, Image
+from gcfs.resolver import file_key
 from gcfs.retry import RetryPolicy
+from gcfs.storage_http import StorageClient, check_partial, parse_size
+from tests.rawhttp import RawServer, Request, Script, client_ssl_context, response
 
 MiB = 1 << 20
 BS = MiB
@@ -68,7 +72,7 @@ def file_url(fake: FakeGC, image_name: str) -> str:
 async def content_store(
     fake: FakeGC, cache_dir: Path | None, *, token: str = TOKEN, **options: int
 ) -> AsyncIterator[ContentStore]:
-    cache = BlockCache(cache_dir, max_bytes=1 << 30, block_size=BS) if cache_dir else None
+    cache = BlockStore(cache_dir, max_bytes=1 << 30, block_size=BS) if cache_dir else None
     async with httpx.AsyncClient(
         timeout=httpx.Timeout(30.0), limits=httpx.Limits(max_connections=16)
     ) as http:
@@ -108,6 +112,15 @@ def assert_token_never_reached_storage(fake: FakeGC) -> None:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def cached_block(cache_dir: Path, url: str, index: int) -> bytes | None:
+    """Block `index` of `url` as a fresh BlockStore on `cache_dir` finds it (checked)."""
+    store = BlockStore(cache_dir, max_bytes=1 << 30, block_size=BS)
+    buffer = bytearray(BS)
+    got = store.read_into(file_key(url), index, 1, memoryview(buffer))
+    store.close()
+    return bytes(buffer[: got[index]]) if index in got else None
 
 
 # -- the verification functions --------------------------------------------------------------
@@ -303,7 +316,7 @@ async def test_expired_signature_mid_read_is_resolved_again(gc: FakeGC, tmp_path
     now = time.time()
     async with content_store(gc, tmp_path / "cache") as store:
         f = await store.open(url)
-        first = await f.read(0, 2 * BS)
+        first = bytes(await f.read(0, 2 * BS))
         # An hour and a bit later: the URL open() got has expired, a fresh one is valid.
         gc.clock = lambda: now + 3700
         rest = await read_all_from(f, 2 * BS)
@@ -397,17 +410,16 @@ async def test_close_cancels_read_ahead_and_frees_memory(gc: FakeGC, tmp_path: P
         offset = 0
         for _ in range(8):  # a sequential start: the window grows, read-ahead is in flight
             offset += len(await f.read(offset, 128 * 1024))
-        assert store._reserved_bytes > 0
+        assert store.reserved_bytes > 0
         f.close()
         await trio.sleep(0.2)
-        assert store._reserved_bytes == store._held_bytes == 0
-        assert store._flights == {}
+        assert store.reserved_bytes == store.held_bytes == 0
+        assert store.flights == {}
         with pytest.raises(ValueError):
             await f.read(0, 1)
     # whatever reached the disk is whole and right
-    cache = BlockCache(tmp_path / "cache", max_bytes=1 << 30, block_size=BS)
     for index in range(-(-LARGE // BS)):
-        block = cache.get(url, index)
+        block = cached_block(tmp_path / "cache", url, index)
         assert block is None or block == LARGE_BYTES[index * BS : (index + 1) * BS]
 
 
@@ -420,12 +432,11 @@ async def test_a_deadline_leaves_nothing_half_done(gc: FakeGC, tmp_path: Path) -
         with pytest.raises(trio.TooSlowError):
             with trio.fail_after(0.5):
                 await f.read(2 * BS, size)
-        assert store._flights == {}
+        assert store.flights == {}
         gc.storage_bandwidth = None
         assert await f.read(2 * BS, size) == SMALL_BYTES[2 * BS : 2 * BS + size]
         f.close()
-    cache = BlockCache(tmp_path / "cache", max_bytes=1 << 30, block_size=BS)
-    assert cache.get(url, 2) == SMALL_BYTES[2 * BS : 3 * BS]
+    assert cached_block(tmp_path / "cache", url, 2) == SMALL_BYTES[2 * BS : 3 * BS]
 
 
 async def test_global_budget_bounds_read_ahead(gc: FakeGC) -> None:
@@ -441,7 +452,7 @@ async def test_global_budget_bounds_read_ahead(gc: FakeGC) -> None:
             while offset < 20 * MiB:
                 offset += len(await f.read(offset, 128 * 1024))
                 # Blocks a read needs right now may exceed the budget by one or two each.
-                peak = max(peak, store._held_bytes + store._reserved_bytes)
+                peak = max(peak, store.held_bytes + store.reserved_bytes)
 
         async with trio.open_nursery() as nursery:
             for f in files:
@@ -451,82 +462,201 @@ async def test_global_budget_bounds_read_ahead(gc: FakeGC) -> None:
     assert peak <= budget + 3 * 2 * BS
 
 
-# -- responses the fake cannot produce: a storage stand-in --------------------------------------
+# -- responses the fake cannot produce: a scripted stand-in (tests/rawhttp.py) -------------------
 
 
-def broken_storage(kind: str) -> httpx.MockTransport:
-    data = bytes(range(256)) * 8192  # 2 MiB
+STAND_IN = bytes(range(256)) * 8192  # 2 MiB
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.host == "gc.test":
-            return httpx.Response(302, headers={"location": "https://storage.test/obj?sig=1"})
+
+def stand_in(kind: str) -> Callable[[Request], bytes | Script]:
+    """/media/... answers 302 to /obj?sig=1; /obj serves STAND_IN, broken as `kind` says."""
+
+    def handler(request: Request) -> bytes | Script:
+        if request.target.startswith("/media/"):
+            return response(302, headers={"Location": "/obj?sig=1"})
         assert "authorization" not in request.headers
         first, last = map(int, request.headers["range"].removeprefix("bytes=").split("-"))
-        if first == last == 0:
-            return httpx.Response(206, headers={"content-range": f"bytes 0-0/{len(data)}"})
-        body = data[first : last + 1]
-        content_range = f"bytes {first}-{last}/{len(data)}"
+        total = len(STAND_IN)
+        body = STAND_IN[first : last + 1]
+        headers = {"Content-Range": f"bytes {first}-{last}/{total}"}
+        if first == last == 0 or kind == "none":
+            return response(206, body, headers)
         if kind == "wrong-range":
-            content_range = f"bytes {first + 1}-{last + 1}/{len(data)}"
-        elif kind == "short":
-            body = body[:-1]  # no Content-Length: the body just ends early
-
-            async def stream() -> AsyncIterator[bytes]:
-                yield body
-
-            return httpx.Response(206, headers={"content-range": content_range}, content=stream())
+            headers["Content-Range"] = f"bytes {first + 1}-{last + 1}/{total}"
+        elif kind == "short":  # no Content-Length: the body just ends early
+            return Script([response(206, body[:-1], headers, length=-1), "close"])
         elif kind == "long":
-            body += b"x"
-
-            async def stream_long() -> AsyncIterator[bytes]:
-                yield body
-
-            return httpx.Response(
-                206, headers={"content-range": content_range}, content=stream_long()
+            return Script([response(206, body + b"x", headers, length=-1), "close"])
+        elif kind == "cut":  # Content-Length right, then a reset in the middle
+            return Script(
+                [response(206, body[: len(body) // 2], headers, length=len(body)), "reset"]
             )
+        elif kind == "gzip":
+            headers["Content-Encoding"] = "gzip"
         elif kind == "ignored-range":
-            return httpx.Response(200, content=data)
-        return httpx.Response(206, headers={"content-range": content_range}, content=body)
+            return response(200, STAND_IN)
+        return response(206, body, headers)
 
-    return httpx.MockTransport(handler)
+    return handler
 
 
-@pytest.mark.parametrize("kind", ["wrong-range", "short", "long", "ignored-range"])
+@pytest.mark.parametrize("kind", ["wrong-range", "short", "long", "cut", "gzip", "ignored-range"])
 async def test_bad_responses_raise_and_cache_nothing(tmp_path: Path, kind: str) -> None:
     """A storage that keeps answering wrongly: retried within the budget, then an error
-    (EIO for the reader); no byte of it is returned or cached."""
-    cache = BlockCache(tmp_path / "cache", max_bytes=1 << 30, block_size=BS)
+    (EIO for the reader); no byte of it is returned or cached, and no message carries the
+    signed URL's query."""
+    cache = BlockStore(tmp_path / "cache", max_bytes=1 << 30, block_size=BS)
     retry = RetryPolicy(base_delay=0.01, budget=0.3)
-    async with (
-        httpx.AsyncClient(transport=broken_storage(kind)) as http,
-        ContentStore(http, {"Authorization": "Bearer x"}, cache, retry=retry) as store,
-    ):
-        f = await store.open("https://gc.test/media/images/x")
-        assert f.size == 2 * MiB
-        with pytest.raises((BadResponse, Unavailable)):
-            await f.read(BS + 5, 10)
-        with pytest.raises((BadResponse, Unavailable)):
-            await f.read(0, 10)  # also through read-ahead's path
-        await trio.sleep(0.05)
-        f.close()
-    assert cache.total_bytes == 0
-    assert store._flights == {}
+    with RawServer(stand_in(kind)) as server:
+        async with (
+            httpx.AsyncClient() as http,
+            ContentStore(http, {"Authorization": "Bearer x"}, cache, retry=retry) as store,
+        ):
+            f = await store.open(f"{server.url}/media/images/x")
+            assert f.size == 2 * MiB
+            with pytest.raises((BadResponse, Unavailable)) as first:
+                await f.read(BS + 5, 10)
+            with pytest.raises((BadResponse, Unavailable)) as second:
+                await f.read(0, 10)  # also through read-ahead's path
+            await trio.sleep(0.05)
+            f.close()
+            assert store.flights == {}
+    assert cache.total_bytes < BS  # the size record, no block
+    assert cache.cached_blocks(file_key(f"{server.url}/media/images/x"), 2) == 0
+    assert "sig=" not in str(first.value) + str(second.value)
 
 
 async def test_good_stand_in_works(tmp_path: Path) -> None:
-    cache = BlockCache(tmp_path / "cache", max_bytes=1 << 30, block_size=BS)
-    async with (
-        httpx.AsyncClient(transport=broken_storage("none")) as http,
-        ContentStore(http, {"Authorization": "Bearer x"}, cache) as store,
-    ):
-        f = await store.open("https://gc.test/media/images/x")
-        size = 300 * 1024  # the block path (a smaller random read is not cached)
-        expected = (bytes(range(256)) * 8192)[BS + 5 : BS + 5 + size]
-        assert await f.read(BS + 5, size) == expected
+    cache = BlockStore(tmp_path / "cache", max_bytes=1 << 30, block_size=BS)
+    with RawServer(stand_in("none")) as server:
+        async with (
+            httpx.AsyncClient() as http,
+            ContentStore(http, {"Authorization": "Bearer x"}, cache) as store,
+        ):
+            f = await store.open(f"{server.url}/media/images/x")
+            size = 300 * 1024  # the block path (a smaller random read is not cached)
+            assert await f.read(BS + 5, size) == STAND_IN[BS + 5 : BS + 5 + size]
+            f.close()
     assert cache.total_bytes > BS
+
+
+async def test_storage_over_tls(tmp_path: Path) -> None:
+    """Real storage is https (S3, CloudFront): the same reads over TLS, kept alive."""
+    cache = BlockStore(tmp_path / "cache", max_bytes=1 << 30, block_size=BS)
+    with RawServer(stand_in("none"), tls=True) as server:
+        storage = StorageClient(ssl_context=client_ssl_context())
+        async with (
+            httpx.AsyncClient(verify=client_ssl_context()) as http,
+            ContentStore(http, {"Authorization": "Bearer x"}, cache, storage=storage) as store,
+        ):
+            f = await store.open(f"{server.url}/media/images/x")
+            assert await read_all(f) == STAND_IN
+            f.close()
+    storage_requests = [r for r in server.requests if r.target.startswith("/obj")]
+    assert len(storage_requests) >= 2
+    assert server.connections < 1 + len(storage_requests)  # connections were reused
 
 
 def test_client_with_default_authorization_is_refused() -> None:
     http = httpx.AsyncClient(headers={"Authorization": "Bearer x"})
     with pytest.raises(ValueError):
         ContentStore(http, {}, None)
+
+
+# -- opening cached files without a request (the hook for issue 10 item 1) --------------------
+
+
+async def test_open_of_a_fully_cached_file_can_send_nothing(gc: FakeGC, tmp_path: Path) -> None:
+    """With check_access=False, a file whose size and blocks are all on disk opens and reads
+    with no request at all; by default, open still resolves (permission and audit)."""
+    url = file_url(gc, "small")
+    async with content_store(gc, tmp_path / "cache") as store:
+        assert not await store.fully_cached(url)
+        f = await store.open(url)
+        assert await read_all(f) == SMALL_BYTES
+        f.close()
+    gc.reset_counts()
+    async with content_store(gc, tmp_path / "cache") as store:  # a remount
+        assert await store.fully_cached(url)
+        f = await store.open(url, check_access=False)
+        assert await read_all(f) == SMALL_BYTES
+        assert await f.read(SMALL - 10, 100) == SMALL_BYTES[-10:]
+        f.close()
+        assert gc.count() == 0
+        f = await store.open(url)  # the default: resolved, as before
+        f.close()
+        assert gc.count() == gc.count("media-image-file") == 1
+    # The default still refuses a token that lost access, cached bytes or not.
+    async with content_store(gc, tmp_path / "cache", token=OTHER_TOKEN) as store:
+        with pytest.raises(PermissionDenied):
+            await store.open(url)
+
+
+async def test_open_without_access_check_of_a_partly_cached_file_resolves(
+    gc: FakeGC, tmp_path: Path
+) -> None:
+    url = file_url(gc, "small")
+    async with content_store(gc, tmp_path / "cache") as store:
+        f = await store.open(url)
+        await f.read(0, 300 * 1024)  # block 0 only (and what read-ahead fetched)
+        f.close()
+    gc.reset_counts()
+    async with content_store(gc, tmp_path / "cache") as store:
+        assert not await store.fully_cached(url)
+        f = await store.open(url, check_access=False)
+        assert gc.count("media-image-file") == 1  # not all there: resolved as usual
+        assert await read_all(f) == SMALL_BYTES
+        f.close()
+
+
+async def test_a_damaged_block_of_a_file_opened_from_the_cache_is_fetched_lazily(
+    gc: FakeGC, tmp_path: Path
+) -> None:
+    """The resolution waits for the first read that needs storage; that read gets the
+    server's bytes (the damaged block is fetched again), the others come from disk."""
+    url = file_url(gc, "small")
+    async with content_store(gc, tmp_path / "cache") as store:
+        f = await store.open(url)
+        assert await read_all(f) == SMALL_BYTES
+        f.close()
+    data = next((tmp_path / "cache").rglob("*.data"))
+    damaged = bytearray(data.read_bytes())
+    damaged[2 * BS + 7 : 2 * BS + 10] = b"\x00\xff\x00"
+    data.write_bytes(bytes(damaged))
+    gc.reset_counts()
+    async with content_store(gc, tmp_path / "cache") as store:
+        f = await store.open(url, check_access=False)
+        assert gc.count() == 0
+        assert await f.read(0, BS) == SMALL_BYTES[:BS]
+        assert gc.count() == 0
+        assert await read_all(f) == SMALL_BYTES
+        f.close()
+    assert gc.count("media-image-file") == 1
+    assert sum(storage_gets(gc)) == BS  # block 2 alone
+
+
+async def test_the_kernels_out_of_order_reads_fetch_each_block_once(gc: FakeGC) -> None:
+    """Reads in the order the kernel sent them at read_ahead_kb 4096 (traced): a read lands
+    2 MiB ahead, the stream goes on, then the skipped reads come, the first of them starting
+    in the middle of a block. All are one sequential stream: no block is fetched twice."""
+    KiB = 1024
+    order = [(0, 512), (512, 1024)] + [(1536 + n * 1024, 1024) for n in range(11)]
+    order += [(15872 + n * 1024, 1024) for n in range(5)]  # 2 MiB ahead of the stream
+    order += [(12800, 512), (13312, 1024), (14336, 1024), (15360, 512)]  # the skipped ones
+    order += [(20992 + n * 1024, 1024) for n in range(8)]
+    url = file_url(gc, "large")
+    async with content_store(gc, None) as store:
+        f = await store.open(url)
+        gc.reset_counts()
+        for offset, size in order:
+            got = await f.read(offset * KiB, size * KiB)
+            assert got == LARGE_BYTES[offset * KiB : (offset + size) * KiB]
+        f.close()
+    covered = sorted(
+        (int(a), int(b))
+        for r in gc.requests
+        if r.endpoint == "storage-get"
+        for a, b in [r.range.removeprefix("bytes=").split("-")]
+    )
+    for (_, previous_last), (first, _) in itertools.pairwise(covered):
+        assert first > previous_last, covered  # no byte asked for twice

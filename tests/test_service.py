@@ -194,6 +194,7 @@ def test_system_unit_contents() -> None:
     assert unit["ExecStart"][0].endswith(" %f")
     assert unit["Restart"] == ["on-failure"]
     assert unit["WantedBy"] == ["multi-user.target"]
+    assert any("read_ahead_kb" in command for command in unit["ExecStartPost"])
 
 
 # -- sd_notify ----------------------------------------------------------------------------

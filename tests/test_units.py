@@ -13,6 +13,7 @@ import trio.testing
 from gcfs import render
 from gcfs.cache import MetadataCache
 from gcfs.config import Secret, find_token, normalize_base_url, parse_token, read_token_file
+from gcfs.daemon import mount_device
 from gcfs.errors import UserError
 from gcfs.names import could_be_identifier, is_uuid, slug_from_url
 from gcfs.nodes import InodeTable, Node, inode_for
@@ -195,3 +196,15 @@ async def test_cache_shares_failures_but_does_not_keep_them() -> None:
         return "ok"
 
     assert await cache.get("k", working) == "ok"
+
+
+def test_mount_device_from_mountinfo() -> None:
+    """The device of the newest mount on a path, with mountinfo's octal escapes undone."""
+    text = (
+        "36 35 0:52 / /home/me/gc ro,nosuid - fuse.gcfs gcfs ro\n"
+        "40 35 0:60 / /home/me/my\\040gc rw - fuse.gcfs gcfs rw\n"
+        "41 35 0:61 / /home/me/gc rw - fuse.gcfs gcfs rw\n"
+    )
+    assert mount_device(text, "/home/me/gc") == "0:61"
+    assert mount_device(text, "/home/me/my gc") == "0:60"
+    assert mount_device(text, "/home/me") is None

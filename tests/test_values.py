@@ -21,7 +21,7 @@ import pytest
 
 from gcfs import layout
 from gcfs.fakegc import DEMO_TOKEN, FakeGC
-from tests.conftest import Mount
+from tests.conftest import Mount, poll
 
 AUTH = {"Authorization": f"Bearer {DEMO_TOKEN}"}
 BIG_TIFF = "biopsy-10005-wsi.tif"
@@ -222,6 +222,53 @@ def test_big_tiff_sha256_and_block_cache(
     assert file_sha256(big_tiff(second)) == sha
     assert fake.count("storage-get") == 0
     assert fake.storage_bytes_sent == 0
+
+
+def bdi_read_ahead(mountpoint: Path) -> Path:
+    device = subprocess.run(
+        ["mountpoint", "-d", str(mountpoint)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return Path(f"/sys/class/bdi/{device}/read_ahead_kb")
+
+
+@pytest.mark.parametrize("read_ahead_kb", [1024, 4096])
+def test_sequential_read_with_large_kernel_read_ahead_fetches_every_byte_once(
+    mount: Mount, fake: FakeGC, read_ahead_kb: int
+) -> None:
+    """The daemon raises the mount's read_ahead_kb to 1024 where it may (as root), and at
+    1024 or more the kernel's 1 MiB reads arrive several at once and out of order; they are
+    still one sequential stream: every byte is fetched exactly once, in multi-block ranges."""
+    setting = bdi_read_ahead(mount.path)
+    if os.geteuid() == 0:
+        poll(lambda: setting.read_text().strip() == "1024", 5.0, "read_ahead_kb 1024")
+        setting.write_text(f"{read_ahead_kb}\n")
+    else:  # a user mount: the log says how to do it by hand
+        assert "cannot set read_ahead_kb" in mount.log_text()
+    path = big_tiff(mount)
+    sha, size = download_sha256(fake, big_tiff_url(fake))
+    fake.reset_counts()
+    summed = subprocess.run(["sha256sum", str(path)], capture_output=True, text=True, check=True)
+    assert summed.stdout.split()[0] == sha
+    assert fake.storage_bytes_sent == size  # nothing fetched twice
+    assert fake.count("storage-get") <= size // MiB // 3  # ranges of several blocks
+
+
+def test_the_system_units_read_ahead_command(mount: Mount) -> None:
+    """The system unit's ExecStartPost (as root) sets read_ahead_kb of the mount it names;
+    it is the command README gives for doing it by hand."""
+    unit = (Path(__file__).parents[1] / "systemd" / "gcfs-system@.service").read_text()
+    line = next(line for line in unit.splitlines() if line.startswith("ExecStartPost="))
+    command = line.split("'", 1)[1].rsplit("'", 1)[0].replace("$$", "$")
+    command = command.replace("%f", str(mount.path))
+    setting = bdi_read_ahead(mount.path)
+    done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=False)
+    if os.geteuid() == 0:
+        setting.write_text("128\n")
+        done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        assert setting.read_text().strip() == "1024"
+    else:
+        assert done.returncode != 0  # only root may: hence the unit's `+`
 
 
 def test_signed_url_expiring_mid_read(mount: Mount, fake: FakeGC) -> None:

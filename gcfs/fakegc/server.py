@@ -21,9 +21,10 @@ A second origin, the object store, runs beside the site on its own port (`fake.s
 storage request), `storage_bandwidth` (bytes per second per connection, None = unlimited) and
 `clock` (a time.time-like callable used to sign and to check expiry). Bodies are streamed in
 64 KiB writes from at most 1 MiB pieces, so 300 MiB objects need no 300 MiB of memory;
-`storage_bytes_sent` counts the body bytes handed to the socket. `presign(key)` builds a URL the
-way /media/ does, e.g. an expired one with `signed_at=`. `plain_storage_view` (default False) is
-for benchmarks only: it adds an unsigned view of the image files with HTML directory indexes,
+`storage_bytes_sent` counts the body bytes handed to the socket, `storage_peak_concurrency` the
+most storage requests answered at once. `presign(key)` builds a URL the way /media/ does, e.g.
+an expired one with `signed_at=`. `plain_storage_view` (default False) is for benchmarks only:
+it adds an unsigned view of the image files with HTML directory indexes,
 `{storage_url}/plain/<image pk>/<file name>`, that rclone's http remote can mount; Grand
 Challenge has no such thing, and while it is off `/plain/` is an unknown key like any other.
 
@@ -300,7 +301,12 @@ class _StorageHandler(BaseHTTPRequestHandler):
     server: _Server
 
     def do_GET(self) -> None:
-        self._serve()
+        fake = self.server.fake
+        fake._storage_busy(+1)
+        try:
+            self._serve()
+        finally:
+            fake._storage_busy(-1)
 
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
 
@@ -585,6 +591,8 @@ class FakeGC:
         self._records: list[RequestRecord] = []
         self._records_lock = threading.Lock()
         self._bytes_sent = 0
+        self._storage_active = 0  # storage requests being answered right now
+        self._storage_peak = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._storage: _Server | None = None
@@ -709,11 +717,20 @@ class FakeGC:
                 return len(self._records)
             return sum(1 for r in self._records if r.endpoint == endpoint)
 
+    @property
+    def storage_peak_concurrency(self) -> int:
+        """The most storage requests answered at the same moment (from the end of the request
+        head to the end of the answer) since start or the last reset_counts()."""
+        with self._records_lock:
+            return self._storage_peak
+
     def reset_counts(self) -> None:
-        """Forget the recorded requests, the storage byte count and `faults.injected`."""
+        """Forget the recorded requests, the storage byte count and concurrency peak, and
+        `faults.injected`."""
         with self._records_lock:
             self._records.clear()
             self._bytes_sent = 0
+            self._storage_peak = self._storage_active
         self.faults.reset_injected()
 
     # -- used by the handler ------------------------------------------------------------------
@@ -744,6 +761,11 @@ class FakeGC:
     def _add_record(self, record: RequestRecord) -> None:
         with self._records_lock:
             self._records.append(record)
+
+    def _storage_busy(self, change: int) -> None:
+        with self._records_lock:
+            self._storage_active += change
+            self._storage_peak = max(self._storage_peak, self._storage_active)
 
     def _count_bytes(self, n: int) -> None:
         with self._records_lock:
