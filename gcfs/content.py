@@ -41,6 +41,7 @@ import trio
 from .blockstore import DEFAULT_BLOCK_SIZE, BlockStore
 from .buffers import Buffer, BufferPool
 from .errors import Unavailable
+from .health import EndpointHealth
 from .reader import Flight, RemoteFile
 from .resolver import Resolver, file_key
 from .retry import OutageLog, RetryPolicy
@@ -96,6 +97,7 @@ class ContentStore:
         http_timeout: float = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         site_outage: OutageLog | None = None,
+        health: EndpointHealth | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         if cache is not None and cache.block_size != block_size:
@@ -112,6 +114,7 @@ class ContentStore:
             # /media/ lives on the site: share the API client's view of its health.
             site_outage=site_outage or OutageLog("the /media/ resolver"),
             storage_outage=self.storage_outage,
+            health=health or EndpointHealth(),
             clock=clock,
         )
         self.cache = cache

@@ -160,6 +160,7 @@ async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
             http_timeout=cfg.request_timeout,
             retry=retry,
             site_outage=api.outage,
+            health=api.health,
         )
         try:
             async with store as content:

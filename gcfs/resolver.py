@@ -32,6 +32,7 @@ import httpx
 import trio
 
 from .errors import BadResponse, NotFound, PermissionDenied, Unavailable
+from .health import EndpointHealth
 from .retry import OutageLog, RetryPolicy, retrying
 from .storage_http import (
     Expired,
@@ -76,6 +77,7 @@ class Resolver:
         retry: RetryPolicy,
         site_outage: OutageLog,
         storage_outage: OutageLog,
+        health: EndpointHealth,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         if "authorization" in http.headers or http.auth is not None:
@@ -87,6 +89,7 @@ class Resolver:
         self._retry = retry
         self._site_outage = site_outage
         self._storage_outage = storage_outage
+        self._health = health  # the API client's: a failing /media/ is logged like an endpoint
         self._clock = clock
         self._recent: dict[str, _Resolution] = {}
         self._presigned: dict[str, dict[str, str]] = {}
@@ -118,12 +121,19 @@ class Resolver:
         Retried on transient failures within the retry budget."""
         if url in self._presigned:
             return url
-        return await retrying(
-            lambda: self._resolve_once(url),
-            policy=self._retry,
-            what=f"resolve {url}",
-            outage=self._site_outage,
-        )
+        try:
+            signed = await retrying(
+                lambda: self._resolve_once(url),
+                policy=self._retry,
+                what=f"resolve {url}",
+                outage=self._site_outage,
+            )
+        except (Unavailable, BadResponse) as exc:
+            if exc.status is not None:
+                self._health.failed("media", exc.status)
+            raise
+        self._health.succeeded("media")
+        return signed
 
     async def _resolve_once(self, url: str) -> str:
         self.resolutions += 1
@@ -150,7 +160,9 @@ class Resolver:
         if status in (401, 403):
             raise PermissionDenied(f"{where}: HTTP {status}")
         raise_unavailable(status, where, response_headers)
-        raise BadResponse(f"{where}: expected a redirect to storage, got HTTP {status}")
+        raise BadResponse(
+            f"{where}: expected a redirect to storage, got HTTP {status}", status=status
+        )
 
     # -- sizes ------------------------------------------------------------------------------
 

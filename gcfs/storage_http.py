@@ -157,9 +157,9 @@ def raise_unavailable(status: int, where: str, headers: Mapping[str, str] | None
     """429/502/503/504 are worth retrying (with the server's Retry-After); other 5xx not."""
     if is_transient_status(status):
         retry_after = parse_retry_after((headers or {}).get("retry-after"))
-        raise Unavailable(f"{where}: HTTP {status}", retry_after=retry_after)
+        raise Unavailable(f"{where}: HTTP {status}", retry_after=retry_after, status=status)
     if status >= 500:
-        raise Unavailable(f"{where}: HTTP {status}", transient=False)
+        raise Unavailable(f"{where}: HTTP {status}", transient=False, status=status)
 
 
 @dataclass(frozen=True, slots=True)

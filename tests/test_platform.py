@@ -424,3 +424,23 @@ def test_gcfs_path(mount_gcfs: Callable[..., Mount], fake: FakeGC, world: Any) -
         result = path_of(identifier, mount)
         assert result.returncode == 1, (identifier, result)
         assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_failing_media_endpoint_is_logged_once(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC, tmp_path: Path
+) -> None:
+    """/media/ resolutions that fail with 500 (here: those that learn the sizes of an item's
+    files) make the directories EIO, are said once in the log (not once per directory), and
+    are shown by `gcfs status`."""
+    mount = mount_gcfs("--cache-dir", str(tmp_path / "cache"))
+    items = mount.path / "archives" / "lidc-lung-ct" / "items"
+    names = sorted(os.listdir(items))
+    fake.faults.configure(error_rates={500: 1.0}, only={"media-image-file", "media-civ-file"})
+    for name in names:
+        with pytest.raises(OSError) as failed:
+            os.listdir(items / name)
+        assert failed.value.errno == errno.EIO
+    assert fake.count("media-image-file") + fake.count("media-civ-file") >= len(names)
+    warnings = [line for line in mount.log_text().splitlines() if " WARNING " in line]
+    assert sum("fails media with HTTP 500" in line for line in warnings) == 1, warnings
+    assert "media: HTTP 500" in gcfs("status", str(mount.path)).stdout
