@@ -39,7 +39,7 @@ import httpx
 import trio
 
 from .blockstore import DEFAULT_BLOCK_SIZE, BlockStore
-from .buffers import Buffer, BufferPool
+from .buffers import Block, Buffer, BufferPool
 from .errors import Unavailable
 from .health import EndpointHealth
 from .reader import Flight, RemoteFile
@@ -127,6 +127,9 @@ class ContentStore:
         self.nursery: trio.Nursery | None = None  # read-ahead; cancelled at exit
         self._writer: trio.Nursery | None = None  # block store writes; drained at exit
         self._write_queue: deque[tuple[str, int, memoryview, int]] = deque()
+        # Blocks verified and queued for the block store, or being written: still blocks we
+        # have (a file closed and opened again at once must not fetch them again).
+        self.pending: dict[tuple[str, int], Block] = {}
         self._writers = 0  # writer tasks running
         self._exit_stack: contextlib.AsyncExitStack | None = None
         self._sizes: dict[str, int] = {}
@@ -295,13 +298,21 @@ class ContentStore:
 
     # -- writing to the block store -------------------------------------------------------------
 
-    async def write_behind(self, key: str, first: int, data: memoryview, size: int) -> None:
-        """Write verified whole blocks to the block store without making anyone wait: queued
-        for up to MAX_WRITES writer tasks in the writer nursery, and counted in the memory
-        budget until written (so read-ahead slows down when the disk falls behind). Without a
-        nursery (the store not entered), now."""
+    async def write_behind(
+        self, key: str, first: int, buffer: Buffer, length: int, size: int
+    ) -> None:
+        """Write verified whole blocks (`length` bytes of `buffer`, block `first` at its
+        start) to the block store without making anyone wait: queued for up to MAX_WRITES
+        writer tasks in the writer nursery, and counted in the memory budget until written
+        (so read-ahead slows down when the disk falls behind). Without a nursery (the store
+        not entered), now. Until they are on disk, readers find them in `pending`."""
         if self.cache is None:
             return
+        data = memoryview(buffer)[:length]
+        bs = self.block_size
+        for n in range(-(-length // bs)):
+            block = Block(buffer, n * bs, min(bs, length - n * bs))
+            self.pending[(key, first + n)] = block
         self.writing_bytes += len(data)
         self._write_queue.append((key, first, data, size))
         if self._writer is None:
@@ -333,6 +344,10 @@ class ContentStore:
                     await trio.to_thread.run_sync(cache.write_many, key, pieces, size)
                 finally:
                     self.writing_bytes -= sum(len(data) for _, data in pieces)
+                    bs = self.block_size
+                    for first, data in pieces:
+                        for n in range(-(-len(data) // bs)):
+                            self.pending.pop((key, first + n), None)
         finally:
             if counted:
                 self._writers -= 1

@@ -385,7 +385,7 @@ class GcFilesystem:
             except (Unavailable, BadResponse) as exc:
                 log.debug("%s %s failed (%s); asking for each object", path, dict(params), exc)
             else:
-                by_pk = {obj.get("pk"): obj for obj in listed}
+                by_pk = {pk: obj for obj in listed if isinstance(pk := obj.get("pk"), str)}
                 found = {pk: by_pk[pk] for pk in wanted if pk in by_pk}
                 return Among(found, self.cache.fetched_at(tree.list_key(path, dict(params))))
         found = await self._each_object(sorted(wanted), detail)

@@ -356,10 +356,13 @@ class RemoteFile:
         store = self.store
         out: dict[int, Block] = {}
         looked_on_disk = False
+        pending = store.pending
         while True:
             for i in indices:
-                if i not in out and i in self._blocks:
-                    out[i] = self._blocks[i]
+                if i not in out:
+                    block = self._blocks.get(i) or pending.get((self.key, i))
+                    if block is not None:
+                        out[i] = block
             missing = [i for i in indices if i not in out]
             if not missing:
                 for index, block in out.items():
@@ -402,21 +405,29 @@ class RemoteFile:
         # else: the leader was cancelled (its file closed); the next round fetches it
 
     async def _from_disk(self, run: range) -> dict[int, Block]:
-        """The blocks of `run` that the block store has, read into one pooled buffer (in a
+        """The blocks of `run` that the block store has: those still waiting to be written
+        (verified and in memory), then those on disk, read into one pooled buffer (in a
         worker thread). Without a thread hop when the store's index says none are there."""
         cache = self.store.cache
         if cache is None:
             return {}
-        present = cache.present_nowait(self.key, run)
-        if present is not None and not present:
-            return {}
+        pending = self.store.pending
+        found = {i: block for i in run if (block := pending.get((self.key, i))) is not None}
+        rest = [i for i in run if i not in found]
+        present = cache.present_nowait(self.key, rest)
+        if not rest or (present is not None and not present):
+            return found
         bs = self.block_size
-        buffer = self.store.buffer(len(run) * bs, min(len(run) * bs, self.size - run.start * bs))
+        first = rest[0]
+        count = rest[-1] - first + 1
+        buffer = self.store.buffer(count * bs, min(count * bs, self.size - first * bs))
         got = await trio.to_thread.run_sync(
-            cache.read_into, self.key, run.start, len(run), memoryview(buffer)
+            cache.read_into, self.key, first, count, memoryview(buffer)
         )
         self.store.cache_hits += len(got)
-        return {i: Block(buffer, (i - run.start) * bs, n) for i, n in got.items()}
+        for i, n in got.items():
+            found.setdefault(i, Block(buffer, (i - first) * bs, n))
+        return found
 
     def _claim(self, run: range) -> list[Flight]:
         """Register this task as the fetcher of `run`; no checkpoint."""
@@ -464,8 +475,9 @@ class RemoteFile:
                 if body.verified:
                     # Not awaited (unless the store runs no nursery): a reader that got the
                     # last block may close the file at once, which must not lose the write.
-                    data = memoryview(body.buffer)[: body.length]
-                    await self.store.write_behind(self.key, body.first, data, self.size)
+                    await self.store.write_behind(
+                        self.key, body.first, body.buffer, body.length, self.size
+                    )
 
     async def _stream(
         self,
@@ -499,9 +511,11 @@ class RemoteFile:
                 received = await response.readinto(memoryview(buffer)[:expected], marks, on_mark)
             finally:
                 self._count(response.received)
+            # Before leaving the request (which may checkpoint): a reader that got the last
+            # block may close the file and cancel us there, and the write must not be lost.
+            body.verified = received == expected
         if received != expected:
             raise BadResponse(f"{where}: {received} of {expected} bytes arrived")
-        body.verified = True
 
     def _count(self, fetched: int) -> None:
         self.store.bytes_fetched += fetched
