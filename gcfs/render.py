@@ -35,8 +35,9 @@ Server: {base_url}
 Signed in as: {username}
 
 This is a read-only view of what your API token can see on {base_url}.
-Nothing is downloaded until you look at it; what you look at is kept for {ttl:g} s,
-then fetched again.
+Nothing is downloaded until you look at it; what you look at is trusted for {ttl:g} s,
+then fetched again. That includes access to file bytes already in the block cache: they
+open without asking the server while the listing that showed them is that young.
 
     archives/<slug>/archive.json                an archive, as the API serves it
     archives/<slug>/items/<pk>/                 item.json + its values, laid out like an

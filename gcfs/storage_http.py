@@ -43,20 +43,28 @@ Invariants:
 - Blocking calls are bounded: connecting, sending, the head and each gap in the body by
   `timeout` each (the caller's deadline bounds the whole).
 
-Limitations: no HTTP proxy support (HTTP(S)_PROXY is honoured for /media/ by httpx, not here);
-HTTP/1.1 only.
+Proxies: like httpx for /media/ (and curl), the environment's `HTTPS_PROXY`, `HTTP_PROXY`,
+`ALL_PROXY` and `NO_PROXY` (either case) apply: an https origin is reached through the proxy with
+`CONNECT host:port` and TLS inside the tunnel, an http origin by sending the request to the
+proxy in absolute form. Only `http://` proxy URLs; credentials in the proxy URL go out as
+`Proxy-Authorization: Basic` to the proxy only, never into a log line or an error.
+
+Limitations: HTTP/1.1 only; no proxy reached over TLS (`https://` proxy URLs are refused at
+start with a warning and storage is reached directly).
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import ssl
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import h11
 import httpx
@@ -193,21 +201,84 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
-class _Connection:
-    """One TCP (or TLS) connection to an origin."""
+@dataclass(frozen=True, slots=True)
+class _Proxy:
+    """An http:// proxy: where it listens, and its Proxy-Authorization header (or None)."""
 
-    __slots__ = ("idle_since", "origin", "raw", "stream")
+    origin: _Origin
+    authorization: str | None = field(default=None, repr=False)  # a credential
+
+    @classmethod
+    def parse(cls, url: str) -> _Proxy | None:
+        """The proxy of an environment variable's URL; None for one we cannot use."""
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname:
+            return None
+        authorization = None
+        if parts.username is not None:
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            authorization = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+        return cls(_Origin("http", parts.hostname, parts.port or 80), authorization)
+
+
+def proxy_setting(url: str) -> _Proxy:
+    """The proxy of a setting such as `http://user:secret@proxy:3128` (ValueError if it is
+    not an http:// proxy URL)."""
+    proxy = _Proxy.parse(url)
+    if proxy is None:
+        raise ValueError("only http:// proxies are supported")
+    return proxy
+
+
+def environment_proxies() -> dict[str, _Proxy]:
+    """scheme -> proxy from the environment, as httpx and curl read it, minus NO_PROXY hosts
+    (applied per origin by `proxy_for`). An https:// proxy is refused with a warning."""
+    found: dict[str, _Proxy] = {}
+    settings = urllib.request.getproxies_environment()
+    for scheme in ("http", "https"):
+        url = settings.get(scheme) or settings.get("all")
+        if not url:
+            continue
+        proxy = _Proxy.parse(url)
+        if proxy is None:
+            log.warning(
+                "storage: ignoring the %s proxy setting (only http:// proxies work)", scheme
+            )
+            continue
+        found[scheme] = proxy
+    return found
+
+
+def proxy_for(origin: _Origin, proxies: Mapping[str, _Proxy]) -> _Proxy | None:
+    """The proxy to reach `origin` through, or None (none set, or NO_PROXY names the host)."""
+    proxy = proxies.get(origin.scheme)
+    if proxy is None or urllib.request.proxy_bypass(origin.host):
+        return None
+    return proxy
+
+
+class _Connection:
+    """One TCP (or TLS) connection to an origin, possibly through a proxy."""
+
+    __slots__ = ("absolute_form", "idle_since", "origin", "proxy_authorization", "raw", "stream")
 
     def __init__(
         self,
         origin: _Origin,
         stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
         raw: trio.socket.SocketType,
+        *,
+        via: _Proxy | None = None,
     ) -> None:
         self.origin = origin
         self.stream = stream
         self.raw = raw  # the TCP socket: recv_into for plain HTTP, closing, liveness
         self.idle_since = 0.0
+        # Plain HTTP through a proxy: the request line carries the whole URL, and the proxy
+        # its credentials (over TLS the tunnel's CONNECT carried them, the origin gets none).
+        plain_via_proxy = via is not None and origin.scheme == "http"
+        self.absolute_form = plain_via_proxy
+        self.proxy_authorization = via.authorization if plain_via_proxy and via else None
 
     @property
     def plain(self) -> bool:
@@ -415,10 +486,13 @@ class StorageClient:
         timeout: float = DEFAULT_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         ssl_context: ssl.SSLContext | None = None,
+        proxies: Mapping[str, _Proxy] | None = None,
     ) -> None:
         self.timeout = timeout
         self._limiter = trio.CapacityLimiter(max_connections)
         self._ssl_context = ssl_context
+        # scheme -> proxy; the environment's by default, as for the /media/ client (httpx).
+        self._proxies = environment_proxies() if proxies is None else dict(proxies)
         self._idle: dict[_Origin, deque[_Connection]] = {}
         self.connections_opened = 0  # statistics: new TCP connections
 
@@ -460,27 +534,57 @@ class StorageClient:
             idle.popleft().close()
 
     async def _connect(self, origin: _Origin, where: str) -> _Connection:
+        proxy = proxy_for(origin, self._proxies)
+        peer = origin if proxy is None else proxy.origin
         try:
             with trio.fail_after(self.timeout):
-                tcp = await trio.open_tcp_stream(origin.host, origin.port)
+                tcp = await trio.open_tcp_stream(peer.host, peer.port)
                 self.connections_opened += 1
                 if origin.scheme == "http":
-                    return _Connection(origin, tcp, tcp.socket)
-                if self._ssl_context is None:
-                    self._ssl_context = httpx.create_ssl_context()
-                tls = trio.SSLStream(
-                    tcp, self._ssl_context, server_hostname=origin.host, https_compatible=True
-                )
+                    return _Connection(origin, tcp, tcp.socket, via=proxy)
                 try:
+                    if proxy is not None:
+                        await _tunnel(tcp, origin, proxy, where)
+                    if self._ssl_context is None:
+                        self._ssl_context = httpx.create_ssl_context()
+                    tls = trio.SSLStream(
+                        tcp, self._ssl_context, server_hostname=origin.host, https_compatible=True
+                    )
                     await tls.do_handshake()
                 except BaseException:
                     tcp.socket.close()
                     raise
-                return _Connection(origin, tls, tcp.socket)
+                return _Connection(origin, tls, tcp.socket, via=proxy)
         except trio.TooSlowError:
             raise Unavailable(f"{where}: connecting timed out") from None
-        except (OSError, trio.BrokenResourceError) as exc:
+        except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
             raise Unavailable(f"{where}: cannot connect ({type(exc).__name__})") from exc
+
+
+async def _tunnel(tcp: trio.SocketStream, origin: _Origin, proxy: _Proxy, where: str) -> None:
+    """Ask the proxy for a tunnel to `origin` (CONNECT); Unavailable unless it answers 2xx."""
+    host = f"[{origin.host}]" if ":" in origin.host else origin.host
+    authority = f"{host}:{origin.port}"  # CONNECT names the port, default or not
+    headers = [("Host", authority)]
+    if proxy.authorization is not None:
+        headers.append(("Proxy-Authorization", proxy.authorization))
+    protocol = h11.Connection(h11.CLIENT)
+    await tcp.send_all(
+        protocol.send(h11.Request(method="CONNECT", target=authority, headers=headers))
+    )
+    while True:
+        event = protocol.next_event()
+        if event is h11.NEED_DATA:
+            protocol.receive_data(await tcp.receive_some(HEAD_RECEIVE))
+            continue
+        if isinstance(event, h11.InformationalResponse):
+            continue
+        if isinstance(event, h11.Response) and 200 <= event.status_code < 300:
+            if protocol.trailing_data[0]:
+                raise Unavailable(f"{where}: the proxy sent bytes before the tunnel opened")
+            return
+        status = getattr(event, "status_code", "?")
+        raise Unavailable(f"{where}: the proxy refused the tunnel (HTTP {status})")
 
 
 class StorageRequest:
@@ -570,7 +674,12 @@ class StorageRequest:
             ("Accept-Encoding", "identity"),
             *self._headers.items(),
         ]
-        request = h11.Request(method="GET", target=self._target, headers=headers)
+        target = self._target
+        if connection.absolute_form:
+            target = f"http://{self._origin.host_header}{target}"
+            if connection.proxy_authorization is not None:
+                headers.append(("Proxy-Authorization", connection.proxy_authorization))
+        request = h11.Request(method="GET", target=target, headers=headers)
         data = protocol.send(request) + (protocol.send(h11.EndOfMessage()) or b"")
         received_any = False
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 
@@ -9,7 +10,15 @@ import pytest
 import trio
 
 from gcfs.errors import BadResponse, Unavailable
-from gcfs.storage_http import StorageClient, redact
+from gcfs.storage_http import (
+    StorageClient,
+    environment_proxies,
+    proxy_for,
+    proxy_setting,
+    redact,
+    split_url,
+)
+from tests.proxy import TestProxy
 from tests.rawhttp import RawServer, Request, Script, client_ssl_context, response
 
 BODY = bytes(range(256)) * 4096  # 1 MiB
@@ -220,3 +229,44 @@ async def test_a_body_that_failed_part_way_closes_the_connection() -> None:
                 await get(storage, server.url + "/o", 0, 99)
             assert (await get(storage, server.url + "/o", 0, 0))[1] == b"z"
     assert server.connections == 2
+
+
+# -- proxies ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http-absolute-form", "https-connect"])
+async def test_storage_through_a_proxy(tls: bool) -> None:
+    """Through an http:// proxy: a CONNECT tunnel with TLS inside for https, the request in
+    absolute form for http; the proxy's credentials go to the proxy only, never to storage."""
+    with RawServer(ranged, tls=tls) as server, TestProxy() as proxy:
+        proxies = {"http": proxy_setting(f"http://user:p%40ss@127.0.0.1:{proxy.port}")}
+        proxies["https"] = proxies["http"]
+        context = client_ssl_context() if tls else None
+        async with StorageClient(ssl_context=context, proxies=proxies) as storage:
+            status, data = await get(storage, f"{server.url}/obj?sig=1", 10, 2000)
+        assert (status, data) == (206, BODY[10:2001])
+        basic = "Basic " + base64.b64encode(b"user:p@ss").decode()
+        if tls:
+            assert proxy.requests == [("CONNECT", f"127.0.0.1:{server.port}", basic)]
+        else:
+            assert proxy.requests == [("GET", f"{server.url}/obj?sig=1", basic)]
+        assert [r.target for r in server.requests] == ["/obj?sig=1"]
+        assert "proxy-authorization" not in server.requests[0].headers
+
+
+def test_proxies_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTPS_PROXY/HTTP_PROXY/ALL_PROXY as curl and httpx read them; NO_PROXY hosts go
+    direct; an https:// proxy (TLS to the proxy) is not used."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    assert environment_proxies() == {}
+    monkeypatch.setenv("ALL_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("HTTPS_PROXY", "https://tls-proxy.example:443")
+    monkeypatch.setenv("NO_PROXY", "storage.internal,.example.org")
+    found = environment_proxies()
+    assert set(found) == {"http"}  # the https:// proxy is refused, ALL_PROXY covers http
+    assert found["http"].origin.host == "proxy.example"
+    assert proxy_for(split_url("http://s3.amazonaws.com/x")[0], found) is found["http"]
+    assert proxy_for(split_url("http://storage.internal/x")[0], found) is None
+    assert proxy_for(split_url("http://a.example.org/x")[0], found) is None
