@@ -31,7 +31,10 @@ Read-ahead: the window starts at 1 block and doubles with every sequential read 
 stretch is claimed (so readers reaching it wait for it rather than fetch it again) and queued as
 ranged GETs of at least 4 blocks, nearest first, of which `max_parallel` (8) per file run at
 once: one connection's bandwidth cap is beaten (measured best at 8, issue 10) and a 48 MiB file
-costs ~15 requests instead of 49. A read elsewhere resets the window to 0, cancels the file's
+costs ~15 requests instead of 49. A file of at most 4 blocks is read ahead whole, in 1-block
+ranges side by side, from its first sequential read (WHOLE_FILE_BLOCKS: a training loader's
+4 MiB file in one round trip instead of three). A read elsewhere resets the window to 0, cancels
+the file's
 read-ahead and drops its blocks: a 64 KiB read at 3 GiB fetches just the 16 KiB-aligned range it
 needs (RANDOM_READ_MAX), which is not cached on disk.
 
@@ -85,6 +88,14 @@ _RANDOM = random.Random()
 # first byte takes 20-100 ms, about what 1 MiB takes to transfer at 10-50 MB/s, so a 1 MiB
 # request spends half its time waiting; at 4 MiB the transfer dominates.
 MIN_READ_AHEAD_BLOCKS = 4
+# A file of at most this many blocks (4 MiB) is read ahead whole from its first sequential read,
+# in 1-block ranges side by side: a training loader reads thousands of whole small files, and
+# the doubling window made a 4 MiB file three dependent round trips (1, 1 and 2 MiB: ~90 ms at
+# 20 ms storage latency and 100 MiB/s per connection, the epoch row of the benchmark) where
+# four parallel 1 MiB ranges take one (~30 ms). A reader that wanted only the start of such a
+# file fetched at most 4 MiB; larger files keep the doubling window (it reaches 4 blocks by
+# the third read anyway).
+WHOLE_FILE_BLOCKS = 4
 # A read at most this far from the frontier, either way, is sequential: two of the kernel's
 # default 128 KiB FUSE reads...
 SEQUENTIAL_SLACK = 256 << 10
@@ -226,7 +237,10 @@ class RemoteFile:
             self._ahead_end = last + 1
             return False
         self._fill(offset, end)
+        small = self.nblocks <= WHOLE_FILE_BLOCKS
         self._window = min(max(1, self._window * 2), self.store.max_window_blocks)
+        if small:
+            self._window = self.nblocks
         # Keep what a late, out-of-order read may still need: `near` behind the frontier, the
         # holes the kernel has yet to fill, and of course this read's own blocks.
         floor = min(
@@ -260,6 +274,8 @@ class RemoteFile:
             return True
         self._ahead_end = wanted[-1] + 1
         longest = max(MIN_READ_AHEAD_BLOCKS, math.ceil(len(wanted) / self.store.max_parallel))
+        if small:
+            longest = 1
         for run in _runs(wanted, longest):
             # Claimed now, not when a task starts: a reader that reaches these blocks while
             # they wait in the queue follows the read-ahead instead of fetching them again.
@@ -360,7 +376,9 @@ class RemoteFile:
         while True:
             for i in indices:
                 if i not in out:
-                    block = self._blocks.get(i) or pending.get((self.key, i))
+                    block = self._blocks.get(i)
+                    if block is None and (block := pending.get((self.key, i))) is not None:
+                        store.cache_hits += 1  # the store's, still on its way to disk
                     if block is not None:
                         out[i] = block
             missing = [i for i in indices if i not in out]
@@ -413,6 +431,7 @@ class RemoteFile:
             return {}
         pending = self.store.pending
         found = {i: block for i in run if (block := pending.get((self.key, i))) is not None}
+        self.store.cache_hits += len(found)
         rest = [i for i in run if i not in found]
         present = cache.present_nowait(self.key, rest)
         if not rest or (present is not None and not present):

@@ -35,6 +35,7 @@ TOKEN = "t" * 64
 OTHER_TOKEN = "o" * 64
 SMALL = 5 * MiB + 123  # a few MiB, not block aligned
 LARGE = 48 * MiB + 7
+FOUR = 4 * MiB  # a training sample: read ahead whole at the first read
 
 
 def generated(size: int, seed: str) -> tuple[bytes, GeneratedContent]:
@@ -44,6 +45,7 @@ def generated(size: int, seed: str) -> tuple[bytes, GeneratedContent]:
 
 SMALL_BYTES, SMALL_CONTENT = generated(SMALL, "small.mha")
 LARGE_BYTES, LARGE_CONTENT = generated(LARGE, "large.tif")
+FOUR_BYTES, FOUR_CONTENT = generated(FOUR, "four.mha")
 
 
 def make_world() -> World:
@@ -52,6 +54,7 @@ def make_world() -> World:
     w.add_user("mallory", OTHER_TOKEN)
     w.add_image("small", [("small.mha", SMALL_CONTENT)], viewers={"alice"})
     w.add_image("large", [("large.tif", LARGE_CONTENT)], viewers={"alice"})
+    w.add_image("four", [("four.mha", FOUR_CONTENT)], viewers={"alice"})
     w.add_image("empty", [("empty.mha", b"")], viewers={"alice"})
     w.add_image("tiny", [("tiny.json", b"{}")], viewers={"alice"})
     return w
@@ -660,3 +663,19 @@ async def test_the_kernels_out_of_order_reads_fetch_each_block_once(gc: FakeGC) 
     )
     for (_, previous_last), (first, _) in itertools.pairwise(covered):
         assert first > previous_last, covered  # no byte asked for twice
+
+
+async def test_a_small_file_is_read_ahead_whole_in_parallel(gc: FakeGC) -> None:
+    """A file of at most 4 blocks (a training sample) is fetched whole from its first read,
+    its blocks side by side (one round trip), not in the doubling window's 1, 1, 2 blocks
+    one after another."""
+    gc.storage_latency = 0.05  # long enough that parallel requests overlap at the server
+    url = file_url(gc, "four")
+    async with content_store(gc, None) as store:
+        f = await store.open(url)
+        gc.reset_counts()
+        assert await read_all(f, chunk=MiB) == FOUR_BYTES
+        f.close()
+    ranges = sorted(r.range or "" for r in gc.requests if r.endpoint == "storage-get")
+    assert ranges == sorted(f"bytes={i * MiB}-{(i + 1) * MiB - 1}" for i in range(4))
+    assert gc.storage_peak_concurrency >= 3
