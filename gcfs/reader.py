@@ -407,15 +407,16 @@ class RemoteFile:
     async def _from_disk(self, run: range) -> dict[int, Block]:
         """The blocks of `run` that the block store has: those still waiting to be written
         (verified and in memory), then those on disk, read into one pooled buffer (in a
-        worker thread). Without a thread hop when the store's index says none are there."""
+        worker thread). A block the store does not list costs that thread hop too: the store
+        looks at its index file again, where another daemon sharing the cache directory may
+        have recorded it (one open and fstat, ~10 us, against a fetch of 20 ms or more)."""
         cache = self.store.cache
         if cache is None:
             return {}
         pending = self.store.pending
         found = {i: block for i in run if (block := pending.get((self.key, i))) is not None}
         rest = [i for i in run if i not in found]
-        present = cache.present_nowait(self.key, rest)
-        if not rest or (present is not None and not present):
+        if not rest:
             return found
         bs = self.block_size
         first = rest[0]

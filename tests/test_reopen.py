@@ -73,7 +73,7 @@ def test_a_revoked_permission_ends_access_to_cached_bytes_within_one_ttl(
     for path in cached:
         path.read_bytes()
     directories = {path.parent for path in cached}
-    held = {directory: os.open(directory, os.O_RDONLY | os.O_DIRECTORY) for directory in directories}
+    held = {d: os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d in directories}
     try:
         archive = world.find_by_slug(world.archives.values(), "lidc-lung-ct")
         archive.viewers.discard("demo")  # revoked on the server
