@@ -65,7 +65,14 @@ from typing import TYPE_CHECKING, TypeVar
 import trio
 
 from .buffers import Block, Buffer, span
-from .errors import BadResponse, GcfsError, PermissionDenied, Unavailable, first_error
+from .errors import (
+    BadResponse,
+    GcfsError,
+    NotInSnapshot,
+    PermissionDenied,
+    Unavailable,
+    first_error,
+)
 from .resolver import file_key
 from .retry import OUTAGE_PROBE_BUDGET
 from .storage_http import Expired, StorageResponse, check_partial, raise_for_status, redact
@@ -580,6 +587,8 @@ class RemoteFile:
         cache, and the GET is idempotent), with backoff, all within the retry budget. During
         a storage outage it fails at once, or probes briefly (retry.OutageLog)."""
         store = self.store
+        if store.offline:
+            raise NotInSnapshot(f"{what}: not in the snapshot (an offline mount fetches nothing)")
         outage = store.storage_outage
         budget = store.retry.budget
         if outage.down_since is not None:

@@ -4,15 +4,18 @@ over NFS). File I/O only; tests/test_cluster.py does the same with real mounts."
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from gcfs import blockstore, cachedir
 from gcfs.blockstore import RECORD_SIZE, STORE_DIR, BlockStore, key_digest
+from tests.conftest import gcfs_command
 
 BS = 4096
 SIZE = 8 * BS
@@ -103,11 +106,11 @@ def test_eviction_by_another_daemon_is_a_miss_not_damage(
 def test_a_replaced_file_under_a_stale_view_is_checked_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """`second` knows blocks 0-7 of generation 1; the files are replaced by generation 2
-    holding block 0 only (whose data file has holes where generation 1 had bytes). A read
-    of block 3 through a freshly opened descriptor must not return the hole's zeros as the
-    trusted block: the check fails, the store sees that the index was replaced, and it is a
-    quiet miss."""
+    """`second` knows blocks 0-7 of generation 1 and has checked them; the files are
+    replaced by generation 2 holding block 7 only (its data file has a hole where block 3
+    was). A read of block 3 through a freshly opened descriptor must not return the hole's
+    zeros as a block checked before: checks count per data file, so it is checked, fails,
+    the store sees that the index was replaced, and it is a quiet miss."""
     first, second = two(tmp_path)
     data = content(4)
     first.write("k", 0, view(data, 0, 8), SIZE)
@@ -116,12 +119,12 @@ def test_a_replaced_file_under_a_stale_view_is_checked_again(
     for path in paths(first, "k"):
         path.unlink()
     third = BlockStore(tmp_path / "shared", 1 << 30, block_size=BS)
-    third.write("k", 0, view(data, 0, 1), SIZE)
+    third.write("k", 7, view(data, 7, 1), SIZE)
     with caplog.at_level(logging.WARNING, logger="gcfs.blockstore"):
         got = read(second, "k", 3, 1)
     assert got == {}
     assert caplog.records == []
-    assert read(second, "k", 0, 1) == {0: data[:BS]}
+    assert read(second, "k", 7, 1) == {7: data[7 * BS :]}
 
 
 def test_accounting_sees_other_daemons_writes_before_evicting(tmp_path: Path) -> None:
@@ -317,3 +320,65 @@ def test_filesystem_type_from_mountinfo() -> None:
 def test_temporary_names_are_unique_per_process(tmp_path: Path) -> None:
     name = blockstore.temporary_name(tmp_path / "tree.json").name
     assert name.startswith(".tmp-") and str(os.getpid()) in name and name.endswith("tree.json")
+
+
+def cache(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        gcfs_command("cache", *args), capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_gcfs_cache_commands_without_a_mount(tmp_path: Path) -> None:
+    """status, prune, verify and clear work on a directory with no daemon at all."""
+    directory = tmp_path / "c"
+    store = BlockStore(directory, 1 << 30)  # the default block size, as daemons use
+    big = 1 << 20
+    for n in range(4):
+        store.write(f"k{n}", 0, memoryview(content(n, 2 * big)), 2 * big)
+        os.utime(paths(store, f"k{n}")[1], (1000 + n, 1000 + n))  # k0 is the least recent
+    store.close()
+    shown = cache("status", "--cache-dir", str(directory), "--json")
+    assert shown.returncode == 0, shown.stderr
+    described = json.loads(shown.stdout)
+    assert (described["files"], described["mode"], described["permissions"]) == (
+        4,
+        "private",
+        "0700",
+    )
+    assert described["bytes"] >= 8 * big
+    text = cache("status", "--cache-dir", str(directory)).stdout
+    assert str(directory) in text and "4 remote files" in text and "private" in text
+    with open(paths(store, "k3")[0], "r+b") as f:
+        f.seek(big + 10)
+        f.write(b"\x00\x00\x00")
+    verified = cache("verify", "--cache-dir", str(directory))
+    assert verified.returncode == 0, verified.stderr
+    assert "8 blocks of 4 files" in verified.stdout and " 1 damaged (dropped" in verified.stdout
+    pruned = cache("prune", "5M", "--cache-dir", str(directory))
+    assert pruned.returncode == 0, pruned.stderr
+    assert "evicted 2 files" in pruned.stdout
+    assert not paths(store, "k0")[1].exists() and not paths(store, "k1")[1].exists()
+    assert paths(store, "k2")[1].exists()
+    cleared = cache("clear", "--cache-dir", str(directory))
+    assert cleared.returncode == 0 and "removed 4 files" in cleared.stdout
+    assert json.loads(cache("status", "--cache-dir", str(directory), "--json").stdout)["files"] == 0
+    missing = cache("status", "--cache-dir", str(tmp_path / "nothing"))
+    assert missing.returncode == 1 and "no block cache" in missing.stderr
+
+
+def test_gcfs_cache_status_of_a_group_directory(tmp_path: Path) -> None:
+    directory = tmp_path / "g"
+    directory.mkdir()
+    os.chmod(directory, 0o2770)
+    shown = cache("status", "--cache-dir", str(directory))
+    assert shown.returncode == 0
+    assert "2770, shared by group" in shown.stdout
+
+
+def test_gcfs_cache_takes_cache_dir_from_the_config_file(tmp_path: Path) -> None:
+    directory = tmp_path / "from-config"
+    BlockStore(directory, 1 << 30).put_size("k", 5)
+    config = tmp_path / "config.toml"
+    config.write_text(f'cache_dir = "{directory}"\n')
+    shown = cache("status", "--config", str(config), "--json")
+    assert json.loads(shown.stdout)["path"] == str(directory)
