@@ -919,7 +919,9 @@ class BlockStore:
         disk up to date first (the files only grow while in use)."""
         on_disk = self._measure(files) if account else -1
         with self._lock:
-            if on_disk >= 0 and self._entries.get(entry.digest) is entry and entry.files is files:
+            # Only up: a thread that measured before another's append must not undo its count.
+            current = self._entries.get(entry.digest) is entry and entry.files is files
+            if current and on_disk > entry.bytes:
                 self._total += on_disk - entry.bytes
                 entry.bytes = on_disk
             files.users -= 1
