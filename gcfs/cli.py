@@ -336,6 +336,14 @@ def build_parser(prog: str = "gcfs") -> argparse.ArgumentParser:
     prefetch.add_argument(
         "path", metavar="PATH", type=Path, help="a file or directory inside a gcfs mount"
     )
+    prefetch.add_argument(
+        "--jobs",
+        type=_positive_int,
+        metavar="N",
+        default=8,
+        help="files read at once (default 8; more helps small files on a link with a long "
+        "round trip, as long as the daemon has CPU to spare)",
+    )
 
     path = _subparser(
         commands,
@@ -508,7 +516,7 @@ def main(argv: Sequence[str] | None = None, *, dry_run: bool = False, prog: str 
         if args.command == "prefetch":
             from . import prefetch
 
-            return prefetch.prefetch_command(args.path)
+            return prefetch.prefetch_command(args.path, parallel=args.jobs)
         if args.command == "path":
             from . import locate
 

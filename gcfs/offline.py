@@ -165,11 +165,12 @@ again (only what changed or is missing is fetched).
 
 
 def load(directory: Path) -> tuple[OfflineRoot, dict[str, Any]]:
-    """The root of the snapshot in `directory`, and its manifest; UserError if there is none."""
-    manifest = load_manifest(directory)
-    if manifest is None:
+    """The root of the snapshot in `directory`, and its manifest (the copy in tree.json,
+    which always belongs to that tree); UserError if there is none."""
+    if load_manifest(directory) is None:
         raise UserError(f"{directory} holds no gcfs snapshot (no manifest.json; see gcfs snapshot)")
-    root = OfflineRoot(load_tree(directory), manifest, directory)
+    spec, manifest = load_tree(directory)
+    root = OfflineRoot(spec, manifest, directory)
     describe(root, "root")
     return root, manifest
 

@@ -109,6 +109,7 @@ class Progress:
 def prefetch_command(
     path: Path, *, out: TextIO | None = None, parallel: int = PARALLEL_FILES
 ) -> int:
+    """`gcfs prefetch PATH [--jobs N]` (module docstring); `parallel`: files read at once."""
     stream = out or sys.stderr
     mountpoint, relative = find_mount(path)
     status = request(mountpoint, {"op": "status"})["status"]

@@ -9,11 +9,15 @@ The format (FORMAT):
 
     DIR/manifest.json   which server, which user, when (taken, updated), on which machine,
                         which subtrees, how many files and bytes; never the token
-    DIR/tree.json       the recorded tree, nested: {"type": "dir", "xattrs": {...},
-                        "entries": {name: ...}}, files {"type": "file", "size", "key",
-                        "xattrs"}, symlinks {"type": "symlink", "target"}; an entry with
-                        "hidden": true is looked up but not listed (pk links, `api/`)
+    DIR/tree.json       {"format", "manifest": (the same), "root": the recorded tree}, nested:
+                        {"type": "dir", "xattrs": {...}, "entries": {name: ...}}, files
+                        {"type": "file", "size", "key", "xattrs"}, symlinks {"type":
+                        "symlink", "target"}; an entry with "hidden": true is looked up but
+                        not listed (pk links, `api/`)
     DIR/store/          the bytes, in the block store's format (blockstore.py)
+
+An offline mount reads tree.json only (one file replaced atomically: its manifest always
+belongs to its tree); manifest.json is its copy for people and scripts.
 
 What is recorded: each PATH's subtree as the mount shows it (names, sizes, symlinks, xattrs,
 README stubs, metadata files), the directories above it (holding only what leads to a
@@ -120,16 +124,23 @@ def load_manifest(directory: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def load_tree(directory: Path) -> dict[str, Any]:
-    """The root of the recorded tree in `directory`."""
+def load_tree(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The root of the recorded tree in `directory`, and the manifest that belongs to it."""
     path = directory / TREE
     try:
         tree = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"{path} cannot be read: {exc}") from None
-    if not isinstance(tree, dict) or tree.get("type") != "dir":
-        raise UserError(f"{path} holds no recorded tree")
-    return tree
+    root = tree.get("root") if isinstance(tree, dict) else None
+    manifest = tree.get("manifest") if isinstance(tree, dict) else None
+    if (
+        not isinstance(root, dict)
+        or root.get("type") != "dir"
+        or not isinstance(manifest, dict)
+        or tree.get("format") != FORMAT
+    ):
+        raise UserError(f"{path} holds no {FORMAT} tree")
+    return root, manifest
 
 
 def walk_files(spec: dict[str, Any], relative: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -480,7 +491,7 @@ def snapshot_command(
                     f"{to} holds a snapshot of {old.get('server')} by {old.get('user')}, "
                     f"not {server} by {user}; use another directory"
                 )
-            tree = load_tree(to) if old is not None else {"type": "dir", "entries": {}}
+            tree = load_tree(to)[0] if old is not None else {"type": "dir", "entries": {}}
             for subtree in subtrees:  # the server as it is now, not the daemon's cache
                 request(root, {"op": "refresh", "path": subtree, "recursive": True})
             recorder = Recorder(root)
@@ -514,7 +525,7 @@ def snapshot_command(
                 "bytes": sum(int(spec.get("size", 0)) for _, spec in recorded),
                 "gcfs": __version__,
             }
-            _write_json(to / TREE, tree, mode)
+            _write_json(to / TREE, {"format": FORMAT, "manifest": manifest, "root": tree}, mode)
             _write_json(to / MANIFEST, manifest, mode)
     finally:
         store.close()
