@@ -13,16 +13,11 @@ Layout (modes: cachedir.py; private: 0700 directories and 0600 files, group: 277
 digest's first two hex digits, fans thousands of files out over 256 directories. Data is
 immutable by key: whoever writes block i of a key writes the same bytes.
 
-An index record (big-endian, 48 bytes):
-
-    magic "GCI1" | kind (1 block, 2 size only, 3 dropped) | 3 pad | block size (u32)
-    | block index (u64) | data length (u32) | crc32 of the data (u32) | file size (u64)
-    | first 8 bytes of the digest | crc32 of the 44 bytes before (u32)
-
-The last record of a block wins; every record carries the remote file's total size, so a size
-survives remounts. A record that fails its own crc is skipped, and the parser finds the next one
-by its magic: bytes torn by a crash, or clobbered by another NFS client's append, cost the
-records they hit and nothing after them.
+An index is a sequence of 48-byte records (blockindex.py): one per block stored, size-only
+and "dropped" ones. The last record of a block wins; every record carries the remote file's
+total size, so a size survives remounts. A record that fails its own crc is skipped and the next
+one found by its magic: bytes torn by a crash, or clobbered by another NFS client's append, cost
+the records they hit and nothing after them.
 
 Writing blocks: (1) re-read the index's new tail (blocks another daemon stored meanwhile are not
 written again); (2) `pwrite` the data at its offsets, whole pages with O_DIRECT; (3) on a
@@ -120,7 +115,6 @@ import mmap
 import os
 import shutil
 import socket
-import struct
 import threading
 import time
 import zlib
@@ -130,6 +124,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cachedir
+from .blockindex import (
+    KIND_BLOCK,
+    KIND_DROPPED,
+    KIND_SIZE,
+    RECORD_SIZE,
+    Fields,
+    parse_records,
+    record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +140,6 @@ log = logging.getLogger(__name__)
 # is 20-100 ms) and one FUSE request at read_ahead_kb 1024; small enough that a random 64 KiB
 # read of a huge TIFF fetches at most 1 MiB.
 DEFAULT_BLOCK_SIZE = 1 << 20
-
-_MAGIC = b"GCI1"
-_RECORD = struct.Struct(">4sB3xIQIIQ8s")
-_RECORD_CRC = struct.Struct(">I")
-RECORD_SIZE = _RECORD.size + _RECORD_CRC.size  # 48 bytes: 0.005 % of a 1 MiB block
-_KIND_BLOCK, _KIND_SIZE, _KIND_DROPPED = 1, 2, 3
 
 STORE_DIR = "store"
 _OLD_FORMAT = ("blocks", "sizes")  # the one-file-per-block cache before this one
@@ -359,14 +356,14 @@ class BlockStore:
         self._unlink(victims)
         if not room:
             return
-        record = _record(_KIND_SIZE, self.block_size, 0, 0, 0, size, digest)
+        size_record = record(KIND_SIZE, self.block_size, 0, 0, 0, size, digest)
         try:
             files = self._writable(entry)
         except OSError as exc:
             log.warning("block store: cannot store a size: %s", exc)
             return
         try:
-            self._append(files, record, self._index_path(digest))
+            self._append(files, size_record, self._index_path(digest))
         except OSError as exc:
             log.warning("block store: cannot store a size: %s", exc)
         else:
@@ -524,7 +521,7 @@ class BlockStore:
                     )
         if bad and not self.readonly:
             size = entry.size or 0
-            records = b"".join(_record(_KIND_DROPPED, bs, i, 0, 0, size, digest) for i in bad)
+            records = b"".join(record(KIND_DROPPED, bs, i, 0, 0, size, digest) for i in bad)
             with contextlib.suppress(OSError):
                 self._append(files, records, self._index_path(digest))
         self._release(entry, files)
@@ -595,7 +592,7 @@ class BlockStore:
             if buffered and self.network:
                 os.fdatasync(files.data)  # the data is on the server before its record
             records = b"".join(
-                _record(_KIND_BLOCK, bs, i, len(blocks[i]), crcs[i], size, digest) for i in todo
+                record(KIND_BLOCK, bs, i, len(blocks[i]), crcs[i], size, digest) for i in todo
             )
             self._append(files, records, self._index_path(digest))
         except OSError as exc:
@@ -782,7 +779,7 @@ class BlockStore:
                 log.warning("block store: %s had %d damaged record(s); ignored", path, damaged)
             return True
 
-    def _apply_locked(self, entry: _Entry, records: list[_Fields]) -> int:
+    def _apply_locked(self, entry: _Entry, records: list[Fields]) -> int:
         """Apply parsed records in order (the last one of a block wins); how many blocks
         are new. Lock held."""
         bs = self.block_size
@@ -793,7 +790,7 @@ class BlockStore:
                 entry.blocks.clear()
                 entry.verified.clear()
             entry.size = size
-            if kind == _KIND_BLOCK:
+            if kind == KIND_BLOCK:
                 expected = min(bs, size - index * bs)
                 if expected <= 0 or length != expected:
                     self._damaged += 1
@@ -802,7 +799,7 @@ class BlockStore:
                     new += 1
                     entry.verified.discard(index)
                 entry.blocks[index] = (length, crc)
-            elif kind == _KIND_DROPPED:
+            elif kind == KIND_DROPPED:
                 entry.blocks.pop(index, None)
                 entry.verified.discard(index)
         return new
@@ -1210,61 +1207,6 @@ class BlockStore:
         return self._store / digest[:2] / f"{digest}.index"
 
 
-_Fields = tuple[int, int, int, int, int, int, bytes]
-
-
-def _record(kind: int, bs: int, index: int, length: int, crc: int, size: int, digest: str) -> bytes:
-    body = _RECORD.pack(_MAGIC, kind, bs, index, length, crc, size, bytes.fromhex(digest[:16]))
-    return body + _RECORD_CRC.pack(zlib.crc32(body))
-
-
-def _parse(raw: bytes) -> _Fields | None:
-    """(kind, block size, index, length, crc, size, digest prefix), or None if damaged."""
-    body = raw[: _RECORD.size]
-    (check,) = _RECORD_CRC.unpack_from(raw, _RECORD.size)
-    if zlib.crc32(body) != check:
-        return None
-    magic, kind, bs, index, length, crc, size, prefix = _RECORD.unpack(body)
-    if magic != _MAGIC or kind not in (_KIND_BLOCK, _KIND_SIZE, _KIND_DROPPED):
-        return None
-    return kind, bs, index, length, crc, size, prefix
-
-
-def parse_records(raw: bytes, prefix: bytes, block_size: int) -> tuple[list[_Fields], int, int]:
-    """The records of an index's bytes (read from a record boundary, or from where the last
-    parse stopped): the records that belong to this file and block size, how many bytes were
-    consumed (what follows may be a record still being appended) and how many damaged
-    stretches were skipped. After bytes that are not a record (torn by a crash, clobbered by
-    another client's append), the next record is the next magic whose 48 bytes pass their
-    crc, wherever it lies."""
-    out: list[_Fields] = []
-    pos = damaged = 0
-    end = len(raw)
-    while end - pos >= RECORD_SIZE:
-        fields = _parse(raw[pos : pos + RECORD_SIZE])
-        if fields is not None:
-            if fields[6] == prefix and fields[1] == block_size:
-                out.append(fields)
-            else:
-                damaged += 1  # a record of another file or block size: not ours to use
-            pos += RECORD_SIZE
-            continue
-        damaged += 1
-        found = raw.find(_MAGIC, pos + 1)
-        while (
-            found >= 0
-            and end - found >= RECORD_SIZE
-            and _parse(raw[found : found + RECORD_SIZE]) is None
-        ):
-            found = raw.find(_MAGIC, found + 1)
-        if found < 0:
-            # No record starts here; keep the last bytes, which may be the start of a magic.
-            pos = end - (len(_MAGIC) - 1)
-            break
-        pos = found
-    return out, pos, damaged
-
-
 def _consecutive(indices: list[int]) -> list[list[int]]:
     runs: list[list[int]] = []
     for index in indices:
@@ -1351,6 +1293,5 @@ __all__ = [
     "BlockStoreStatistics",
     "VerifyReport",
     "key_digest",
-    "parse_records",
     "temporary_name",
 ]

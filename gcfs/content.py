@@ -140,6 +140,7 @@ class ContentStore:
         # have (a file closed and opened again at once must not fetch them again).
         self.pending: dict[tuple[str, int], Block] = {}
         self._writers = 0  # writer tasks running
+        self._written: trio.Event | None = None  # set once `pending` empties (wait_written)
         self._exit_stack: contextlib.AsyncExitStack | None = None
         self._sizes: dict[str, int] = {}
         self._size_flights: dict[str, trio.Event] = {}
@@ -318,6 +319,14 @@ class ContentStore:
 
     # -- writing to the block store -------------------------------------------------------------
 
+    async def wait_written(self) -> None:
+        """Until every verified block queued for the block store is on disk (or its write
+        failed): for tests and tools that look at the disk; readers never need to."""
+        if self.pending:
+            if self._written is None or self._written.is_set():
+                self._written = trio.Event()
+            await self._written.wait()
+
     async def write_behind(
         self, key: str, first: int, buffer: Buffer, length: int, size: int
     ) -> None:
@@ -368,6 +377,8 @@ class ContentStore:
                     for first, data in pieces:
                         for n in range(-(-len(data) // bs)):
                             self.pending.pop((key, first + n), None)
+                    if not self.pending and self._written is not None:
+                        self._written.set()
         finally:
             if counted:
                 self._writers -= 1

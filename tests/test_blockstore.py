@@ -178,11 +178,11 @@ def test_a_torn_index_record_is_skipped_and_later_records_found(tmp_path: Path) 
 def test_the_parser_resynchronises_after_clobbered_bytes() -> None:
     """Records found after garbage at any offset; a record still being appended (a partial
     tail) is left for the next read instead of being counted as damage."""
-    from gcfs.blockstore import _record, parse_records
+    from gcfs.blockindex import parse_records, record
 
     digest = key_digest(KEY)
     prefix = bytes.fromhex(digest[:16])
-    records = [_record(1, BS, i, BS, i, SIZE, digest) for i in range(3)]
+    records = [record(1, BS, i, BS, i, SIZE, digest) for i in range(3)]
     raw = records[0] + b"\x07" * 29 + records[1] + records[2][:20]
     parsed, consumed, damaged = parse_records(raw, prefix, BS)
     assert [fields[2] for fields in parsed] == [0, 1]

@@ -225,7 +225,19 @@ def test_version() -> None:
             "status_command",
             ((Path("/m"),), {"as_json": True}),
         ),
-        (["prefetch", "/m/a"], "prefetch", "prefetch_command", ((Path("/m/a"),), {})),
+        (["prefetch", "/m/a"], "prefetch", "prefetch_command", ((Path("/m/a"),), {"parallel": 8})),
+        (
+            ["prefetch", "/m/a", "--jobs", "16"],
+            "prefetch",
+            "prefetch_command",
+            ((Path("/m/a"),), {"parallel": 16}),
+        ),
+        (
+            ["snapshot", "/m/a", "/m/b", "--to", "/s"],
+            "snapshot",
+            "snapshot_command",
+            (([Path("/m/a"), Path("/m/b")], Path("/s")), {"jobs": 8}),
+        ),
     ],
 )
 def test_daemon_commands_call_their_module(
