@@ -93,10 +93,12 @@ a large file, one call per small file); on a local filesystem neither is done: o
 serves every process of the machine.
 
 Thread safety: the methods run in worker threads (never on the trio thread: on NFS any syscall
-may block). One lock guards the in-memory tables and the accounting and is never held across
-I/O; each entry has a second lock that serializes re-reading its index. A set of open
-descriptors (`_Files`) is counted by its users and closed by the last one once retired (evicted,
-replaced, or pushed out of the descriptor cache).
+may block). One lock guards the in-memory tables and the accounting and is never held across a
+read, write, open, stat or unlink (closing a descriptor is the one syscall made under it; on a
+network filesystem nothing dirty is left for a close to flush by then); each entry has a second
+lock that serializes re-reading its index. A set of open descriptors (`_Files`) is counted by
+its users and closed by the last one once retired (evicted, replaced, or pushed out of the
+descriptor cache).
 
 Invariants: bytes returned by `read_into` are byte for byte those given to `write` for that key
 and block (checked once per data file per process); total_bytes <= max_bytes after every write
@@ -196,9 +198,12 @@ class _Files:
     """Open descriptors of one remote file's data (and index, once needed for appending).
     Counted by its users; closed by the last one once retired."""
 
-    __slots__ = ("data", "data_id", "direct", "index", "index_id", "retired", "users")
+    __slots__ = ("data", "data_id", "direct", "index", "index_id", "path", "retired", "users")
 
-    def __init__(self, data: int, index: int, data_id: tuple[int, int], index_id: object) -> None:
+    def __init__(
+        self, path: Path, data: int, index: int, data_id: tuple[int, int], index_id: object
+    ) -> None:
+        self.path = path  # of the data file when it was opened
         self.data = data
         self.direct = -1  # O_DIRECT: whole pages from and to page-aligned buffers
         self.index = index  # O_WRONLY | O_APPEND, or -1
@@ -909,7 +914,7 @@ class BlockStore:
                 raise
             index, index_id = -1, None
         info = os.fstat(data)
-        return _Files(data, index, (info.st_dev, info.st_ino), index_id)
+        return _Files(data_path, data, index, (info.st_dev, info.st_ino), index_id)
 
     def _release(self, entry: _Entry, files: _Files, *, account: bool = False) -> None:
         """The calling thread is done with `files`; with `account`, bring the entry's size on
@@ -938,23 +943,33 @@ class BlockStore:
             files.close()
 
     def _direct_fd(self, files: _Files) -> int:
-        """An O_DIRECT descriptor of the data file, opened on demand (-1 if refused)."""
-        if files.direct < 0 and self._direct:
+        """An O_DIRECT descriptor of the data file, opened on demand (-1 if refused). Opened
+        through /proc/self/fd, so it is the same inode as `files.data` even if the path was
+        replaced meanwhile (checks are trusted per inode); by path where /proc is missing,
+        and then only if it is still the same inode."""
+        if files.direct >= 0 or not self._direct:
+            return files.direct
+        access = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_DIRECT | os.O_CLOEXEC
+        try:
             try:
-                access = os.O_RDONLY if self.readonly else os.O_RDWR
-                fd = os.open(f"/proc/self/fd/{files.data}", access | os.O_DIRECT | os.O_CLOEXEC)
+                fd = os.open(f"/proc/self/fd/{files.data}", access)
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
+                if exc.errno == errno.EINVAL:
                     raise
-                log.debug("block store: %s refuses O_DIRECT; using the page cache", self.directory)
-                self._direct = False
-                return -1
-            with self._lock:
-                if files.direct < 0 and files.data >= 0:
-                    files.direct = fd
-                    fd = -1
-            if fd >= 0:
-                os.close(fd)  # another thread opened it meanwhile (or the files were closed)
+                fd = os.open(files.path, access)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                return -1  # the page cache then: slower, never wrong
+            log.debug("block store: %s refuses O_DIRECT; using the page cache", self.directory)
+            self._direct = False
+            return -1
+        info = os.fstat(fd)
+        with self._lock:
+            if files.direct < 0 and files.data >= 0 and (info.st_dev, info.st_ino) == files.data_id:
+                files.direct = fd
+                fd = -1
+        if fd >= 0:
+            os.close(fd)  # another thread opened it meanwhile, or not the same file
         return files.direct
 
     def _append(self, files: _Files, records: bytes, path: Path) -> None:
