@@ -212,6 +212,13 @@ def record(root: Path, subtrees: list[str]) -> dict[str, Any]:
     return seen
 
 
+ANCESTORS = ["archives", "reader-studies", "algorithms"]
+
+
+def xattrs_of(path: Path) -> dict[str, str]:
+    return {n: os.getxattr(path, n).decode() for n in sorted(os.listxattr(path))}
+
+
 def pk_of(path: Path) -> str:
     return os.getxattr(path, "user.gc.pk").decode()
 
@@ -247,6 +254,7 @@ def test_an_offline_mount_serves_the_snapshot_with_no_network(
     control socket, and the snapshot does not contain the token."""
     online = mount_gcfs("--cache-dir", str(tmp_path / "cache"))
     expected = record(online.path, SUBTREES)
+    above = {name: xattrs_of(online.path / name) for name in ("", *ANCESTORS)}
     lidc = online.path / "archives" / "lidc-lung-ct"
     archive_pk = pk_of(lidc)
     snapshot = tmp_path / "snapshot"
@@ -268,8 +276,11 @@ def test_an_offline_mount_serves_the_snapshot_with_no_network(
     ]
     assert os.listdir(offline.path / "archives") == ["lidc-lung-ct"]
     assert os.readlink(offline.path / "archives" / archive_pk) == "lidc-lung-ct"
+    assert {name: xattrs_of(offline.path / name) for name in ("", *ANCESTORS)} == above
+    manifest = json.loads((snapshot / "manifest.json").read_text())
     readme = (offline.path / "README.md").read_text()
     assert "snapshot" in readme and fake.base_url in readme and "demo" in readme
+    assert manifest["taken"] in readme
     assert all(subtree in readme for subtree in SUBTREES)
     for absent in ["archives/prostate-mri-picai", "images", "reader-studies/x", "api"]:
         with pytest.raises(FileNotFoundError):
@@ -282,7 +293,6 @@ def test_an_offline_mount_serves_the_snapshot_with_no_network(
     for path in snapshot.rglob("*"):
         if path.is_file():
             assert DEMO_TOKEN.encode() not in path.read_bytes(), path
-    manifest = json.loads((snapshot / "manifest.json").read_text())
     assert (manifest["server"], manifest["user"]) == (fake.base_url, "demo")
     assert sorted(manifest["subtrees"]) == sorted(SUBTREES)
     assert manifest["files"] == sum(1 for v in expected.values() if v[0] == "file")
