@@ -1,6 +1,7 @@
-"""BlockStore: the on-disk cache of remote file contents, one sparse data file per remote file.
+"""BlockStore: the on-disk cache of remote file contents, one sparse data file per remote file,
+safe to share between daemons on one machine and on many (a cluster filesystem).
 
-Layout (the directory is 0700 and every file 0600: it holds medical images):
+Layout (modes: cachedir.py; private: 0700 directories and 0600 files, group: 2770 and 0660):
 
     <directory>/store/<hh>/<digest>.data    the remote file's bytes at their own offsets, sparse:
                                             block i lives at [i * block_size, ...)
@@ -9,56 +10,100 @@ Layout (the directory is 0700 and every file 0600: it holds medical images):
 
 `<digest>` is the sha256 of the file's key, its identity on the platform that never changes
 (the /media/ URL, or a DICOM instance URL without its query; never a signed URL). `<hh>`, the
-digest's first two hex digits, fans thousands of files out over 256 directories.
+digest's first two hex digits, fans thousands of files out over 256 directories. Data is
+immutable by key: whoever writes block i of a key writes the same bytes.
 
-An index record (big-endian, 48 bytes):
+An index is a sequence of 48-byte records (blockindex.py): one per block stored, size-only
+and "dropped" ones. The last record of a block wins; every record carries the remote file's
+total size, so a size survives remounts. A record that fails its own crc is skipped and the next
+one found by its magic: bytes torn by a crash, or clobbered by another NFS client's append, cost
+the records they hit and nothing after them.
 
-    magic "GCI1" | kind (1 block, 2 size only, 3 dropped) | 3 pad | block size (u32)
-    | block index (u64) | data length (u32) | crc32 of the data (u32) | file size (u64)
-    | first 8 bytes of the digest | crc32 of the 44 bytes before (u32)
+Writing blocks: (1) re-read the index's new tail (blocks another daemon stored meanwhile are not
+written again); (2) `pwrite` the data at its offsets, whole pages with O_DIRECT; (3) on a
+network filesystem, `fdatasync` the data if any of it went through the page cache; (4) append
+all records with one `write` on an O_APPEND descriptor; (5) on a network filesystem,
+`fdatasync` the index. Data reaches the disk (or the server) before the record that makes it
+visible; a crash in between leaves data without a record: unused, never served.
 
-The last record of a block wins; every record carries the remote file's total size, so the
-index replaces the old `sizes/` records and a size survives remounts.
-
-Writing a block: `pwrite` the data at its offset, then append its record with one `write` on an
-O_APPEND descriptor. A crash in between leaves data without a record: unused, never served.
-No fsync: after a power loss a record may reach the disk before its data (two files), which is
-why a block's crc32 is checked the first time it is read from disk in a mount's life (blocks
-this mount wrote, or verified once, are trusted after that: checking every hit would cost
-~0.27 CPU-s per GiB of cached re-reads). A torn record fails its own crc and is ignored; an
-index whose length is not a whole number of records is rewritten without its torn tail before
-anything is appended to it. A damaged block is a miss (logged once, then a "dropped" record is
-appended so that the next mount does not trip over it again); a damaged record is skipped.
+Reading blocks: from the records this process has parsed. A block that is not there sends the
+process back to the index file first (re-opened, so that NFS revalidates it; only the new tail
+is read): other daemons append to it. Every block is checked (length and crc32) the first time
+it is read in a process's life from a given data file (a file another daemon replaced is
+checked again); blocks this process wrote or checked are trusted after that: checking every
+hit would cost ~0.27 CPU-s per GiB of cached re-reads. A block that fails its check is a miss:
+first the index is looked at again (a file replaced under us is not damage), on a network
+filesystem the block is read again bypassing the page cache (a stale page is not damage
+either), and only then is it damage: logged once per file, and a "dropped" record appended.
 
 Why crc32: the threat is accidental damage (a crash, a disk, a user poking at files), which a
 32-bit CRC catches with probability 1 - 2^-32 and every burst up to 32 bits for certain. It is
 the fastest checksum in the standard library here (~270 us per MiB; sha256 with SHA-NI ~850 us,
 blake2b ~2,200 us), and it runs in a worker thread with the GIL released. A forgery needs write
-access to a 0700 directory, where a cryptographic hash would not help either.
+access to the directory, where a cryptographic hash would not help either.
 
 Eviction: whole remote files, least recently used first, until `max_bytes` holds what is on
 disk, counted as the filesystem does (st_blocks of the data file plus the index's length), so
 sparse files count what they really use. A single file larger than the whole cache keeps the
-blocks that fit and stores no more. The LRU order survives a remount through the index's mtime
-(touched on first use in a mount's life and at most every USE_TOUCH_INTERVAL seconds).
+blocks that fit and stores no more. Use is recorded for other daemons and later mounts in the
+index's mtime (touched on first use and at most every USE_TOUCH_INTERVAL seconds). The
+accounting is this process's view, brought back to what is on disk by a rescan of the directory
+before evicting (at most every RESCAN_INTERVAL seconds) and while writing (every
+RESCAN_MAX_AGE seconds), so other daemons' writes count.
 
-Sharing (a later issue; nothing here locks across processes): several daemons may use one
-directory because data is immutable (the same key means the same bytes: two writers of a block
-write identical bytes at the same offset), records are appended whole by single O_APPEND writes
-of a multiple of 48 bytes and checked by their own crc, and a reader that finds a record
-missing, torn or pointing at bad data just fetches the block again. An eviction by one daemon
-unlinks files another may hold open: it keeps reading intact bytes from the unlinked inode and
-its appends to an unlinked index are lost, which later costs a fetch, never a wrong byte. What
-sharing still needs: accounting that sees other daemons' writes (re-scan st_blocks), and index
-rewrites (torn tails, compaction) that do not race with another daemon's appends.
+Sharing. What is guaranteed, with any number of daemons of one user or of one group, on one
+machine or on several machines sharing the directory over NFS, Lustre, CephFS, GPFS or BeeGFS:
+- bytes handed out are exactly the bytes written for that key and block: length and crc32
+  are checked by every process before it trusts a block, data is written before its record
+  (and flushed first on a network filesystem), and nothing is ever modified in place;
+- a block another daemon stored is found: a miss re-reads the index (re-opened) before the
+  block is fetched, so the second daemon to read a file fetches nothing that the first stored
+  and flushed;
+- eviction and `gcfs cache clear` only unlink whole files. A reader with open descriptors keeps
+  reading intact bytes on a local filesystem; on NFS another client's unlink makes them fail
+  (ESTALE), which is a miss. Two daemons evicting at once lose nothing but cache;
+- index files are never rewritten or truncated, only appended to (and unlinked whole), so no
+  rewrite can race with another daemon's append. We chose that over rewriting under flock:
+  Lustre refuses flock unless mounted with `-o flock`, NFS with `local_lock` takes it on one
+  machine only, and what a rewrite bought (dropping a torn tail, compacting superseded records)
+  is covered without it: the parser skips torn and clobbered bytes, and re-reading the index
+  before appending keeps duplicates out. An index grows by 48 bytes per block stored (0.005 %
+  of the data); eviction is what shrinks it.
+What is not guaranteed:
+- that a block is fetched only once across daemons: two daemons that miss the same block at
+  the same moment both fetch and store it (identical bytes; the second record is redundant);
+- that a record survives: O_APPEND is not atomic across NFS clients, so two clients appending
+  at once may overwrite each other's records. A lost record is a miss, never a wrong byte;
+- exact accounting: between rescans a daemon does not see what others wrote, so the directory
+  may exceed `max_bytes` by what all daemons write in RESCAN_MAX_AGE seconds; and writes to a
+  file another daemon has just evicted land in the unlinked file and are lost (a miss later);
+- freshness on NFS beyond close-to-open: a record another client appended shows once that
+  client flushed it (step 5: before its write call returns) and our open revalidated the index.
 
-Thread safety: the methods run in worker threads. One lock guards the in-memory tables and the
-accounting; reads, writes and checksums run outside it. An entry being used by a thread keeps
-its descriptors open even if it is evicted meanwhile (closed by the last user).
+O_DIRECT: whole pages are written and read with O_DIRECT on every filesystem that accepts it
+(EINVAL switches to the page cache). On a local disk it saves the page-cache copy (writing
+1 GiB: 0.04 CPU-s instead of 0.58-1.1 here). On NFS it is what makes sharing cheap: a direct
+write returns once the server has the data (the Linux client commits it before completing the
+write), so no fdatasync is needed for those pages, and a direct read asks the server, never a
+stale page of the client's cache. Lustre and CephFS accept page-aligned direct I/O too and are
+coherent without it. The cost on NFS: cached re-reads always go to the server (the kernel's
+page cache of the gcfs mount still keeps what users read). The fdatasync of steps 3 and 5 costs
+one round trip to the server each per write call (writes are batched per file, 4 MiB or more of
+a large file, one call per small file); on a local filesystem neither is done: one page cache
+serves every process of the machine.
+
+Thread safety: the methods run in worker threads (never on the trio thread: on NFS any syscall
+may block). One lock guards the in-memory tables and the accounting and is never held across a
+read, write, open, stat or unlink (closing a descriptor is the one syscall made under it; on a
+network filesystem nothing dirty is left for a close to flush by then); each entry has a second
+lock that serializes re-reading its index. A set of open descriptors (`_Files`) is counted by
+its users and closed by the last one once retired (evicted, replaced, or pushed out of the
+descriptor cache).
 
 Invariants: bytes returned by `read_into` are byte for byte those given to `write` for that key
-and block (crc-checked once per mount); total_bytes <= max_bytes after every write (as far as
-this process can tell); a directory left by the old one-file-per-block cache (`blocks/`,
+and block (checked once per data file per process); total_bytes <= max_bytes after every write
+as far as this process can tell; a read-only store (an offline snapshot) never writes, chmods,
+touches or unlinks anything; a directory left by the old one-file-per-block cache (`blocks/`,
 `sizes/`) is removed at start.
 """
 
@@ -68,16 +113,28 @@ import contextlib
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import shutil
-import struct
+import socket
 import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import cachedir
+from .blockindex import (
+    KIND_BLOCK,
+    KIND_DROPPED,
+    KIND_SIZE,
+    RECORD_SIZE,
+    Fields,
+    parse_records,
+    record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +142,6 @@ log = logging.getLogger(__name__)
 # is 20-100 ms) and one FUSE request at read_ahead_kb 1024; small enough that a random 64 KiB
 # read of a huge TIFF fetches at most 1 MiB.
 DEFAULT_BLOCK_SIZE = 1 << 20
-
-_MAGIC = b"GCI1"
-_RECORD = struct.Struct(">4sB3xIQIIQ8s")
-_RECORD_CRC = struct.Struct(">I")
-RECORD_SIZE = _RECORD.size + _RECORD_CRC.size  # 48 bytes: 0.005 % of a 1 MiB block
-_KIND_BLOCK, _KIND_SIZE, _KIND_DROPPED = 1, 2, 3
 
 STORE_DIR = "store"
 _OLD_FORMAT = ("blocks", "sizes")  # the one-file-per-block cache before this one
@@ -100,14 +151,22 @@ _TMP_PREFIX = ".tmp-"
 # most 192 descriptors (data, data with O_DIRECT, index), far below the usual 1024 limit, and
 # more than the files a training loader has open at once.
 MAX_OPEN_FILES = 64
-# An index's mtime records its last use for the LRU order of the next mount; touching it on
-# every hit would be a syscall per block.
+# An index's mtime records its last use for the LRU order of other daemons and later mounts;
+# touching it on every hit would be a syscall per block.
 USE_TOUCH_INTERVAL = 60.0
-# Rewrite an index when it holds this many records more than it has live blocks (superseded
-# and dropped records), so a file re-fetched many times does not grow its index forever.
-COMPACT_SLACK = 64
+# Before evicting, the accounting is brought back to what is on disk (other daemons write
+# too), at most this often: a rescan stats every file (~20 ms per 1,000 files locally).
+RESCAN_INTERVAL = 5.0
+# ... and while writing, at least this often, so that several daemons that each see only their
+# own writes overshoot the limit by at most what they write in this time.
+RESCAN_MAX_AGE = 30.0
+# A data file without an index, or a temporary file, this old is left over by a crash; younger
+# ones may belong to another daemon that is creating them right now.
+STALE_AGE = 3600.0
 # Filesystems allocate in pages: a block's real cost before it is written.
 _PAGE = 4096
+# Errors that mean "the file is gone" (unlinked here, or by another NFS client): a miss.
+_GONE = frozenset({errno.ENOENT, errno.ESTALE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +177,16 @@ class BlockStoreStatistics:
     damaged: int  # blocks or records found damaged
     files: int  # remote files with something on disk
     bytes: int  # on disk, as the filesystem counts it
+    found_later: int  # blocks found by re-reading an index (another daemon stored them)
+    rescans: int  # times the accounting was brought back to what is on disk
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    files: int  # remote files looked at
+    blocks: int  # blocks read and checked
+    damaged: int  # blocks that failed their check (dropped)
+    damaged_records: int  # index records that failed their own check (skipped)
 
 
 def key_digest(key: str) -> str:
@@ -125,68 +194,122 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+class _Files:
+    """Open descriptors of one remote file's data (and index, once needed for appending).
+    Counted by its users; closed by the last one once retired."""
+
+    __slots__ = ("data", "data_id", "direct", "index", "index_id", "path", "retired", "users")
+
+    def __init__(
+        self, path: Path, data: int, index: int, data_id: tuple[int, int], index_id: object
+    ) -> None:
+        self.path = path  # of the data file when it was opened
+        self.data = data
+        self.direct = -1  # O_DIRECT: whole pages from and to page-aligned buffers
+        self.index = index  # O_WRONLY | O_APPEND, or -1
+        self.data_id = data_id  # (st_dev, st_ino) of the data file
+        self.index_id = index_id  # of the index file, None when not opened
+        self.users = 0
+        self.retired = False
+
+    def close(self) -> None:
+        for fd in (self.data, self.direct, self.index):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.data = self.direct = self.index = -1
+
+
 class _Entry:
-    """What we know of one remote file's files. Guarded by BlockStore._lock."""
+    """What this process knows of one remote file. Guarded by BlockStore._lock, except
+    `sync`, which serializes re-reading the index (outside the store's lock)."""
 
     __slots__ = (
         "blocks",
         "bytes",
-        "closing",
-        "data_fd",
         "digest",
-        "direct_fd",
-        "index_fd",
+        "files",
+        "index_id",
         "loaded",
-        "records",
+        "parsed",
         "size",
+        "sync",
         "touched",
-        "users",
+        "used",
         "verified",
+        "verified_id",
         "warned",
     )
 
-    def __init__(self, digest: str, on_disk: int) -> None:
+    def __init__(self, digest: str, on_disk: int = 0, used: float = 0.0) -> None:
         self.digest = digest
         self.bytes = on_disk
-        self.loaded = False  # the index was read (lazily: at start only sizes are scanned)
+        self.used = used  # wall-clock time of the last use we know of (LRU across daemons)
+        self.loaded = False  # the index was read
+        self.index_id: object = None  # (st_dev, st_ino) of the index file parsed
+        self.parsed = 0  # bytes of it consumed
         self.size: int | None = None
         self.blocks: dict[int, tuple[int, int]] = {}  # index -> (length, crc32)
-        self.records = 0  # records in the index file, live or not
-        self.verified: set[int] = set()  # blocks checked (or written) in this mount's life
-        self.data_fd = -1
-        self.direct_fd = -1  # O_DIRECT: whole pages from and to page-aligned buffers
-        self.index_fd = -1
-        self.users = 0  # threads doing I/O on the descriptors right now
-        self.closing = False  # evicted or pushed out of the descriptor cache while in use
+        self.verified: set[int] = set()  # blocks checked (or written) in this process ...
+        self.verified_id: object = None  # ... in the data file with this (st_dev, st_ino)
+        self.files: _Files | None = None
         self.touched = 0.0
         self.warned = False
+        self.sync = threading.Lock()
 
 
 class BlockStore:
-    """Contents of immutable remote files on disk, at most `max_bytes` (module docstring)."""
+    """Contents of immutable remote files on disk, at most `max_bytes` (module docstring).
+
+    `readonly`: only read (an offline mount of a snapshot: never a write, chmod, touch or
+    unlink). `network`: treat the directory as on a network filesystem (None: from its type,
+    see cachedir.py)."""
 
     def __init__(
-        self, directory: Path, max_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE
+        self,
+        directory: Path,
+        max_bytes: int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        *,
+        readonly: bool = False,
+        network: bool | None = None,
     ) -> None:
         if block_size <= 0 or max_bytes < 0:
             raise ValueError("block_size must be positive and max_bytes not negative")
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.block_size = block_size
+        self.readonly = readonly
         self._store = self.directory / STORE_DIR
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU order, oldest first
         self._open: OrderedDict[str, _Entry] = OrderedDict()  # entries with open descriptors
         self._total = 0
         self._hits = self._misses = self._evictions = self._damaged = 0
+        self._found_later = self._rescans = self._damaged_blocks = 0
+        self._rescanned = 0.0  # time.monotonic() of the last rescan
         self._direct = hasattr(os, "O_DIRECT")  # until the filesystem refuses it
         self.direct_writes = self.buffered_writes = 0  # statistics: pwrite calls
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # An existing directory may have been created with a looser umask.
-        os.chmod(self.directory, 0o700)
-        self._store.mkdir(mode=0o700, exist_ok=True)
-        self._remove_old_format()
-        self._scan()
+        self.dir = cachedir.inspect(self.directory, create=not readonly)
+        self.network = self.dir.network if network is None else network
+        if not readonly:
+            self.dir.make_subdirectory(self._store)
+            self._remove_old_format()
+        self._rescan(start=True)
+        if not readonly:
+            # A smaller max_bytes than last time: shrink now rather than on the next write.
+            with self._lock:
+                victims = self._evict_until(self.max_bytes, keep=None)
+            self._unlink(victims)
+        log.debug(
+            "block store %s (%s, %s%s): %d files, %d bytes",
+            self.directory,
+            self.dir.mode_name,
+            self.dir.fstype or "unknown filesystem",
+            ", network" if self.network else "",
+            len(self._entries),
+            self._total,
+        )
 
     # -- public API -------------------------------------------------------------------------
 
@@ -194,6 +317,11 @@ class BlockStore:
     def total_bytes(self) -> int:
         with self._lock:
             return self._total
+
+    @property
+    def mode(self) -> str:
+        """`private` or `group` (cachedir.py)."""
+        return self.dir.mode_name
 
     def statistics(self) -> BlockStoreStatistics:
         with self._lock:
@@ -204,131 +332,187 @@ class BlockStore:
                 self._damaged,
                 len(self._entries),
                 self._total,
+                self._found_later,
+                self._rescans,
             )
 
     def get_size(self, key: str) -> int | None:
         """The remote file's size if a record of it is on disk."""
-        with self._lock:
-            entry = self._loaded(key_digest(key), create=False)
-            return None if entry is None else entry.size
+        entry = self._lookup(key_digest(key))
+        if entry is not None and entry.size is None:
+            self._sync(entry)
+        return None if entry is None else entry.size
 
     def put_size(self, key: str, size: int) -> None:
         """Remember a file's total size across remounts (a size-only record)."""
         if size < 0:
             raise ValueError("a size is not negative")
+        if self.readonly:
+            return
         digest = key_digest(key)
+        entry = self._lookup(digest, create=True)
+        assert entry is not None
+        self._sync(entry)
+        if entry.size == size:
+            return
+        self._maybe_rescan(RECORD_SIZE)
         with self._lock:
-            entry = self._loaded(digest, create=True)
-            assert entry is not None
-            if entry.size == size:
-                return
-            if not self._make_room(entry, RECORD_SIZE):
-                return
-            entry.users += 1
+            room, victims = self._make_room(entry, RECORD_SIZE)
+        self._unlink(victims)
+        if not room:
+            return
+        size_record = record(KIND_SIZE, self.block_size, 0, 0, 0, size, digest)
         try:
-            record = _record(_KIND_SIZE, self.block_size, 0, 0, 0, size, digest)
-            self._append(entry, record)
+            files = self._writable(entry)
         except OSError as exc:
             log.warning("block store: cannot store a size: %s", exc)
-            self._release(entry)
             return
-        with self._lock:
-            entry.size = size
-            entry.records += 1
-        self._release(entry, account=True)
+        try:
+            self._append(files, size_record, self._index_path(digest))
+        except OSError as exc:
+            log.warning("block store: cannot store a size: %s", exc)
+        else:
+            with self._lock:
+                if entry.index_id == files.index_id:
+                    entry.size = size
+        finally:
+            self._release(entry, files, account=True)
 
     def cached_blocks(self, key: str, count: int) -> int:
         """How many of the first `count` blocks of `key` are stored (not read or checked)."""
-        with self._lock:
-            entry = self._loaded(key_digest(key), create=False)
-            if entry is None:
-                return 0
-            return sum(1 for index in entry.blocks if index < count)
+        entry = self._lookup(key_digest(key))
+        if entry is None:
+            return 0
+        found = self._present(entry, range(count))
+        if len(found) < count:
+            self._sync(entry)
+            found = self._present(entry, range(count))
+        return len(found)
 
     def fully_cached(self, key: str) -> bool:
         """True when the size is known and every block of the file has a record (the data
         is checked when it is read, as always)."""
-        with self._lock:
-            entry = self._loaded(key_digest(key), create=False)
-            if entry is None or entry.size is None:
-                return False
-            blocks = -(-entry.size // self.block_size)
-            return all(index in entry.blocks for index in range(blocks))
+        entry = self._lookup(key_digest(key))
+        if entry is None:
+            return False
+        for attempt in range(2):
+            with self._lock:
+                size = entry.size
+                if size is not None:
+                    blocks = -(-size // self.block_size)
+                    if all(index in entry.blocks for index in range(blocks)):
+                        return True
+            if attempt == 0:
+                self._sync(entry)  # another daemon may have stored the rest
+        return False
 
     def present(self, key: str, indices: Sequence[int]) -> list[int]:
         """Which of `indices` have a record (cheap: no data is read)."""
-        with self._lock:
-            entry = self._loaded(key_digest(key), create=False)
-            if entry is None:
-                return []
-            return [index for index in indices if index in entry.blocks]
-
-    def present_nowait(self, key: str, indices: Sequence[int]) -> list[int] | None:
-        """Which of `indices` have a record, if that is known without reading the index
-        from disk (None: it is not loaded yet). For the trio thread: no I/O."""
-        with self._lock:
-            entry = self._entries.get(key_digest(key))
-            if entry is None:
-                return []
-            if not entry.loaded:
-                return None
-            return [index for index in indices if index in entry.blocks]
+        entry = self._lookup(key_digest(key))
+        if entry is None:
+            return []
+        found = self._present(entry, indices)
+        if len(found) < len(indices):
+            self._sync(entry)
+            found = self._present(entry, indices)
+        return found
 
     def read_into(self, key: str, first: int, count: int, buffer: memoryview) -> dict[int, int]:
         """Read the stored blocks among `first .. first+count-1` into `buffer` (block `first`
         at offset 0, each block at its own place); return {block index: length} of those that
-        are there and intact. A damaged block is a miss, logged once per file."""
+        are there and intact. Blocks missing from what this process knows send it back to the
+        index file first (another daemon may have stored them). A damaged block is a miss,
+        logged once per file."""
+        return self._read(key_digest(key), first, count, buffer)
+
+    def _read(self, digest: str, first: int, count: int, buffer: memoryview) -> dict[int, int]:
         bs = self.block_size
-        digest = key_digest(key)
-        with self._lock:
-            entry = self._loaded(digest, create=False)
-            if entry is None:
+        entry = self._lookup(digest)
+        if entry is None:
+            with self._lock:
                 self._misses += count
-                return {}
-            wanted = {i: entry.blocks[i] for i in range(first, first + count) if i in entry.blocks}
+            return {}
+        span = range(first, first + count)
+        if len(self._present(entry, span)) < count:
+            self._sync(entry)
+        with self._lock:
+            wanted = {i: entry.blocks[i] for i in span if i in entry.blocks}
             self._misses += count - len(wanted)
             if not wanted:
                 return {}
             if any((i - first) * bs + wanted[i][0] > len(buffer) for i in wanted):
                 raise ValueError("the buffer is smaller than the blocks asked for")
-            verified = {i for i in wanted if i in entry.verified}
-            entry.users += 1
-            self._entries.move_to_end(digest)
-            touch = time.monotonic() - entry.touched > USE_TOUCH_INTERVAL
+            if self._entries.get(digest) is entry:
+                self._entries.move_to_end(digest)
+            entry.used = time.time()
+            touch = not self.readonly and time.monotonic() - entry.touched > USE_TOUCH_INTERVAL
             if touch:
                 entry.touched = time.monotonic()
+        try:
+            files = self._readable(entry)
+        except OSError as exc:
+            log.warning("block store: cannot open %s: %s", self._data_path(digest), exc)
+            files = None
+        if files is None:  # the files are gone (evicted, cleared): look again next time
+            self._sync(entry)
+            with self._lock:
+                self._misses += len(wanted)
+            return {}
+        with self._lock:
+            verified = set(entry.verified) if entry.verified_id == files.data_id else set()
         good: dict[int, int] = {}
         bad: list[int] = []
         try:
             for run in _consecutive(sorted(wanted)):
                 start = (run[0] - first) * bs
                 length = (run[-1] - run[0]) * bs + wanted[run[-1]][0]
-                got = self._read_data(entry, buffer, start, length, run[0] * bs)
+                got = self._read_data(files, buffer, start, length, run[0] * bs)
                 for i in run:
                     size_i, crc = wanted[i]
                     at = (i - first) * bs
                     # A short read means the data never reached the disk (a hole at the end).
-                    if at + size_i - start > got:
-                        bad.append(i)
-                    elif i in verified or zlib.crc32(buffer[at : at + size_i]) == crc:
+                    if at + size_i - start <= got and (
+                        i in verified or zlib.crc32(buffer[at : at + size_i]) == crc
+                    ):
                         good[i] = size_i
                     else:
                         bad.append(i)
+            if bad and self.network:
+                bad = self._reread_uncached(digest, wanted, bad, first, buffer, good)
             if touch:
                 with contextlib.suppress(OSError):
                     os.utime(self._index_path(digest))
         except OSError as exc:
-            log.warning("block store: cannot read %s: %s", self._data_path(digest), exc)
-            self._release(entry)
+            self._release(entry, files)
+            if exc.errno in _GONE:  # unlinked by another NFS client: a miss, not a failure
+                log.debug("block store: %s vanished: %s", self._data_path(digest), exc)
+                self._retire(entry, files)
+                self._sync(entry)
+            else:
+                log.warning("block store: cannot read %s: %s", self._data_path(digest), exc)
             with self._lock:
                 self._misses += len(wanted)
             return {}
+        if bad and self._replaced(entry):
+            # Not damage: the files were evicted or replaced by another daemon since we read
+            # the index. Forget what we knew; the blocks are misses.
+            self._retire(entry, files)
+            self._sync(entry)
+            with self._lock:
+                self._hits += len(good)
+                self._misses += len(bad)
+            self._release(entry, files)
+            return good
         with self._lock:
             self._hits += len(good)
+            if entry.verified_id != files.data_id:
+                entry.verified = set()
+                entry.verified_id = files.data_id
             entry.verified.update(good)
             if bad:
                 self._misses += len(bad)
                 self._damaged += len(bad)
+                self._damaged_blocks += len(bad)
                 for i in bad:
                     entry.blocks.pop(i, None)
                     entry.verified.discard(i)
@@ -340,14 +524,12 @@ class BlockStore:
                         self._data_path(digest),
                         bad[0],
                     )
-        if bad:
+        if bad and not self.readonly:
             size = entry.size or 0
-            records = b"".join(_record(_KIND_DROPPED, bs, i, 0, 0, size, digest) for i in bad)
+            records = b"".join(record(KIND_DROPPED, bs, i, 0, 0, size, digest) for i in bad)
             with contextlib.suppress(OSError):
-                self._append(entry, records)
-                with self._lock:
-                    entry.records += len(bad)
-        self._release(entry)
+                self._append(files, records, self._index_path(digest))
+        self._release(entry, files)
         return good
 
     def write(self, key: str, first: int, data: memoryview, size: int) -> int:
@@ -357,77 +539,474 @@ class BlockStore:
         return self.write_many(key, [(first, data)], size)
 
     def write_many(self, key: str, pieces: Sequence[tuple[int, memoryview]], size: int) -> int:
-        """`write` for several stretches of one file at once: one index append for all."""
+        """`write` for several stretches of one file at once: one index append for all.
+        Blocks another daemon has stored already (same length and crc) are not written again
+        and count as stored."""
         bs = self.block_size
-        blocks = 0
-        cost = 0
-        for first, data in pieces:
+        blocks: dict[int, memoryview] = {}
+        where: dict[int, tuple[int, int]] = {}  # block index -> (piece, offset in it)
+        for number, (first, data) in enumerate(pieces):
             if first < 0 or size < 0:
                 raise ValueError("block index and size must not be negative")
             end = first * bs + len(data)
             if end > size or (len(data) % bs and end != size):
                 raise ValueError("blocks must be whole, and only the file's last one short")
-            count = -(-len(data) // bs)
-            blocks += count
-            cost += -(-len(data) // _PAGE) * _PAGE + count * RECORD_SIZE
-        if blocks == 0:
+            for n in range(-(-len(data) // bs)):
+                blocks[first + n] = data[n * bs : (n + 1) * bs]
+                where[first + n] = (number, n * bs)
+        if not blocks or self.readonly:
             return 0
+        crcs = {index: zlib.crc32(block) for index, block in blocks.items()}
         digest = key_digest(key)
+        entry = self._lookup(digest, create=True)
+        assert entry is not None
+        self._sync(entry)  # what others stored meanwhile, and whether the files were replaced
         with self._lock:
-            entry = self._loaded(digest, create=True)
-            assert entry is not None
-            if entry.size is not None and entry.size != size:
-                # Files are immutable by key: another size means the key was reused. Start over.
+            changed = entry.size is not None and entry.size != size
+            if changed:
+                # Files are immutable by key: another size means the key was reused.
                 log.warning("block store: %s changed size; dropping it", self._data_path(digest))
-                self._evict(entry)
-                entry = self._loaded(digest, create=True)
-                assert entry is not None
-            if not self._make_room(entry, cost):
-                return 0
-            entry.users += 1
-        stored: list[tuple[int, int, int]] = []  # block index, length, crc32
+                self._evict_entry(entry)
+        if changed:
+            self._unlink([digest])
+            entry = self._lookup(digest, create=True)
+            assert entry is not None
+        with self._lock:
+            todo = [i for i in sorted(blocks) if entry.blocks.get(i) != (len(blocks[i]), crcs[i])]
+        if not todo:
+            return len(blocks)
+        cost = sum(-(-len(blocks[i]) // _PAGE) * _PAGE for i in todo) + len(todo) * RECORD_SIZE
+        self._maybe_rescan(cost)
+        with self._lock:
+            room, victims = self._make_room(entry, cost)
+        self._unlink(victims)
+        if not room:
+            return 0
         try:
-            for first, data in pieces:
-                self._write_data(entry, first * bs, data)
-                for n in range(-(-len(data) // bs)):
-                    block = data[n * bs : (n + 1) * bs]
-                    stored.append((first + n, len(block), zlib.crc32(block)))
-            records = b"".join(
-                _record(_KIND_BLOCK, bs, index, length, crc, size, digest)
-                for index, length, crc in stored
-            )
-            self._append(entry, records)
+            files = self._writable(entry)
         except OSError as exc:
             log.warning("block store: cannot write %s: %s", self._data_path(digest), exc)
-            self._release(entry, account=True)
+            return 0
+        try:
+            buffered = False
+            for run in _stretches(todo, where):
+                piece, offset = where[run[0]]
+                length = sum(len(blocks[i]) for i in run)
+                data = pieces[piece][1][offset : offset + length]
+                buffered |= self._write_data(files, run[0] * bs, data)
+            if buffered and self.network:
+                os.fdatasync(files.data)  # the data is on the server before its record
+            records = b"".join(
+                record(KIND_BLOCK, bs, i, len(blocks[i]), crcs[i], size, digest) for i in todo
+            )
+            self._append(files, records, self._index_path(digest))
+        except OSError as exc:
+            log.warning("block store: cannot write %s: %s", self._data_path(digest), exc)
+            self._release(entry, files, account=True)
             return 0
         with self._lock:
-            entry.size = size
-            entry.records += len(stored)
-            for index, length, crc in stored:
-                entry.blocks[index] = (length, crc)
-                entry.verified.add(index)
+            if entry.index_id == files.index_id:  # not replaced meanwhile
+                entry.size = size
+                if entry.verified_id != files.data_id:
+                    entry.verified = set()
+                    entry.verified_id = files.data_id
+                for i in todo:
+                    entry.blocks[i] = (len(blocks[i]), crcs[i])
+                    entry.verified.add(i)
             if self._entries.get(digest) is entry:  # not evicted meanwhile
                 self._entries.move_to_end(digest)
-        self._release(entry, account=True)
-        return len(stored)
+                entry.used = time.time()
+        self._release(entry, files, account=True)
+        return len(blocks)
 
-    def _write_data(self, entry: _Entry, offset: int, data: memoryview) -> None:
+    def close(self) -> None:
+        """Close every descriptor (the store stays usable: they are reopened on demand)."""
+        with self._lock:
+            for entry in list(self._open.values()):
+                files = entry.files
+                entry.files = None
+                if files is not None:
+                    self._retire_locked(files)
+            self._open.clear()
+
+    # -- the whole directory: `gcfs cache` ---------------------------------------------------
+
+    def usage(self) -> tuple[int, int]:
+        """(remote files, bytes) on disk now, whoever wrote them."""
+        self._rescan()
+        with self._lock:
+            return len(self._entries), self._total
+
+    def evict_to(self, limit: int) -> int:
+        """Evict whole files, least recently used first (by every daemon's use), until at
+        most `limit` bytes are on disk; the number of files evicted."""
+        if self.readonly:
+            raise ValueError("a read-only block store evicts nothing")
+        self._rescan()
+        with self._lock:
+            victims = self._evict_until(limit, keep=None)
+        self._unlink(victims)
+        return len(victims)
+
+    def verify(self) -> VerifyReport:
+        """Read every stored block and check its length and crc32; damaged blocks are dropped
+        (a "dropped" record, as a reader would). A fresh store checks everything."""
+        self._rescan()
+        with self._lock:
+            digests = list(self._entries)
+            damaged_before = self._damaged
+            blocks_before = self._damaged_blocks
+        blocks = 0
+        span = 64  # blocks read per call: 64 MiB of buffer at the default block size
+        buffer = mmap.mmap(-1, span * self.block_size)  # page-aligned, for O_DIRECT
+        try:
+            for digest in digests:
+                entry = self._lookup(digest)
+                if entry is None:
+                    continue
+                with self._lock:
+                    indices = sorted(entry.blocks)
+                for start in range(0, len(indices), span):
+                    chunk = indices[start : start + span]
+                    first = chunk[0]
+                    count = chunk[-1] - first + 1
+                    if count > span:  # sparse: one call per block
+                        for i in chunk:
+                            self._read(digest, i, 1, memoryview(buffer))
+                            blocks += 1
+                        continue
+                    self._read(digest, first, count, memoryview(buffer))
+                    blocks += len(chunk)
+        finally:
+            buffer.close()
+        with self._lock:
+            damaged = self._damaged_blocks - blocks_before
+            records = self._damaged - damaged_before - damaged
+        return VerifyReport(len(digests), blocks, damaged, records)
+
+    def clear(self) -> int:
+        """Unlink every file of the store (a running daemon keeps reading what it has open,
+        then misses); the number of files removed. Directories stay: another daemon may be
+        creating a file in one right now."""
+        if self.readonly:
+            raise ValueError("a read-only block store clears nothing")
+        removed = 0
+        for found in _scan(self._store):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(found.path)
+                removed += 1
+        with self._lock:
+            for entry in list(self._entries.values()):
+                self._evict_entry(entry)
+        self._remove_old_format()
+        return removed
+
+    # -- looking things up ------------------------------------------------------------------
+
+    def _lookup(self, digest: str, *, create: bool = False) -> _Entry | None:
+        """The entry of `digest` with its index read. An unknown one is looked for on disk
+        (another daemon may have created it since we scanned); with `create`, one is made
+        for a file about to be written."""
+        with self._lock:
+            entry = self._entries.get(digest)
+        if entry is not None:
+            if not entry.loaded:
+                self._sync(entry)
+            return entry
+        found = _Entry(digest, used=time.time())
+        exists = self._sync(found)
+        if not exists and not create:
+            return None
+        on_disk = self._measure_paths(digest) if exists else 0
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is not None:  # another thread got there first
+                return entry
+            found.bytes = on_disk
+            self._entries[digest] = found
+            self._total += on_disk
+            # Not there when we scanned or last looked: another daemon stored these.
+            self._found_later += len(found.blocks)
+            return found
+
+    def _present(self, entry: _Entry, indices: Sequence[int]) -> list[int]:
+        with self._lock:
+            return [index for index in indices if index in entry.blocks]
+
+    def _sync(self, entry: _Entry) -> bool:
+        """Bring what we know of the entry up to date with its index file: the new tail only,
+        or all of it when the file was replaced (evicted and written again by another daemon)
+        or is new to us. False when there is no index file. Opens it anew every time: on NFS,
+        an open is what revalidates a file (close-to-open consistency)."""
+        path = self._index_path(entry.digest)
+        with entry.sync:
+            with self._lock:
+                start, known = entry.parsed, entry.index_id
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno not in _GONE:
+                    log.warning("block store: cannot read %s: %s", path, exc)
+                with self._lock:
+                    if entry.index_id is not None:  # evicted or cleared by someone
+                        self._forget_locked(entry)
+                        if self._entries.get(entry.digest) is entry:
+                            self._total -= entry.bytes
+                            entry.bytes = 0
+                    entry.loaded = True
+                return False
+            try:
+                info = os.fstat(fd)
+                ident = (info.st_dev, info.st_ino)
+                if ident != known:
+                    start = 0
+                raw = _pread_bytes(fd, start, info.st_size - start)
+            except OSError as exc:
+                log.warning("block store: cannot read %s: %s", path, exc)
+                return known is not None
+            finally:
+                os.close(fd)
+            prefix = bytes.fromhex(entry.digest[:16])
+            records, consumed, damaged = parse_records(raw, prefix, self.block_size)
+            with self._lock:
+                if ident != entry.index_id:  # replaced (or new to us): start over
+                    self._forget_locked(entry)
+                    entry.index_id = ident
+                found = self._apply_locked(entry, records)
+                if known is not None:  # not the first reading: another daemon stored these
+                    self._found_later += found
+                entry.parsed = start + consumed
+                entry.loaded = True
+                if damaged:
+                    self._damaged += damaged
+            if damaged and not entry.warned:
+                entry.warned = True
+                log.warning("block store: %s had %d damaged record(s); ignored", path, damaged)
+            return True
+
+    def _apply_locked(self, entry: _Entry, records: list[Fields]) -> int:
+        """Apply parsed records in order (the last one of a block wins); how many blocks
+        are new. Lock held."""
+        bs = self.block_size
+        new = 0
+        for kind, _, index, length, crc, size, _ in records:
+            if entry.size is not None and size != entry.size:
+                # The key was reused with another size: the newest statement wins.
+                entry.blocks.clear()
+                entry.verified.clear()
+            entry.size = size
+            if kind == KIND_BLOCK:
+                expected = min(bs, size - index * bs)
+                if expected <= 0 or length != expected:
+                    self._damaged += 1
+                    continue
+                if entry.blocks.get(index) != (length, crc):
+                    new += 1
+                    entry.verified.discard(index)
+                entry.blocks[index] = (length, crc)
+            elif kind == KIND_DROPPED:
+                entry.blocks.pop(index, None)
+                entry.verified.discard(index)
+        return new
+
+    def _forget_locked(self, entry: _Entry) -> None:
+        """The entry's files were replaced or removed: forget what we knew. Lock held."""
+        entry.blocks.clear()
+        entry.verified.clear()
+        entry.verified_id = None
+        entry.size = None
+        entry.parsed = 0
+        entry.index_id = None
+        files = entry.files
+        entry.files = None
+        if files is not None:
+            self._retire_locked(files)
+            self._open.pop(entry.digest, None)
+
+    def _replaced(self, entry: _Entry) -> bool:
+        """True when the index on disk is not the one we parsed (evicted or replaced)."""
+        try:
+            info = os.stat(self._index_path(entry.digest))
+        except OSError:
+            return True
+        with self._lock:
+            return (info.st_dev, info.st_ino) != entry.index_id
+
+    # -- descriptors --------------------------------------------------------------------------
+
+    def _readable(self, entry: _Entry) -> _Files | None:
+        """The entry's descriptors for reading (opened if needed; None if the data file is
+        gone). Counted: call _release when done."""
+        return self._acquire(entry, write=False)
+
+    def _writable(self, entry: _Entry) -> _Files:
+        """The entry's descriptors for writing: the files are created when missing. When the
+        index on disk is not the one we parsed (replaced meanwhile), we read it first."""
+        for _ in range(3):
+            files = self._acquire(entry, write=True)
+            assert files is not None
+            with self._lock:
+                if entry.index_id is None:
+                    entry.index_id = files.index_id  # we created it, or it is new to us
+                    entry.loaded = True
+                if entry.index_id == files.index_id:
+                    return files
+            # Replaced under us: read the new index, and write to the new files.
+            self._release(entry, files)
+            self._retire(entry, files)
+            self._sync(entry)
+        raise OSError(errno.EAGAIN, "the files keep being replaced")
+
+    def _acquire(self, entry: _Entry, *, write: bool) -> _Files | None:
+        with self._lock:
+            files = entry.files
+            if files is not None and (not write or files.index >= 0):
+                files.users += 1
+                return files
+        opened = self._open_files(entry.digest, write=write)
+        if opened is None:
+            return None
+        with self._lock:
+            files = entry.files
+            if files is not None and (not write or files.index >= 0):
+                opened.close()
+                files.users += 1
+                return files
+            if files is not None:  # read-only descriptors: replaced by writable ones
+                self._retire_locked(files)
+            entry.files = opened
+            opened.users = 1
+            self._open[entry.digest] = entry
+            self._open.move_to_end(entry.digest)
+            # Bounded: retire the least recently opened ones (closed once idle).
+            for digest in list(self._open):
+                if len(self._open) <= MAX_OPEN_FILES:
+                    break
+                other = self._open[digest]
+                if other is not entry and other.files is not None:
+                    self._retire_locked(other.files)
+                    other.files = None
+                    del self._open[digest]
+            return opened
+
+    def _open_files(self, digest: str, *, write: bool) -> _Files | None:
+        data_path, index_path = self._data_path(digest), self._index_path(digest)
+        if write:
+            self.dir.make_subdirectory(data_path.parent)
+            flags = os.O_CLOEXEC | os.O_CREAT
+            data = os.open(data_path, os.O_RDWR | flags, self.dir.file_mode)
+            try:
+                self.dir.fix_file_mode(data)
+                index = os.open(index_path, os.O_WRONLY | os.O_APPEND | flags, self.dir.file_mode)
+            except OSError:
+                os.close(data)
+                raise
+            self.dir.fix_file_mode(index)
+            info = os.fstat(index)
+            index_id: object = (info.st_dev, info.st_ino)
+        else:
+            access = os.O_RDONLY if self.readonly else os.O_RDWR
+            try:
+                data = os.open(data_path, access | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno in _GONE:
+                    return None
+                raise
+            index, index_id = -1, None
+        info = os.fstat(data)
+        return _Files(data_path, data, index, (info.st_dev, info.st_ino), index_id)
+
+    def _release(self, entry: _Entry, files: _Files, *, account: bool = False) -> None:
+        """The calling thread is done with `files`; with `account`, bring the entry's size on
+        disk up to date first (the files only grow while in use)."""
+        on_disk = self._measure(files) if account else -1
+        with self._lock:
+            # Only up: a thread that measured before another's append must not undo its count.
+            current = self._entries.get(entry.digest) is entry and entry.files is files
+            if current and on_disk > entry.bytes:
+                self._total += on_disk - entry.bytes
+                entry.bytes = on_disk
+            files.users -= 1
+            if files.users == 0 and files.retired:
+                files.close()
+
+    def _retire(self, entry: _Entry, files: _Files) -> None:
+        with self._lock:
+            if entry.files is files:
+                entry.files = None
+                self._open.pop(entry.digest, None)
+            self._retire_locked(files)
+
+    def _retire_locked(self, files: _Files) -> None:
+        files.retired = True
+        if files.users == 0:
+            files.close()
+
+    def _direct_fd(self, files: _Files) -> int:
+        """An O_DIRECT descriptor of the data file, opened on demand (-1 if refused). Opened
+        through /proc/self/fd, so it is the same inode as `files.data` even if the path was
+        replaced meanwhile (checks are trusted per inode); by path where /proc is missing,
+        and then only if it is still the same inode."""
+        if files.direct >= 0 or not self._direct:
+            return files.direct
+        access = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_DIRECT | os.O_CLOEXEC
+        try:
+            try:
+                fd = os.open(f"/proc/self/fd/{files.data}", access)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    raise
+                fd = os.open(files.path, access)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                return -1  # the page cache then: slower, never wrong
+            log.debug("block store: %s refuses O_DIRECT; using the page cache", self.directory)
+            self._direct = False
+            return -1
+        info = os.fstat(fd)
+        with self._lock:
+            if files.direct < 0 and files.data >= 0 and (info.st_dev, info.st_ino) == files.data_id:
+                files.direct = fd
+                fd = -1
+        if fd >= 0:
+            os.close(fd)  # another thread opened it meanwhile, or not the same file
+        return files.direct
+
+    def _append(self, files: _Files, records: bytes, path: Path) -> None:
+        """Append whole records with one write: O_APPEND makes concurrent appends of threads
+        and processes of one machine land one after the other, never interleaved (across NFS
+        clients it may not: module docstring). On a network filesystem the index is flushed
+        before we return, which is when other machines can see the records. `path`: the
+        index, for descriptors opened for reading only (a dropped record); not created."""
+        if files.index < 0:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            info = os.fstat(fd)
+            with self._lock:
+                if files.index < 0 and files.data >= 0:
+                    files.index, fd = fd, -1
+                    files.index_id = (info.st_dev, info.st_ino)
+            if fd >= 0:
+                os.close(fd)
+        _write_all(files.index, records)
+        if self.network:
+            os.fdatasync(files.index)
+
+    # -- reading and writing data -----------------------------------------------------------
+
+    def _write_data(self, files: _Files, offset: int, data: memoryview) -> bool:
         """Write `data` at `offset`: whole pages with O_DIRECT when the filesystem and the
-        buffer allow it, the rest (a file's short last block, a small file) through the page
-        cache. Called by the entry's user.
+        buffer allow it, the rest (a file's short last block, a small file, an unaligned
+        buffer) through the page cache; True when some of it went through the page cache.
 
         O_DIRECT because the page cache copy is most of a cold read's cost: writing 1 GiB
         in 4 MiB pieces took 0.58-1.1 CPU-s buffered and 0.04 CPU-s with O_DIRECT, measured
-        on this project's machine (the disk does the copying). It also keeps a second copy of
-        every byte out of the page cache (the kernel caches the FUSE file's pages already).
-        O_DIRECT needs the buffer, the offset and the length aligned (4 KiB covers every
-        device); the buffer pool's buffers are page-aligned memory maps, block offsets are
-        multiples of the block size."""
-        buffered = self._data_fd(entry)  # opens (creates) the files
+        on this project's machine (the disk does the copying); on NFS because the data is on
+        the server when the write returns (module docstring). O_DIRECT needs the buffer,
+        the offset and the length aligned (4 KiB covers every device); the buffer pool's
+        buffers are page-aligned memory maps, block offsets are multiples of the block size."""
         whole = len(data) - len(data) % _PAGE if offset % _PAGE == 0 else 0
         if whole and self._direct:
-            fd = self._direct_fd(entry)
+            fd = self._direct_fd(files)
             if fd >= 0:
                 try:
                     _pwrite_all(fd, data[:whole], offset)
@@ -437,11 +1016,13 @@ class BlockStore:
                     if exc.errno != errno.EINVAL:  # EINVAL: an unaligned buffer
                         raise
         if data:
-            _pwrite_all(buffered, data, offset)
+            _pwrite_all(files.data, data, offset)
             self.buffered_writes += 1
+            return True
+        return False
 
     def _read_data(
-        self, entry: _Entry, buffer: memoryview, start: int, length: int, offset: int
+        self, files: _Files, buffer: memoryview, start: int, length: int, offset: int
     ) -> int:
         """Read `length` bytes at `offset` into buffer[start:]; return how many arrived
         (fewer at the end of the file). With O_DIRECT where possible: the disk writes into
@@ -450,239 +1031,182 @@ class BlockStore:
         dropped spent 16 % of the daemon's cycles in that copy)."""
         rounded = -(-length // _PAGE) * _PAGE
         if self._direct and offset % _PAGE == 0 and start + rounded <= len(buffer):
-            fd = self._direct_fd(entry)
+            fd = self._direct_fd(files)
             if fd >= 0:
                 try:
                     return min(length, _pread_all(fd, buffer[start : start + rounded], offset))
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:  # EINVAL: an unaligned buffer
                         raise
-        return _pread_all(self._data_fd(entry), buffer[start : start + length], offset)
+        return _pread_all(files.data, buffer[start : start + length], offset)
 
-    def _direct_fd(self, entry: _Entry) -> int:
-        if entry.direct_fd < 0 and self._direct:
-            path = self._data_path(entry.digest)
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                log.debug("block store: %s refuses O_DIRECT; writing through the page cache", path)
-                self._direct = False
-                return -1
-            with self._lock:
-                if entry.direct_fd < 0:
-                    entry.direct_fd = fd
-                    fd = -1
-            if fd >= 0:
-                os.close(fd)  # another thread opened it meanwhile
-        return entry.direct_fd
-
-    def close(self) -> None:
-        """Close every descriptor (the store stays usable: they are reopened on demand)."""
-        with self._lock:
-            for entry in list(self._open.values()):
-                if entry.users == 0:
-                    self._close_fds(entry)
-                else:
-                    entry.closing = True
-
-    # -- entries, descriptors and accounting (lock held where it says so) ------------------
-
-    def _loaded(self, digest: str, *, create: bool) -> _Entry | None:
-        """The entry of `digest` with its index read. Lock held; reads a small file."""
-        entry = self._entries.get(digest)
-        if entry is None:
-            if not create:
-                return None
-            entry = _Entry(digest, 0)
-            entry.loaded = True
-            self._entries[digest] = entry
-            return entry
-        if not entry.loaded:
-            self._load_index(entry)
-        return entry
-
-    def _load_index(self, entry: _Entry) -> None:
-        """Parse an index file into `entry`. Lock held (index files are small: 48 KiB per
-        GiB of data)."""
-        entry.loaded = True
-        path = self._index_path(entry.digest)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            log.warning("block store: cannot read %s: %s", path, exc)
-            return
-        prefix = bytes.fromhex(entry.digest[:16])
+    def _reread_uncached(
+        self,
+        digest: str,
+        wanted: dict[int, tuple[int, int]],
+        bad: list[int],
+        first: int,
+        buffer: memoryview,
+        good: dict[int, int],
+    ) -> list[int]:
+        """On a network filesystem, a block that failed its check may be a stale page of our
+        client's cache (another client wrote it after we cached the hole): read it again
+        from a fresh descriptor with those pages dropped. The blocks still bad."""
         bs = self.block_size
-        damaged = 0
-        whole = len(raw) - len(raw) % RECORD_SIZE
-        for offset in range(0, whole, RECORD_SIZE):
-            fields = _parse(raw[offset : offset + RECORD_SIZE])
-            if fields is None or fields[6] != prefix or fields[1] != bs:
-                damaged += 1
-                continue
-            kind, _, index, length, crc, size, _ = fields
-            if entry.size is not None and size != entry.size:
-                damaged += 1  # records disagree about the size: trust none of them
-                entry.blocks.clear()
-                entry.size = None
-                break
-            entry.size = size
-            if kind == _KIND_BLOCK:
-                expected = min(bs, size - index * bs)
-                if expected <= 0 or length != expected:
-                    damaged += 1
-                    continue
-                entry.blocks[index] = (length, crc)
-            elif kind == _KIND_DROPPED:
-                entry.blocks.pop(index, None)
-        entry.records = whole // RECORD_SIZE
-        torn = len(raw) != whole
-        if damaged or torn:
-            self._damaged += damaged + int(torn)
-            entry.warned = True
-            log.warning(
-                "block store: %s had %d damaged record(s)%s; ignored",
-                path,
-                damaged,
-                " and a torn tail" if torn else "",
-            )
-        if torn or entry.records > len(entry.blocks) + COMPACT_SLACK:
-            self._rewrite_index(entry)
-
-    def _rewrite_index(self, entry: _Entry) -> None:
-        """Replace the index with one record per live block (atomically). Lock held; only
-        while nobody has the entry's descriptors open."""
-        if entry.index_fd >= 0 and entry.users:
-            return
-        self._close_fds(entry)
-        path = self._index_path(entry.digest)
-        size = entry.size or 0
-        records = [
-            _record(_KIND_BLOCK, self.block_size, i, length, crc, size, entry.digest)
-            for i, (length, crc) in sorted(entry.blocks.items())
-        ]
-        if not records and entry.size is not None:
-            records = [_record(_KIND_SIZE, self.block_size, 0, 0, 0, size, entry.digest)]
-        tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
+        still: list[int] = []
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                _write_all(fd, b"".join(records))
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("block store: cannot rewrite %s: %s", path, exc)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            return
-        entry.records = len(records)
+            fd = os.open(self._data_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return bad
+        try:
+            for i in bad:
+                length, crc = wanted[i]
+                at = (i - first) * bs
+                os.posix_fadvise(fd, i * bs, length, os.POSIX_FADV_DONTNEED)
+                got = _pread_all(fd, buffer[at : at + length], i * bs)
+                if got == length and zlib.crc32(buffer[at : at + length]) == crc:
+                    good[i] = length
+                else:
+                    still.append(i)
+        finally:
+            os.close(fd)
+        return still
 
-    def _data_fd(self, entry: _Entry) -> int:
-        """The entry's data descriptor, opened on demand. Called by its user (users > 0)."""
-        if entry.data_fd < 0:
-            self._open_fds(entry)
-        return entry.data_fd
+    # -- accounting and eviction ----------------------------------------------------------------
 
-    def _append(self, entry: _Entry, records: bytes) -> None:
-        """Append whole records with one write: O_APPEND makes concurrent appends (threads
-        here, daemons later) land one after the other, never interleaved."""
-        if entry.index_fd < 0:
-            self._open_fds(entry)
-        _write_all(entry.index_fd, records)
-
-    def _open_fds(self, entry: _Entry) -> None:
-        path = self._data_path(entry.digest)
+    def _maybe_rescan(self, cost: int) -> None:
+        """Before a write: rescan when it would evict (at most every RESCAN_INTERVAL s) or
+        when the last rescan is older than RESCAN_MAX_AGE."""
         with self._lock:
-            if entry.data_fd >= 0 and entry.index_fd >= 0:
-                return
-            path.parent.mkdir(mode=0o700, exist_ok=True)
-            flags = os.O_CLOEXEC | os.O_CREAT
-            data_fd = os.open(path, os.O_RDWR | flags, 0o600)
-            try:
-                index_fd = os.open(
-                    self._index_path(entry.digest), os.O_WRONLY | os.O_APPEND | flags, 0o600
-                )
-            except OSError:
-                os.close(data_fd)
-                raise
-            entry.data_fd, entry.index_fd = data_fd, index_fd
-            self._open[entry.digest] = entry
-            # Bounded: close the least recently opened idle ones.
-            for digest in list(self._open):
-                if len(self._open) <= MAX_OPEN_FILES:
-                    break
-                other = self._open[digest]
-                if other.users == 0 and other is not entry:
-                    self._close_fds(other)
+            age = time.monotonic() - self._rescanned
+            over = self._total + cost > self.max_bytes
+        if (over and age > RESCAN_INTERVAL) or age > RESCAN_MAX_AGE:
+            self._rescan()
 
-    def _release(self, entry: _Entry, *, account: bool = False) -> None:
-        """The calling thread is done with the entry's descriptors; with `account`, bring its
-        size on disk up to date first (the files only grow while in use)."""
-        on_disk = -1
-        if account:
-            on_disk = self._measure(entry)
-        with self._lock:
-            if on_disk > entry.bytes and self._entries.get(entry.digest) is entry:
-                self._total += on_disk - entry.bytes
-                entry.bytes = on_disk
-            entry.users -= 1
-            if entry.users == 0 and entry.closing:
-                self._close_fds(entry)
-
-    def _measure(self, entry: _Entry) -> int:
-        total = 0
-        for fd in (entry.data_fd, entry.index_fd):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    info = os.fstat(fd)
-                    total += info.st_blocks * 512 if fd == entry.data_fd else info.st_size
-        return total
-
-    def _close_fds(self, entry: _Entry) -> None:
-        """Lock held; the entry has no users."""
-        for fd in (entry.data_fd, entry.direct_fd, entry.index_fd):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        entry.data_fd = entry.direct_fd = entry.index_fd = -1
-        entry.closing = False
-        if self._open.get(entry.digest) is entry:
-            del self._open[entry.digest]
-
-    def _make_room(self, entry: _Entry, cost: int) -> bool:
-        """Evict other files, least recently used first, until `cost` more bytes fit; False
-        when they cannot (the file alone would exceed the limit). Lock held."""
+    def _make_room(self, entry: _Entry, cost: int) -> tuple[bool, list[str]]:
+        """Evict other files, least recently used first, until `cost` more bytes fit. Returns
+        whether they fit (not when the file alone would exceed the limit) and the digests
+        whose files to unlink (outside the lock). Lock held."""
         if entry.bytes + cost > self.max_bytes:
-            return False
+            return False, []
+        victims = self._evict_until(self.max_bytes - cost, keep=entry)
+        return self._total + cost <= self.max_bytes, victims
+
+    def _evict_until(self, limit: int, *, keep: _Entry | None) -> list[str]:
+        """Lock held: forget files, least recently used first, until at most `limit` bytes
+        are counted; their digests, for _unlink."""
+        victims: list[str] = []
         for digest in list(self._entries):
-            if self._total + cost <= self.max_bytes:
+            if self._total <= limit:
                 break
             other = self._entries[digest]
-            if other is not entry:
-                self._evict(other)
-                self._evictions += 1
-        return self._total + cost <= self.max_bytes
+            if other is not keep:
+                victims.append(self._evict_entry(other))
+        return victims
 
-    def _evict(self, entry: _Entry) -> None:
-        """Forget a file and unlink its files. Lock held. A thread still reading it keeps its
-        descriptors until it is done (module docstring)."""
+    def _evict_entry(self, entry: _Entry) -> str:
+        """Forget a file; the caller unlinks it (`_unlink`). Lock held. A thread still reading
+        it keeps its descriptors until it is done."""
         if self._entries.get(entry.digest) is entry:
             del self._entries[entry.digest]
             self._total -= entry.bytes
-        for path in (self._data_path(entry.digest), self._index_path(entry.digest)):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        if entry.users:
-            entry.closing = True
-        else:
-            self._close_fds(entry)
+            self._evictions += 1
+        files = entry.files
+        entry.files = None
+        if files is not None:
+            self._retire_locked(files)
+            self._open.pop(entry.digest, None)
+        return entry.digest
 
-    # -- start ------------------------------------------------------------------------------
+    def _unlink(self, digests: list[str]) -> None:
+        """Unlink evicted files: data first, so that no index ever outlives its data on disk
+        for long (a record without data is a miss anyway). Gone already: another daemon
+        evicted them too."""
+        for digest in digests:
+            for path in (self._data_path(digest), self._index_path(digest)):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("block store: cannot evict %s: %s", path, exc)
+
+    def _measure(self, files: _Files) -> int:
+        total = 0
+        for fd, whole in ((files.data, True), (files.index, False)):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    info = os.fstat(fd)
+                    total += info.st_blocks * 512 if whole else info.st_size
+        return total
+
+    def _measure_paths(self, digest: str) -> int:
+        total = 0
+        with contextlib.suppress(OSError):
+            total += os.stat(self._data_path(digest)).st_blocks * 512
+        with contextlib.suppress(OSError):
+            total += os.stat(self._index_path(digest)).st_size
+        return total
+
+    def _rescan(self, *, start: bool = False) -> None:
+        """Bring the accounting and the LRU order back to what is on disk: files other daemons
+        wrote count, files they evicted are forgotten, and their use (the index's mtime)
+        orders the LRU. At start, also remove what a crash left (old enough: STALE_AGE)."""
+        used: dict[str, float] = {}  # digest -> mtime of its index
+        sizes: dict[str, int] = {}  # digest -> bytes on disk of both files
+        data_only: dict[str, tuple[str, float]] = {}
+        now = time.time()
+        for found in _scan(self._store):
+            name = found.name
+            try:
+                info = found.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if name.startswith(_TMP_PREFIX):
+                if start and not self.readonly and now - info.st_mtime > STALE_AGE:
+                    with contextlib.suppress(OSError):
+                        os.unlink(found.path)
+                continue
+            digest, _, suffix = name.partition(".")
+            if suffix not in ("data", "index") or len(digest) != 64:
+                continue
+            if suffix == "index":
+                used[digest] = info.st_mtime
+                sizes[digest] = sizes.get(digest, 0) + info.st_size
+            else:
+                sizes[digest] = sizes.get(digest, 0) + info.st_blocks * 512
+                data_only[digest] = (found.path, info.st_mtime)
+        for digest in set(sizes) - set(used):  # data whose index was never written
+            del sizes[digest]
+            path, mtime = data_only[digest]
+            if start and not self.readonly and now - mtime > STALE_AGE:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        with self._lock:
+            for digest, entry in list(self._entries.items()):
+                in_use = entry.files is not None and entry.files.users > 0
+                if digest not in used and not in_use:  # evicted by another daemon
+                    del self._entries[digest]
+                    self._total -= entry.bytes
+                    files = entry.files
+                    entry.files = None
+                    if files is not None:
+                        self._retire_locked(files)
+                        self._open.pop(digest, None)
+            for digest, mtime in used.items():
+                known = self._entries.get(digest)
+                if known is None:
+                    self._entries[digest] = _Entry(digest, sizes[digest], mtime)
+                    self._total += sizes[digest]
+                else:
+                    self._total += sizes[digest] - known.bytes
+                    known.bytes = sizes[digest]
+                    known.used = max(known.used, mtime)
+            ordered = sorted(self._entries.values(), key=lambda e: e.used)
+            self._entries = OrderedDict((e.digest, e) for e in ordered)
+            self._rescanned = time.monotonic()
+            if not start:
+                self._rescans += 1
 
     def _remove_old_format(self) -> None:
         for name in _OLD_FORMAT:
@@ -691,44 +1215,6 @@ class BlockStore:
                 log.info("block store: removing %s, left by an older gcfs", old)
                 shutil.rmtree(old, ignore_errors=True)
 
-    def _scan(self) -> None:
-        """Account for the files on disk, oldest use first; indexes are read lazily."""
-        used: dict[str, float] = {}  # digest -> mtime of its index
-        sizes: dict[str, int] = {}  # digest -> bytes on disk of both files
-        data_paths: dict[str, str] = {}
-        for entry in _scan(self._store):
-            name = entry.name
-            if name.startswith(_TMP_PREFIX):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-                continue
-            digest, _, suffix = name.partition(".")
-            if suffix not in ("data", "index") or len(digest) != 64:
-                continue
-            try:
-                info = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if suffix == "index":
-                used[digest] = info.st_mtime
-                sizes[digest] = sizes.get(digest, 0) + info.st_size
-            else:
-                sizes[digest] = sizes.get(digest, 0) + info.st_blocks * 512
-                data_paths[digest] = entry.path
-        for digest in set(sizes) - set(used):  # data whose index never got written: unusable
-            del sizes[digest]
-            with contextlib.suppress(OSError):
-                os.unlink(data_paths[digest])
-        with self._lock:
-            for digest in sorted(used, key=used.__getitem__):
-                self._entries[digest] = _Entry(digest, sizes[digest])
-                self._total += sizes[digest]
-            # A smaller max_bytes than last time: shrink now rather than on the next write.
-            while self._entries and self._total > self.max_bytes:
-                self._evict(next(iter(self._entries.values())))
-                self._evictions += 1
-        log.debug("block store %s: %d files, %d bytes", self.directory, len(used), self._total)
-
     def _data_path(self, digest: str) -> Path:
         return self._store / digest[:2] / f"{digest}.data"
 
@@ -736,27 +1222,22 @@ class BlockStore:
         return self._store / digest[:2] / f"{digest}.index"
 
 
-def _record(kind: int, bs: int, index: int, length: int, crc: int, size: int, digest: str) -> bytes:
-    body = _RECORD.pack(_MAGIC, kind, bs, index, length, crc, size, bytes.fromhex(digest[:16]))
-    return body + _RECORD_CRC.pack(zlib.crc32(body))
-
-
-def _parse(raw: bytes) -> tuple[int, int, int, int, int, int, bytes] | None:
-    """(kind, block size, index, length, crc, size, digest prefix), or None if damaged."""
-    body = raw[: _RECORD.size]
-    (check,) = _RECORD_CRC.unpack_from(raw, _RECORD.size)
-    if zlib.crc32(body) != check:
-        return None
-    magic, kind, bs, index, length, crc, size, prefix = _RECORD.unpack(body)
-    if magic != _MAGIC or kind not in (_KIND_BLOCK, _KIND_SIZE, _KIND_DROPPED):
-        return None
-    return kind, bs, index, length, crc, size, prefix
-
-
 def _consecutive(indices: list[int]) -> list[list[int]]:
     runs: list[list[int]] = []
     for index in indices:
         if runs and runs[-1][-1] + 1 == index:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
+
+
+def _stretches(indices: list[int], where: dict[int, tuple[int, int]]) -> list[list[int]]:
+    """Runs of consecutive block indices that lie one after the other in one piece (one
+    pwrite each: a 4 MiB O_DIRECT write costs little more than a 1 MiB one)."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and runs[-1][-1] + 1 == index and where[index][0] == where[runs[-1][-1]][0]:
             runs[-1].append(index)
         else:
             runs.append([index])
@@ -774,6 +1255,14 @@ def _pread_all(fd: int, view: memoryview, offset: int) -> int:
     return done
 
 
+def _pread_bytes(fd: int, offset: int, length: int) -> bytes:
+    if length <= 0:
+        return b""
+    buffer = bytearray(length)
+    got = _pread_all(fd, memoryview(buffer), offset)
+    return bytes(buffer[:got])
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:  # pwrite may write less (a signal, a full disk)
         written = os.pwrite(fd, data, offset)
@@ -786,24 +1275,38 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _scan(directory: Path) -> list[os.DirEntry[str]]:
+def _scan(directory: Path) -> Iterator[os.DirEntry[str]]:
     """Regular files in the subdirectories of `directory`."""
-    entries: list[os.DirEntry[str]] = []
     try:
         with os.scandir(directory) as it:
-            for sub in it:
-                if sub.is_dir(follow_symlinks=False):
-                    with os.scandir(sub.path) as inner:
-                        entries.extend(e for e in inner if e.is_file(follow_symlinks=False))
+            subdirectories = [sub.path for sub in it if sub.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return
     except OSError as exc:
         log.warning("block store: cannot scan %s: %s", directory, exc)
-    return entries
+        return
+    for sub in subdirectories:
+        try:
+            with os.scandir(sub) as inner:
+                yield from [e for e in inner if e.is_file(follow_symlinks=False)]
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                log.warning("block store: cannot scan %s: %s", sub, exc)
+
+
+def temporary_name(path: Path) -> Path:
+    """A temporary name beside `path`, unique to this machine and process (several daemons
+    may write one directory)."""
+    return path.with_name(f"{_TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{path.name}")
 
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "RECORD_SIZE",
+    "STORE_DIR",
     "BlockStore",
     "BlockStoreStatistics",
+    "VerifyReport",
     "key_digest",
+    "temporary_name",
 ]

@@ -1,4 +1,4 @@
-"""The `gcfs` command: mount, demo, umount, refresh, status, prefetch.
+"""The `gcfs` command: mount, demo, umount, refresh, status, prefetch, path, snapshot, cache.
 
 `gcfs mount` returns only once the mount answers (or has failed, with one line saying why):
 it forks, the child becomes the daemon and reports "ready" or the error through a pipe. With
@@ -58,7 +58,17 @@ UMOUNT_WAIT = 10.0
 T = TypeVar("T")
 
 
-COMMANDS = ("mount", "demo", "umount", "refresh", "status", "prefetch", "path")
+COMMANDS = (
+    "mount",
+    "demo",
+    "umount",
+    "refresh",
+    "status",
+    "prefetch",
+    "path",
+    "cache",
+    "snapshot",
+)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 EXIT_STATUS = """\
@@ -78,6 +88,9 @@ examples:
   gcfs mount ~/gc --token-file ~/.gctoken      mount your account; returns once it answers
   gcfs umount ~/gc                             unmount and stop the daemon
   gcfs status ~/gc                             what the daemon is doing
+  gcfs snapshot ~/gc/archives/x --to DIR       record a subtree for offline mounts
+  gcfs mount /tmp/gc --offline DIR             serve it with no token and no network
+  gcfs cache status                            the block cache: where, mode, size
   gcfs path https://grand-challenge.org/api/v1/cases/images/<pk>/
                                                where an object is in the mount
   gcfs COMMAND --help                          more on one command
@@ -118,13 +131,14 @@ examples:
   gcfs mount ~/gc --token-file ~/.gctoken --ttl 300 --cache-size 50G
   gcfs mount /srv/gc --token-file /etc/gcfs/token --allow-other   # shared with all users
   gcfs mount ~/gc --foreground --log-level DEBUG                  # watch every request
+  gcfs mount /tmp/gc --offline /shared/snapshots/lidc             # a snapshot, no network
 
 config file ($XDG_CONFIG_HOME/gcfs/config.toml, or --config PATH), TOML:
   token_file = "~/.gctoken"
   ttl = 300
   cache_size = "50G"
   keys: token_file, base_url, ttl, timeout, cache_dir, cache_size, log_level, log_file,
-  allow_other. The token itself is not allowed in it.
+  allow_other, offline. The token itself is not allowed in it.
 
 {EXIT_STATUS}"""
 
@@ -253,6 +267,13 @@ def build_parser(prog: str = "gcfs") -> argparse.ArgumentParser:
         metavar="URL",
         help=f"the site root (default {DEFAULT_BASE_URL}); the API is at URL/api/v1/",
     )
+    mount.add_argument(
+        "--offline",
+        type=Path,
+        metavar="DIR",
+        help="serve the snapshot in DIR (see gcfs snapshot) instead of the server: no token, "
+        "no network; --token-file, --base-url, --cache-dir and --cache-size do not apply",
+    )
 
     demo = _subparser(
         commands,
@@ -315,6 +336,14 @@ def build_parser(prog: str = "gcfs") -> argparse.ArgumentParser:
     prefetch.add_argument(
         "path", metavar="PATH", type=Path, help="a file or directory inside a gcfs mount"
     )
+    prefetch.add_argument(
+        "--jobs",
+        type=_positive_int,
+        metavar="N",
+        default=8,
+        help="files read at once (default 8; more helps small files on a link with a long "
+        "round trip, as long as the daemon has CPU to spare)",
+    )
 
     path = _subparser(
         commands,
@@ -338,7 +367,121 @@ def build_parser(prog: str = "gcfs") -> argparse.ArgumentParser:
     path.add_argument(
         "mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?", help="where gcfs is mounted"
     )
+    snapshot = _subparser(
+        commands,
+        "snapshot",
+        help="record subtrees of a mount, bytes included, for offline mounts",
+        description=SNAPSHOT_DESCRIPTION,
+        epilog=SNAPSHOT_EPILOG,
+    )
+    snapshot.add_argument(
+        "paths",
+        metavar="PATH",
+        type=Path,
+        nargs="+",
+        help="a file or directory inside a gcfs mount (all in the same one)",
+    )
+    snapshot.add_argument(
+        "--to", type=Path, metavar="DIR", required=True, help="the snapshot directory"
+    )
+    snapshot.add_argument(
+        "--jobs",
+        type=_positive_int,
+        metavar="N",
+        default=8,
+        help="files read at once (default 8)",
+    )
+    _add_cache_command(commands)
     return parser
+
+
+SNAPSHOT_DESCRIPTION = """\
+Record everything under the PATHs (inside one gcfs mount): listings, metadata files, sizes,
+README stubs, symlinks, extended attributes and every byte, into DIR, with a manifest naming
+the server, the user, when and which subtrees (never the token). `gcfs mount MOUNTPOINT
+--offline DIR` then serves exactly that tree with no token and no network, on a machine
+that has none (a cluster's compute node); any number of offline mounts may read one DIR.
+
+Run it again to refresh DIR in place: listings are recorded anew and only bytes DIR does not
+hold yet are fetched; subtrees recorded before stay. An offline mount started during a
+refresh sees the old snapshot or the new one, complete."""
+
+SNAPSHOT_EPILOG = f"""\
+examples:
+  gcfs snapshot ~/gc/archives/lidc-lung-ct --to /shared/snapshots/lidc
+  gcfs snapshot ~/gc/reader-studies/my-study ~/gc/algorithms/my-algorithm/jobs \\
+      --to /shared/snapshots/study
+  gcfs mount /tmp/gc --offline /shared/snapshots/study     # on a node without network
+
+{EXIT_STATUS}"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+CACHE_DESCRIPTION = """\
+Look after a block cache directory without a mount: one of your own, or one that many
+daemons share (on several machines, by the users of one group; see README, On a cluster).
+Running daemons may keep using it meanwhile: prune and clear only remove whole files (a
+daemon reading one keeps its bytes, then fetches them again), verify drops damaged blocks as a
+reader would.
+
+  status         where it is, its mode (private or group), its filesystem, files and size
+  prune SIZE     evict the least recently used files (by any daemon's use) until at most
+                 SIZE is left (10G, 512M, or bytes)
+  verify         read every block and check its length and checksum; damaged blocks are
+                 dropped and fetched again when next read
+  clear          remove everything"""
+
+CACHE_EPILOG = f"""\
+examples:
+  gcfs cache status
+  gcfs cache status --cache-dir /shared/gcfs-cache --json
+  gcfs cache prune 50G --cache-dir /shared/gcfs-cache
+  gcfs cache verify
+
+The directory is --cache-dir, else cache_dir of the config file, else $XDG_CACHE_HOME/gcfs.
+
+{EXIT_STATUS}"""
+
+
+def _add_cache_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cache = _subparser(
+        commands,
+        "cache",
+        help="status, prune, verify or clear a block cache directory (no mount needed)",
+        description=CACHE_DESCRIPTION,
+        epilog=CACHE_EPILOG,
+    )
+    actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, text in (
+        ("status", "where the cache is, its mode, files and size"),
+        ("prune", "evict least recently used files until at most SIZE is left"),
+        ("verify", "read and check every block; drop damaged ones"),
+        ("clear", "remove everything"),
+    ):
+        action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        if name == "prune":
+            action.add_argument("size", metavar="SIZE", help="what may stay: 10G, 512M, bytes")
+        action.add_argument(
+            "--cache-dir",
+            type=Path,
+            metavar="DIR",
+            help="the cache directory (default: cache_dir of the config file, else "
+            "$XDG_CACHE_HOME/gcfs)",
+        )
+        action.add_argument(
+            "--config", type=Path, metavar="PATH", help="config file to take cache_dir from"
+        )
+        if name == "status":
+            action.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
 def main(argv: Sequence[str] | None = None, *, dry_run: bool = False, prog: str = "gcfs") -> int:
@@ -373,11 +516,25 @@ def main(argv: Sequence[str] | None = None, *, dry_run: bool = False, prog: str 
         if args.command == "prefetch":
             from . import prefetch
 
-            return prefetch.prefetch_command(args.path)
+            return prefetch.prefetch_command(args.path, parallel=args.jobs)
         if args.command == "path":
             from . import locate
 
             return locate.path_command(args.identifier, args.mountpoint)
+        if args.command == "snapshot":
+            from . import snapshot
+
+            return snapshot.snapshot_command(args.paths, args.to, jobs=args.jobs)
+        if args.command == "cache":
+            from . import cachecmd
+
+            cache_dir = cachecmd.cache_directory(args.cache_dir, args.config)
+            return cachecmd.cache_command(
+                args.action,
+                cache_dir,
+                size=getattr(args, "size", None),
+                as_json=getattr(args, "json", False),
+            )
         return mount(args, dry_run=dry_run)
     except UserError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
@@ -409,8 +566,12 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Moun
     )
     mountpoint = check_mountpoint(args.mountpoint)
     token_file: Path | None = None
+    offline: Path | None = None if demo else _first(args.offline, defaults.get("offline"))
     if demo:
         base_url, token = "http://127.0.0.1", None  # filled in once the demo server runs
+    elif offline is not None:
+        offline = offline.expanduser().absolute()
+        base_url, token = _offline_server(args, offline), None
     else:
         base_url = normalize_base_url(
             _first(args.base_url, defaults.get("base_url")) or DEFAULT_BASE_URL
@@ -432,9 +593,38 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Moun
         cache_dir=cache_dir.expanduser().absolute(),
         cache_size=parse_size(_first(args.cache_size, defaults.get("cache_size")) or "10G"),
         allow_other=bool(_first(args.allow_other, defaults.get("allow_other"))),
+        offline=offline,
     )
     log_file: Path | None = _first(args.log_file, defaults.get("log_file"))
     return MountPlan(cfg, demo, log_file.expanduser().absolute() if log_file else None)
+
+
+def _offline_server(args: argparse.Namespace, directory: Path) -> str:
+    """The server a snapshot was taken of (for show); UserError when DIR holds none or a
+    flag that needs the network was given too."""
+    from .snapshot import load_manifest
+
+    given = [
+        flag
+        for flag, value in (
+            ("--token-file", args.token_file),
+            ("--base-url", args.base_url),
+            ("--cache-dir", args.cache_dir),
+            ("--cache-size", args.cache_size),
+        )
+        if value is not None
+    ]
+    if given:
+        raise UserError(
+            f"--offline serves the snapshot in {directory} and uses no {', '.join(given)}"
+        )
+    manifest = load_manifest(directory)
+    if manifest is None:
+        raise UserError(
+            f"{directory} holds no gcfs snapshot (no manifest.json); take one on a machine "
+            f"with network: gcfs snapshot PATH... --to {directory}"
+        )
+    return str(manifest.get("server", ""))
 
 
 def mount(args: argparse.Namespace, *, dry_run: bool = False) -> int:

@@ -154,6 +154,9 @@ class Config:
     # Let other users (and root) into the mount; non-root users need `user_allow_other` in
     # /etc/fuse.conf for it. The kernel still applies the 0555/0444 modes.
     allow_other: bool = False
+    # Serve the snapshot in this directory (gcfs snapshot) instead of the server: no token,
+    # no network; base_url is then the snapshot's server, for show.
+    offline: Path | None = None
 
     @property
     def api_url(self) -> str:

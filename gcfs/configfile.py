@@ -93,6 +93,7 @@ KEYS: dict[str, tuple[Callable[[str, Any], Any], bool]] = {
     "log_level": (_log_level, False),
     "log_file": (_string, True),
     "allow_other": (_boolean, False),
+    "offline": (_string, True),
 }
 
 # Keys people will try, with the reason they are refused.

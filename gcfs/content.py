@@ -17,6 +17,10 @@ What lives here (one instance per mount):
 - once entered with `async with store:`, the nursery in which read-ahead runs;
 - statistics for `gcfs status`.
 
+Offline (an offline mount of a snapshot): sizes and bytes come from the block store only;
+no /media/ URL is resolved, no size probed, no block fetched: a block the store does not have
+is EIO (NotInSnapshot), raised before any request is built (reader.py).
+
 Opening: `open(url)` resolves the /media/ URL (an audit row, and the proof that the token may
 still read the file). `open(url, check_access=False)` is for a caller that has its own proof
 (a listing younger than the TTL): when every block is on disk and the size is known, it sends
@@ -40,7 +44,7 @@ import trio
 
 from .blockstore import DEFAULT_BLOCK_SIZE, BlockStore
 from .buffers import Block, Buffer, BufferPool
-from .errors import Unavailable
+from .errors import NotInSnapshot, Unavailable
 from .health import EndpointHealth
 from .reader import Flight, RemoteFile
 from .resolver import Resolver, file_key
@@ -78,6 +82,7 @@ class ContentStatistics:
     shared: int  # blocks a reader got from a fetch another reader had started
     expired: int  # 403s from storage answered by resolving again
     connections: int  # storage connections opened (the rest were kept alive)
+    pending_writes: int  # verified blocks in memory, not yet written to the block store
 
 
 class ContentStore:
@@ -99,6 +104,7 @@ class ContentStore:
         site_outage: OutageLog | None = None,
         health: EndpointHealth | None = None,
         clock: Callable[[], float] = trio.current_time,
+        offline: bool = False,
     ) -> None:
         if cache is not None and cache.block_size != block_size:
             raise ValueError("the BlockStore and the ContentStore must use the same block size")
@@ -118,6 +124,9 @@ class ContentStore:
             clock=clock,
         )
         self.cache = cache
+        # Offline (a snapshot): sizes and bytes come from the block store only; nothing is
+        # ever resolved, probed or fetched (NotInSnapshot instead).
+        self.offline = offline
         self.block_size = block_size
         self.max_inflight_bytes = max_inflight_bytes
         self.max_window_blocks = max(1, max_window_bytes // block_size)
@@ -131,6 +140,7 @@ class ContentStore:
         # have (a file closed and opened again at once must not fetch them again).
         self.pending: dict[tuple[str, int], Block] = {}
         self._writers = 0  # writer tasks running
+        self._written: trio.Event | None = None  # set once `pending` empties (wait_written)
         self._exit_stack: contextlib.AsyncExitStack | None = None
         self._sizes: dict[str, int] = {}
         self._size_flights: dict[str, trio.Event] = {}
@@ -170,6 +180,8 @@ class ContentStore:
 
     async def size(self, url: str) -> int:
         """The exact size of the file behind a /media/ URL; probed at most once per URL."""
+        if self.offline:
+            return await self._offline_size(url)
         return await self._size(url, None)
 
     async def open(self, url: str, *, check_access: bool = True) -> RemoteFile:
@@ -182,6 +194,8 @@ class ContentStore:
         disk opens with no request at all; the caller vouches for access (a listing younger
         than the TTL), and the resolution waits for a read that needs storage.
         """
+        if self.offline:
+            return RemoteFile(self, url, None, await self._offline_size(url))
         if not check_access:
             size = await self._cached_size(url)
             if size is not None:
@@ -232,6 +246,7 @@ class ContentStore:
             self.shared,
             resolver.expired,
             self.storage.connections_opened,
+            len(self.pending),
         )
 
     # -- sizes --------------------------------------------------------------------------------
@@ -260,6 +275,12 @@ class ContentStore:
         finally:
             del self._size_flights[url]
             event.set()
+
+    async def _offline_size(self, url: str) -> int:
+        size = await self._known_size(url)
+        if size is None:
+            raise NotInSnapshot(f"{url}: not in the snapshot")
+        return size
 
     async def _known_size(self, url: str) -> int | None:
         known = self._sizes.get(url)
@@ -297,6 +318,14 @@ class ContentStore:
         return self.pool.acquire(capacity)
 
     # -- writing to the block store -------------------------------------------------------------
+
+    async def wait_written(self) -> None:
+        """Until every verified block queued for the block store is on disk (or its write
+        failed): for tests and tools that look at the disk; readers never need to."""
+        if self.pending:
+            if self._written is None or self._written.is_set():
+                self._written = trio.Event()
+            await self._written.wait()
 
     async def write_behind(
         self, key: str, first: int, buffer: Buffer, length: int, size: int
@@ -348,6 +377,8 @@ class ContentStore:
                     for first, data in pieces:
                         for n in range(-(-len(data) // bs)):
                             self.pending.pop((key, first + n), None)
+                    if not self.pending and self._written is not None:
+                        self._written.set()
         finally:
             if counted:
                 self._writers -= 1

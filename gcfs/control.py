@@ -8,6 +8,11 @@ protocol is one JSON object per connection each way, a line each:
     {"op": "status"}                                                -> {"ok": true, "status": {...}}
     {"op": "cached", "path": "archives/x/items/<pk>/scan.mha"}      -> {"ok": true, "size": ..,
                                                                         "cached_bytes": ..}
+    {"op": "files", "paths": [...], "cached": true}                 -> {"ok": true, "files":
+                                 [{"size": .., "key": .. or null, "cached_bytes": ..}, ...]}
+`files` answers for many paths at once (`gcfs prefetch` and `gcfs snapshot` ask about
+thousands of files: one request per file would be a round trip each); `key` is a remote
+file's identity (resolver.file_key), null for a generated one; `cached_bytes` only when asked.
 Errors come back as {"ok": false, "error": "..."}; a request gets 10 s to arrive.
 """
 
@@ -118,6 +123,15 @@ async def _dispatch(request: Any, fs: GcFilesystem, invalidate: Invalidate) -> d
         _, node = await fs.resolve(path)
         size, cached = await fs.cached_bytes(node)
         return {"ok": True, "size": size, "cached_bytes": cached}
+    if op == "files":
+        paths = request.get("paths")
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ValueError("paths must be a list of strings")
+        files = []
+        for each in paths:
+            _, node = await fs.resolve(each)
+            files.append(await fs.file_info(node, cached=bool(request.get("cached"))))
+        return {"ok": True, "files": files}
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -196,8 +210,11 @@ def format_status(status: dict[str, Any]) -> list[str]:
     metadata = status.get("metadata_cache", {})
     lookups = metadata.get("hits", 0) + metadata.get("misses", 0)
     hit_rate = f"{100 * metadata.get('hits', 0) / lookups:.0f}%" if lookups else "-"
+    server = status.get("server")
+    if status.get("offline"):
+        server = f"{server} (offline: the snapshot in {status['offline']})"
     lines = [
-        f"server:       {status.get('server')}",
+        f"server:       {server}",
         f"user:         {status.get('user')}",
         f"mount:        {status.get('mountpoint')} (pid {status.get('pid')})",
         f"uptime:       {status.get('uptime_seconds')} s",
@@ -206,8 +223,13 @@ def format_status(status: dict[str, Any]) -> list[str]:
         f"metadata:     {metadata.get('size', 0)} entries cached, hit rate {hit_rate}",
         f"read:         {status.get('bytes_read')} bytes to readers, "
         f"{status.get('content', {}).get('bytes_fetched', 0)} fetched from storage",
-        f"block cache:  {cache.get('bytes', 0)} of {cache.get('max_bytes', 0)} bytes "
-        f"in {cache.get('directory', '-')}",
+        (
+            f"snapshot:     {cache.get('bytes', 0)} bytes in {cache.get('directory', '-')} "
+            "(read-only)"
+            if status.get("offline")
+            else f"block cache:  {cache.get('bytes', 0)} of {cache.get('max_bytes', 0)} bytes "
+            f"in {cache.get('directory', '-')} ({cache.get('mode', '-')})"
+        ),
         f"errors:       {status.get('errors_last_hour')} in the last hour",
     ]
     failing = status.get("failing_endpoints") or {}

@@ -2,6 +2,8 @@
 
 serve(cfg, on_ready)
   GcApiClient  -> whoami (the only request at mount time; a bad token ends here)
+  (offline, --offline DIR: the snapshot's tree and read-only store instead, no token, no
+   whoami, clients that refuse every request: serve_offline, offline.py)
   ContentStore -> GcFilesystem -> GcfsOperations -> pyfuse3.init (the mount appears)
   control socket (gcfs refresh/status), signal handler (SIGTERM/SIGINT unmount, SIGHUP forgets)
   INIT answered -> read_ahead_kb 1024 for this mount when we may (root): 1 MiB FUSE reads;
@@ -21,12 +23,13 @@ import os
 import re
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pyfuse3
 import trio
 
-from . import notify
+from . import notify, offline
 from .api import GcApiClient
 from .blockstore import BlockStore
 from .config import Config, TokenSource, default_cache_dir, mount_options
@@ -140,6 +143,9 @@ def set_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> bool:
 
 
 async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
+    if cfg.offline is not None:
+        await serve_offline(cfg, cfg.offline, on_ready)
+        return
     block_store = open_block_store(cfg)
     content_http = httpx.AsyncClient(
         timeout=httpx.Timeout(cfg.request_timeout),
@@ -171,6 +177,50 @@ async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
                 block_store.close()
 
 
+# A snapshot never changes while mounted: the kernel may keep names and attributes this long
+# (an hour; `gcfs refresh` and SIGHUP still work).
+OFFLINE_TTL = 3600.0
+
+
+async def serve_offline(cfg: Config, directory: Path, on_ready: Callable[[], None]) -> None:
+    """Serve the snapshot in `directory`: its tree and its store, opened read-only. No token,
+    no whoami, and clients that refuse every request (offline.py)."""
+    root, manifest = offline.load(directory)
+    try:
+        store = BlockStore(directory, OFFLINE_STORE_LIMIT, readonly=True)
+    except OSError as exc:
+        raise UserError(f"cannot read the snapshot in {directory}: {exc.strerror}") from None
+    api = GcApiClient(
+        str(manifest.get("server", cfg.base_url)),
+        TokenSource(None),
+        http_timeout=cfg.request_timeout,
+        transport=offline.NoNetwork(),
+    )
+    content_http = httpx.AsyncClient(transport=offline.NoNetwork())
+    username = str(manifest.get("user", ""))
+    async with api, content_http:
+        content = ContentStore(
+            content_http, {}, store, http_timeout=cfg.request_timeout, offline=True
+        )
+        try:
+            async with content:
+                fs = GcFilesystem(
+                    api,
+                    content,
+                    username=username,
+                    ttl=max(cfg.ttl, OFFLINE_TTL),
+                    root=root,
+                    offline=str(directory),
+                )
+                await _mount_and_serve(cfg, fs, username, on_ready)
+        finally:
+            store.close()
+
+
+# The offline store evicts nothing (and, read-only, could not): no limit.
+OFFLINE_STORE_LIMIT = 1 << 62
+
+
 async def _mount_and_serve(
     cfg: Config, fs: GcFilesystem, username: str, on_ready: Callable[[], None]
 ) -> None:
@@ -187,7 +237,16 @@ async def _mount_and_serve(
             nursery.start_soon(_handle_signals, fs)
             await nursery.start(serve_control, fs, cfg.mountpoint, invalidate)
             nursery.start_soon(_when_initialized, operations, canonical, on_ready)
-            log.info("mounted %s on %s as %s", cfg.base_url, cfg.mountpoint, username)
+            if fs.offline:
+                log.info(
+                    "mounted the snapshot in %s (%s as %s) on %s, offline",
+                    fs.offline,
+                    fs.base_url,
+                    username,
+                    cfg.mountpoint,
+                )
+            else:
+                log.info("mounted %s on %s as %s", cfg.base_url, cfg.mountpoint, username)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:

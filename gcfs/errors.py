@@ -7,7 +7,8 @@
     ├── ReadOnly (EROFS)           any attempt to change something: gcfs never writes
     ├── Unavailable (EIO)          the server could not be reached or kept failing
     ├── BadResponse (EIO)          the server answered something we cannot understand
-    └── Timeout (EIO)              an operation ran past its deadline
+    ├── Timeout (EIO)              an operation ran past its deadline
+    └── NotInSnapshot (EIO)        an offline mount's snapshot lacks the bytes asked for
 
     UserError                      a problem the user must fix before mounting: one line, no
                                    traceback, exit status 1 (s3ql's QuietError)
@@ -93,6 +94,14 @@ class BadResponse(GcfsError):
 
 class Timeout(GcfsError):
     errno = errno.EIO
+
+
+class NotInSnapshot(GcfsError):
+    """An offline mount was asked for bytes its snapshot does not hold (missing or damaged
+    in the store): EIO, and never a request. Worth a warning: the snapshot is incomplete."""
+
+    errno = errno.EIO
+    log_level = logging.WARNING
 
 
 class UserError(Exception):

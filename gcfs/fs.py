@@ -57,6 +57,7 @@ from .nodes import (
     describe,
     stub_dir,
 )
+from .resolver import file_key
 
 if TYPE_CHECKING:
     from .content import ContentStore
@@ -313,8 +314,17 @@ class GcFilesystem:
     """The filesystem core: nodes by inode, directories listed and looked up through the API."""
 
     def __init__(
-        self, api: GcApiClient, content: ContentStore, *, username: str, ttl: float
+        self,
+        api: GcApiClient,
+        content: ContentStore,
+        *,
+        username: str,
+        ttl: float,
+        root: DirNode | None = None,
+        offline: str | None = None,
     ) -> None:
+        """`root`: the tree's root directory (default: the live tree of the API, RootDir);
+        an offline mount gives the recorded one, with `offline` the snapshot's directory."""
         self.api = api
         self.content = content
         self.mountpoint = ""  # set by the daemon once mounted, for status
@@ -331,7 +341,8 @@ class GcFilesystem:
         # The children each directory was last built with: what `gcfs refresh` walks and
         # which kernel entries it invalidates.
         self._children_of: dict[int, Children] = {}
-        self.root = describe(RootDir("root", ""), "root")
+        self.offline = offline
+        self.root = root if root is not None else describe(RootDir("root", ""), "root")
         self.inodes.add_root(self.root)
         self.api_dir = api_root(self.api.api_url)
 
@@ -561,14 +572,28 @@ class GcFilesystem:
             "fallbacks": self.fallbacks,
             "metadata_cache": dataclasses.asdict(self.cache.statistics()),
             "content": dataclasses.asdict(self.content.statistics()),
+            "offline": self.offline,
             "block_cache": None
             if block_cache is None
             else {
                 **dataclasses.asdict(block_cache.statistics()),
                 "max_bytes": block_cache.max_bytes,
                 "directory": str(block_cache.directory),
+                "mode": block_cache.mode,
+                "network": block_cache.network,
             },
         }
+
+    async def file_info(self, node: Node, *, cached: bool) -> dict[str, Any]:
+        """What `gcfs snapshot` and `gcfs prefetch` ask about a file: its size, its key in the
+        block store when its bytes are remote (None for generated files), and with `cached`
+        how much of it the block cache holds."""
+        info: dict[str, Any] = {"size": node.size, "key": None}
+        if isinstance(node, RemoteFileNode):
+            info["key"] = file_key(node.url)
+        if cached:
+            info["cached_bytes"] = (await self.cached_bytes(node))[1]
+        return info
 
     async def cached_bytes(self, node: Node) -> tuple[int, int]:
         """A file's size and how much of it the block cache holds (`gcfs prefetch`)."""

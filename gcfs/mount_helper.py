@@ -44,6 +44,7 @@ VALUE_OPTIONS = {
     "log_level": "--log-level",
     "log_file": "--log-file",
     "config": "--config",
+    "offline": "--offline",
 }
 # -o NAME -> `gcfs mount` flag
 FLAG_OPTIONS = {

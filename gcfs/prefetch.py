@@ -31,6 +31,8 @@ CHUNK = 1 << 20  # read size: the daemon's block size
 # daemon's 64 MiB read-ahead budget is what they share (one file alone fills 32 MiB).
 PARALLEL_FILES = 8
 PLAIN_PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
+# Files asked about per control request: its answer is one JSON line of ~100 bytes per file.
+PATHS_PER_REQUEST = 500
 
 
 @dataclass
@@ -55,15 +57,20 @@ def human(size: float) -> str:
 
 
 def make_plan(path: Path, mountpoint: Path, relative: str) -> Plan:
+    """The files under PATH with their sizes and what the block cache holds of them, asked
+    of the daemon PATHS_PER_REQUEST at a time (one request per file was a round trip each:
+    seconds for 10,000 files before the first byte)."""
     files: list[tuple[Path, str, int, int]] = []
     walk_root = mountpoint / relative if relative != "." else mountpoint
     candidates = [walk_root] if walk_root.is_file() else []
     for directory, _, names in os.walk(walk_root):
         candidates.extend(Path(directory) / name for name in sorted(names))
-    for candidate in candidates:
-        inside = str(candidate.relative_to(mountpoint))
-        reply = request(mountpoint, {"op": "cached", "path": inside})
-        files.append((candidate, inside, int(reply["size"]), int(reply["cached_bytes"])))
+    for start in range(0, len(candidates), PATHS_PER_REQUEST):
+        batch = candidates[start : start + PATHS_PER_REQUEST]
+        inside = [str(candidate.relative_to(mountpoint)) for candidate in batch]
+        reply = request(mountpoint, {"op": "files", "paths": inside, "cached": True})
+        for candidate, where, info in zip(batch, inside, reply["files"], strict=True):
+            files.append((candidate, where, int(info["size"]), int(info["cached_bytes"])))
     return Plan(files)
 
 
@@ -102,6 +109,7 @@ class Progress:
 def prefetch_command(
     path: Path, *, out: TextIO | None = None, parallel: int = PARALLEL_FILES
 ) -> int:
+    """`gcfs prefetch PATH [--jobs N]` (module docstring); `parallel`: files read at once."""
     stream = out or sys.stderr
     mountpoint, relative = find_mount(path)
     status = request(mountpoint, {"op": "status"})["status"]

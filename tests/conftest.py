@@ -121,44 +121,24 @@ def token_file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def mount_gcfs(fake: FakeGC, token_file: Path, tmp_path: Path) -> Iterator[Callable[..., Mount]]:
-    """Factory: mount gcfs on a fresh directory against `fake`, in the foreground."""
-    mounts: list[Mount] = []
+def start_mount(command: list[str], path: Path, log_path: Path, mounts: list[Mount]) -> Mount:
+    """Run a foreground gcfs daemon (`command`) and wait until `path` is mounted."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    mount = Mount(path, process, log_path)
+    mounts.append(mount)
 
-    def start(*extra: str, token: Path | None = None) -> Mount:
-        index = len(mounts)
-        path = tmp_path / f"mnt{index}"
-        path.mkdir()
-        log_path = tmp_path / f"daemon{index}.log"
-        args = [
-            "mount",
-            str(path),
-            "--foreground",
-            "--base-url",
-            fake.base_url,
-            "--token-file",
-            str(token or token_file),
-            "--log-level",
-            "DEBUG",
-            *extra,
-        ]
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                gcfs_command(*args), stdin=subprocess.DEVNULL, stdout=log, stderr=log
-            )
-        mount = Mount(path, process, log_path)
-        mounts.append(mount)
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"gcfs exited with {process.returncode}:\n{mount.log_text()}")
+        return os.path.ismount(path)
 
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"gcfs exited with {process.returncode}:\n{mount.log_text()}")
-            return os.path.ismount(path)
+    poll(ready, MOUNT_DEADLINE, f"the mount on {path}")
+    return mount
 
-        poll(ready, MOUNT_DEADLINE, f"the mount on {path}")
-        return mount
 
-    yield start
+def check_logs(mounts: list[Mount]) -> None:
+    """Unmount, then fail the test if a daemon logged an error, a traceback or the token."""
     failures = []
     for mount in mounts:
         mount.unmount()
@@ -171,3 +151,52 @@ def mount_gcfs(fake: FakeGC, token_file: Path, tmp_path: Path) -> Iterator[Calla
                 failures.append(f"{mount.log_path}: {line}")
     if failures:
         pytest.fail("daemon log problems:\n" + "\n".join(failures))
+
+
+@pytest.fixture
+def mount_gcfs(fake: FakeGC, token_file: Path, tmp_path: Path) -> Iterator[Callable[..., Mount]]:
+    """Factory: mount gcfs on a fresh directory against `fake`, in the foreground."""
+    mounts: list[Mount] = []
+
+    def start(*extra: str, token: Path | None = None) -> Mount:
+        index = len(mounts)
+        path = tmp_path / f"mnt{index}"
+        path.mkdir()
+        args = [
+            "mount",
+            str(path),
+            "--foreground",
+            "--base-url",
+            fake.base_url,
+            "--token-file",
+            str(token or token_file),
+            "--log-level",
+            "DEBUG",
+            *extra,
+        ]
+        return start_mount(gcfs_command(*args), path, tmp_path / f"daemon{index}.log", mounts)
+
+    yield start
+    check_logs(mounts)
+
+
+@pytest.fixture
+def mount_offline(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
+    """Factory: mount a snapshot with `gcfs mount --offline DIR` in the foreground; with
+    `isolated`, inside a network namespace without interfaces (`unshare -n`: not even
+    loopback is up there, so any connect fails). The daemon's pid is the Popen's (unshare
+    execs it)."""
+    mounts: list[Mount] = []
+
+    def start(snapshot: Path, *extra: str, isolated: bool = True) -> Mount:
+        index = len(mounts)
+        path = tmp_path / f"offline{index}"
+        path.mkdir()
+        args = ["mount", str(path), "--offline", str(snapshot), "--foreground"]
+        command = gcfs_command(*args, "--log-level", "DEBUG", *extra)
+        if isolated:
+            command = ["unshare", "--net", *command]
+        return start_mount(command, path, tmp_path / f"offline{index}.log", mounts)
+
+    yield start
+    check_logs(mounts)

@@ -129,36 +129,67 @@ def test_old_format_is_removed_at_start(tmp_path: Path, caplog: pytest.LogCaptur
     assert "older gcfs" in caplog.text
 
 
-def test_data_without_index_and_temp_files_are_removed_at_start(tmp_path: Path) -> None:
+def test_old_data_without_index_and_temp_files_are_removed_at_start(tmp_path: Path) -> None:
+    """What a crash left (a data file whose index was never written, a temporary file) goes
+    at the next start once it is older than STALE_AGE; younger ones may belong to another
+    daemon creating them right now, and stay."""
+    from gcfs import blockstore
+
     store = BlockStore(tmp_path, max_bytes=1 << 20, block_size=BS)
     store.write(KEY, 0, blocks(DATA, 0, 1), SIZE)
     data_path, index_path = paths(store, KEY)
     store.close()
-    # A crash between the data write and the first index append of another file:
     orphan = data_path.with_name(f"{key_digest('orphan')}.data")
     orphan.write_bytes(b"y" * BS)
     leftover = index_path.with_name(f".tmp-{index_path.name}")
-    leftover.write_bytes(b"half an index rewrite")
+    leftover.write_bytes(b"half written")
+    young = data_path.with_name(f"{key_digest('being created')}.data")
+    young.write_bytes(b"z" * BS)
+    old = os.stat(orphan).st_mtime - blockstore.STALE_AGE - 60
+    for path in (orphan, leftover):
+        os.utime(path, (old, old))
     again = BlockStore(tmp_path, max_bytes=1 << 20, block_size=BS)
     assert not orphan.exists()
     assert not leftover.exists()
+    assert young.exists()
     assert read(again, KEY, 0, 1) == {0: DATA[:BS]}
 
 
-def test_a_torn_index_record_is_ignored_and_the_index_repaired(tmp_path: Path) -> None:
+def test_a_torn_index_record_is_skipped_and_later_records_found(tmp_path: Path) -> None:
+    """A crash in the middle of an append leaves a torn record; the index is never rewritten
+    (another daemon may be appending), so later appends land after the torn bytes and the
+    parser finds them by their magic."""
     store = BlockStore(tmp_path, max_bytes=1 << 20, block_size=BS)
     store.write(KEY, 0, blocks(DATA, 0, 2), SIZE)
     store.close()
     _, index_path = paths(store, KEY)
     with open(index_path, "ab") as f:
-        f.write(b"\x00" * (RECORD_SIZE // 2))  # a crash in the middle of an append
+        f.write(bytes(RECORD_SIZE // 2))  # a crash in the middle of an append
     again = BlockStore(tmp_path, max_bytes=1 << 20, block_size=BS)
     assert read(again, KEY, 0, 2) == {0: DATA[:BS], 1: DATA[BS : 2 * BS]}
-    assert index_path.stat().st_size % RECORD_SIZE == 0  # later appends stay aligned
-    again.write(KEY, 2, blocks(DATA, 2, 1), SIZE)
+    assert again.write(KEY, 2, blocks(DATA, 2, 1), SIZE) == 1
+    assert index_path.stat().st_size == 3 * RECORD_SIZE + RECORD_SIZE // 2  # appended, as is
     again.close()
     third = BlockStore(tmp_path, max_bytes=1 << 20, block_size=BS)
-    assert sorted(read(third, KEY, 0, 3)) == [0, 1, 2]
+    assert read(third, KEY, 0, 3) == {i: DATA[i * BS : (i + 1) * BS] for i in range(3)}
+    assert third.statistics().damaged == 1  # the torn stretch, counted once
+
+
+def test_the_parser_resynchronises_after_clobbered_bytes() -> None:
+    """Records found after garbage at any offset; a record still being appended (a partial
+    tail) is left for the next read instead of being counted as damage."""
+    from gcfs.blockindex import parse_records, record
+
+    digest = key_digest(KEY)
+    prefix = bytes.fromhex(digest[:16])
+    records = [record(1, BS, i, BS, i, SIZE, digest) for i in range(3)]
+    raw = records[0] + b"\x07" * 29 + records[1] + records[2][:20]
+    parsed, consumed, damaged = parse_records(raw, prefix, BS)
+    assert [fields[2] for fields in parsed] == [0, 1]
+    assert damaged == 1
+    assert consumed == len(raw) - 20  # the partial record waits
+    parsed, consumed, damaged = parse_records(raw[consumed:] + records[2][20:], prefix, BS)
+    assert ([fields[2] for fields in parsed], damaged) == ([2], 0)
 
 
 @pytest.mark.parametrize("damage", ["flip-data", "hole", "truncate-data", "flip-record"])

@@ -225,7 +225,19 @@ def test_version() -> None:
             "status_command",
             ((Path("/m"),), {"as_json": True}),
         ),
-        (["prefetch", "/m/a"], "prefetch", "prefetch_command", ((Path("/m/a"),), {})),
+        (["prefetch", "/m/a"], "prefetch", "prefetch_command", ((Path("/m/a"),), {"parallel": 8})),
+        (
+            ["prefetch", "/m/a", "--jobs", "16"],
+            "prefetch",
+            "prefetch_command",
+            ((Path("/m/a"),), {"parallel": 16}),
+        ),
+        (
+            ["snapshot", "/m/a", "/m/b", "--to", "/s"],
+            "snapshot",
+            "snapshot_command",
+            (([Path("/m/a"), Path("/m/b")], Path("/s")), {"jobs": 8}),
+        ),
     ],
 )
 def test_daemon_commands_call_their_module(
@@ -259,6 +271,7 @@ def test_daemon_commands_call_their_module(
         ("log_level=debug", ["--log-level", "debug"]),
         ("log_file=/l", ["--log-file", "/l"]),
         ("config=/etc/gcfs.toml", ["--config", "/etc/gcfs.toml"]),
+        ("offline=/shared/snapshot", ["--offline", "/shared/snapshot"]),
         ("foreground", ["--foreground"]),
         ("allow_other", ["--allow-other"]),
     ],
@@ -459,3 +472,51 @@ def test_mount_from_the_config_file_alone(
     assert result.returncode == 0, result.stderr
     assert "Signed in as: demo" in (mountpoint / "README.md").read_text()
     assert run_gcfs("umount", str(mountpoint), env=env).returncode == 0
+
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def _options_table() -> list[tuple[str, str]]:
+    """(flag column, -o column) of each row of the README's table of `gcfs mount` options."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n## Options\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`--"):
+            rows.append((cells[0], cells[1]))
+    return rows
+
+
+def test_the_readme_options_table_agrees_with_the_flags_o_options_and_config_keys() -> None:
+    """Every `gcfs mount` flag is a row of the README's table, with its `-o` spelling; every
+    `-o` option is a config-file key except foreground and config (refused there, with a
+    reason); and the README's list of config keys names them all."""
+    from gcfs import configfile
+
+    rows = _options_table()
+    flags = {re.findall(r"`(--[a-z-]+)", flag)[0] for flag, _ in rows}
+    spelled = {re.findall(r"`([a-z_]+)", o)[0]: re.findall(r"`(--[a-z-]+)", f)[0] for f, o in rows}
+    parser = cli.build_parser()
+    mount = parser._subparsers._group_actions[0].choices["mount"]  # type: ignore[union-attr]
+    parser_flags = {
+        action.option_strings[0]
+        for action in mount._actions
+        if action.option_strings and action.option_strings[0] != "-h"
+    }
+    assert flags == parser_flags
+    options = {**mount_helper.VALUE_OPTIONS, **mount_helper.FLAG_OPTIONS}
+    assert spelled == options
+    assert set(configfile.KEYS) == set(options) - {"foreground", "config"}
+    assert {"foreground", "config"} <= set(configfile.REFUSED)
+    listed = README.read_text(encoding="utf-8").split("keys: ", 1)[1].split(". Flags win", 1)[0]
+    assert set(re.findall(r"`([a-z_]+)`", listed)) == set(configfile.KEYS)
+
+
+def test_offline_is_a_config_file_key(tmp_path: Path) -> None:
+    from gcfs import configfile
+
+    path = tmp_path / "config.toml"
+    path.write_text('offline = "snapshots/lidc"\n')
+    assert configfile.load(path, explicit=True).get("offline") == tmp_path / "snapshots/lidc"

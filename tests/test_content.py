@@ -295,6 +295,10 @@ async def test_second_read_comes_from_the_block_cache(gc: FakeGC, tmp_path: Path
         f = await store.open(url)
         assert await read_all(f) == SMALL_BYTES
         f.close()
+        # Blocks still queued for the disk would be served from memory (store.pending), not
+        # from the disk this test is about: wait for the writer first.
+        with trio.fail_after(10):
+            await store.wait_written()
         gc.reset_counts()
         again = await store.open(url)
         assert await read_all(again) == SMALL_BYTES

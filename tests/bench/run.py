@@ -44,7 +44,8 @@ Scenarios (targets from the issue):
  10  re-opening 1,000 cached 4 KiB files one after another (block cache warm, page cache
      dropped, within the TTL) at the API latency: 0 requests, < 1 s; local read beside it
  11  `gcfs prefetch` of 2,000 files of 1 MiB at 50 ms storage latency vs the same files
-     fetched one after another (curl, signed URLs): the ratio (reported)
+     fetched one after another (curl, signed URLs): the ratio (reported); 11b the same for
+     `gcfs snapshot` of those files into a fresh snapshot directory (issue 11)
 
 Timings belong here only; tests/test_bench_smoke.py runs `--quick` and checks the output's
 shape, never a number.

@@ -1,0 +1,172 @@
+"""What a block cache directory is: private or shared by a group, on a local or a network
+filesystem. The block store (blockstore.py) asks this module how to create what it creates and
+how to publish what it writes; `gcfs cache status` shows the answers.
+
+Modes (the directory's own permissions decide; nothing is configured):
+
+    private   the default: the directory is made 0700, subdirectories 0700, files 0600. Only
+              the daemons of one user share it (two mounts, or a home directory on NFS).
+    group     the directory exists with the setgid bit and rwx for its group (an administrator
+              made it: `install -d -m 2770 -g lab /shared/gcfs-cache`). Subdirectories are made
+              2770 and files 0660, so every member of the group reads what any member fetched
+              and may append to its index or evict it; the setgid bit gives new files the
+              directory's group. Nothing is ever readable by others (these are medical images):
+              bits for others on a directory we own are removed; on one we do not own they are
+              reported once. The directory's own mode is otherwise left alone (it is not
+              chmodded to 0700 as in private mode).
+
+Filesystems: on a local filesystem every process of the machine shares one page cache, so what
+one daemon wrote is what another reads. Anything else (NFS, SMB, Lustre, CephFS, GPFS, BeeGFS,
+FUSE, or a type we do not know) is treated as a network filesystem whose clients may cache
+stale pages and see another client's writes only after that client flushed them
+(close-to-open consistency at best): the block store then flushes data before publishing its
+index record and re-reads fresh before calling a block damaged (blockstore.py, "Sharing"). The
+type comes from /proc/self/mountinfo (the mount with the longest matching mount point).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Filesystems whose processes share one page cache: the only ones where a write is visible to
+# every reader as soon as it returns. Everything else is published with fsync (see above).
+LOCAL_FILESYSTEMS = frozenset(
+    {
+        "btrfs",
+        "ext2",
+        "ext3",
+        "ext4",
+        "f2fs",
+        "jfs",
+        "overlay",
+        "ramfs",
+        "reiserfs",
+        "tmpfs",
+        "xfs",
+        "zfs",
+        "bcachefs",
+    }
+)
+
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
+GROUP_DIR, GROUP_FILE = 0o2770, 0o660
+
+
+@dataclass(frozen=True, slots=True)
+class CacheDir:
+    """How to treat one cache directory (module docstring)."""
+
+    path: Path
+    group: bool  # shared by the directory's group (setgid + g=rwx), else private
+    fstype: str  # from /proc/self/mountinfo; "" when unknown
+    network: bool  # not a local filesystem: flush before publishing, re-read before distrust
+
+    @property
+    def mode_name(self) -> str:
+        return "group" if self.group else "private"
+
+    @property
+    def dir_mode(self) -> int:
+        return GROUP_DIR if self.group else PRIVATE_DIR
+
+    @property
+    def file_mode(self) -> int:
+        return GROUP_FILE if self.group else PRIVATE_FILE
+
+    def make_subdirectory(self, path: Path) -> None:
+        """Create `path` (one level) with the mode's permissions; fine if it exists. The
+        umask would strip the group's write bit, so a directory we create gets its mode
+        set explicitly."""
+        try:
+            path.mkdir(mode=self.dir_mode)
+        except FileExistsError:
+            return
+        with contextlib.suppress(OSError):
+            os.chmod(path, self.dir_mode)
+
+    def fix_file_mode(self, fd: int) -> None:
+        """Give a file we created (or own) the mode's permissions, whatever the umask did."""
+        with contextlib.suppress(OSError):
+            info = os.fstat(fd)
+            if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != self.file_mode:
+                os.fchmod(fd, self.file_mode)
+
+
+def is_group_directory(mode: int) -> bool:
+    """A directory an administrator made for a group: setgid and rwx for the group."""
+    return bool(mode & stat.S_ISGID) and mode & 0o070 == 0o070
+
+
+def inspect(path: Path, *, create: bool) -> CacheDir:
+    """The mode and filesystem of cache directory `path`. With `create`, a missing directory
+    is created private (0700), and the directory's permissions are made right for its mode:
+    private ones 0700, group ones without any bit for others."""
+    path = Path(path)
+    if create:
+        path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    info = path.stat()
+    group = is_group_directory(info.st_mode)
+    if create:
+        _fix_top(path, info, group)
+    fstype = filesystem_type(path)
+    return CacheDir(path, group, fstype, fstype not in LOCAL_FILESYSTEMS)
+
+
+def _fix_top(path: Path, info: os.stat_result, group: bool) -> None:
+    mode = stat.S_IMODE(info.st_mode)
+    if not group:
+        # An existing directory may have been created with a looser umask.
+        if mode != PRIVATE_DIR:
+            os.chmod(path, PRIVATE_DIR)
+        return
+    if mode & 0o007 == 0:
+        return
+    if info.st_uid == os.geteuid():
+        os.chmod(path, mode & ~0o007)
+        log.info("block cache %s: removed the permissions of others (it holds images)", path)
+    else:
+        log.warning(
+            "block cache %s is open to users outside its group (mode %o); its owner should "
+            "run: chmod o-rwx %s",
+            path,
+            mode,
+            path,
+        )
+
+
+def filesystem_type(path: Path, mountinfo: str | None = None) -> str:
+    """The filesystem type of the mount holding `path` ("" when it cannot be told)."""
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8") as f:
+                mountinfo = f.read()
+        except OSError:
+            return ""
+    target = os.path.realpath(path)
+    best, found = -1, ""
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if " - " not in line or len(fields) < 5:
+            continue
+        point = _unescape(fields[4])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > best:
+            best = len(point)
+            found = line.split(" - ", 1)[1].split(" ", 1)[0]
+    return found
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+__all__ = ["LOCAL_FILESYSTEMS", "CacheDir", "filesystem_type", "inspect", "is_group_directory"]

@@ -1,0 +1,547 @@
+"""`gcfs snapshot PATH... --to DIR`: record subtrees of a mount for offline mounts.
+
+A compute node without a route to the internet cannot mount Grand Challenge. A snapshot taken
+on a machine that can (a cluster's login node) holds everything the tree showed under the
+given subtrees, and `gcfs mount MOUNTPOINT --offline DIR` serves exactly that with no token
+and no network (offline.py).
+
+The format (FORMAT):
+
+    DIR/manifest.json   which server, which user, when (taken, updated), on which machine,
+                        which subtrees, how many files and bytes; never the token
+    DIR/tree.json       {"format", "manifest": (the same), "root": the recorded tree}, nested:
+                        {"type": "dir", "xattrs": {...}, "entries": {name: ...}}, files
+                        {"type": "file", "size", "key", "xattrs"}, symlinks {"type":
+                        "symlink", "target"}; an entry with "hidden": true is looked up but
+                        not listed (pk links, `api/`)
+    DIR/store/          the bytes, in the block store's format (blockstore.py)
+
+An offline mount reads tree.json only (one file replaced atomically: its manifest always
+belongs to its tree); manifest.json is its copy for people and scripts.
+
+What is recorded: each PATH's subtree as the mount shows it (names, sizes, symlinks, xattrs,
+README stubs, metadata files), the directories above it (holding only what leads to a
+recorded subtree, with their own xattrs), and the pk links of the archives, algorithms and
+reader studies it holds (`archives/<pk>`), which online are looked up rather than listed.
+The root README and `.gcfs/` belong to the offline mount itself. A PATH that is a symlink in
+the mount (`archives/<pk>`) is recorded as what it points to.
+
+How: the listings are refreshed first (`gcfs refresh --recursive`: a snapshot shows the
+server as it is now, not the daemon's cache), the subtrees are walked through the mount, the
+daemon says which files are remote and their keys (their identity on the platform, which
+never changes: `resolver.file_key`), and the bytes are read through the mount, JOBS files at a
+time (threads; 8 by default), so a subtree of many small files is bounded by the link, not by
+one round trip per file after another. They are stored under their keys; generated files
+(JSON, CSV, README stubs) under the sha256 of their bytes (`gcfs-snapshot://sha256/<hex>`).
+
+Refreshing in place: `gcfs snapshot` again into the same DIR records the listings anew and
+reads only the remote files the store does not hold completely (files are immutable by key);
+what was recorded before outside the new PATHs stays. tree.json and manifest.json are replaced
+atomically, and only once every byte of the new tree is in the store: an offline mount
+started at any moment sees the old snapshot or the new one, complete. The store only grows
+(bytes of files that left the tree stay), so offline mounts running during a refresh keep
+reading the tree they loaded. Two snapshots of one DIR at once are refused (a lock file).
+
+The token: the snapshot talks to the daemon over its control socket and reads through the
+mount; it never has the token, and nothing it writes contains it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import __version__
+from .blockstore import BlockStore, temporary_name
+from .cachedir import CacheDir
+from .control import find_mount, request
+from .errors import UserError
+from .prefetch import PATHS_PER_REQUEST, PLAIN_PROGRESS_EVERY, human
+
+FORMAT = "gcfs-snapshot/1"
+MANIFEST = "manifest.json"
+TREE = "tree.json"
+LOCK = ".snapshot.lock"
+# A snapshot's store is never evicted: it must hold every byte its tree records.
+NO_LIMIT = 1 << 62
+# Files read at once: each costs a /media/ resolution and a storage round trip (20-100 ms on
+# S3) before its first byte, which eight overlap for small files; for large ones the daemon's
+# read-ahead budget (64 MiB) is what they share. As `gcfs prefetch`.
+DEFAULT_JOBS = 8
+# Bytes read per call and written to the store per call: 8 blocks of 1 MiB, one index append.
+CHUNK = 8 << 20
+# Kinds whose directories have a pk link beside them in their collection (`archives/<pk>`).
+OBJECT_KINDS = frozenset({"archive", "algorithm", "reader-study"})
+# The offline mount's own: not recorded.
+SKIPPED = frozenset({"README.md", ".gcfs"})
+GENERATED_SCHEME = "gcfs-snapshot://sha256/"
+
+
+def generated_key(data: bytes) -> str:
+    """The store key of a generated file's bytes (JSON, CSV, README): their sha256. A URL
+    that `resolver.file_key` leaves as it is, so the offline mount finds it."""
+    return GENERATED_SCHEME + hashlib.sha256(data).hexdigest()
+
+
+def read_xattrs(path: Path) -> dict[str, str]:
+    """The user.gc.* attributes of a file or directory (symlinks carry none on Linux)."""
+    found = {}
+    for name in sorted(os.listxattr(path, follow_symlinks=False)):
+        if name.startswith("user.gc."):
+            found[name] = os.getxattr(path, name, follow_symlinks=False).decode("utf-8")
+    return found
+
+
+# -- the format -------------------------------------------------------------------------------
+
+
+def load_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest of the snapshot in `directory`; None when there is none."""
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a gcfs snapshot manifest: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path} is not a {FORMAT} manifest")
+    return manifest
+
+
+def load_tree(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The root of the recorded tree in `directory`, and the manifest that belongs to it."""
+    path = directory / TREE
+    try:
+        tree = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} cannot be read: {exc}") from None
+    root = tree.get("root") if isinstance(tree, dict) else None
+    manifest = tree.get("manifest") if isinstance(tree, dict) else None
+    if (
+        not isinstance(root, dict)
+        or root.get("type") != "dir"
+        or not isinstance(manifest, dict)
+        or tree.get("format") != FORMAT
+    ):
+        raise UserError(f"{path} holds no {FORMAT} tree")
+    return root, manifest
+
+
+def walk_files(spec: dict[str, Any], relative: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, spec) of every file below a recorded directory."""
+    for name, child in spec.get("entries", {}).items():
+        path = f"{relative}/{name}" if relative else name
+        if child.get("type") == "dir":
+            yield from walk_files(child, path)
+        elif child.get("type") == "file":
+            yield path, child
+
+
+def _write_json(path: Path, data: Any, mode: int) -> None:
+    """Atomically (a temporary file renamed over it): a reader, an offline mount starting,
+    sees the old file or the new one. Closed before the rename, which on NFS is what makes
+    its bytes visible to other clients (close-to-open)."""
+    tmp = temporary_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1, ensure_ascii=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# -- recording the tree ----------------------------------------------------------------------
+
+
+@dataclass
+class Recorder:
+    """Walks subtrees of a mount into nested entries (the tree.json format)."""
+
+    root: Path  # the mount point
+    files: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # path in mount, spec
+
+    def place(self, tree: dict[str, Any], relative: str) -> None:
+        """Record the subtree at `relative` into `tree` (replacing what was there), with the
+        directories above it."""
+        parts = [p for p in relative.split("/") if p]
+        here = tree
+        here["xattrs"] = read_xattrs(self.root)
+        for depth, name in enumerate(parts[:-1]):
+            above = "/".join(parts[:depth])
+            path = "/".join(parts[: depth + 1])
+            entries = here.setdefault("entries", {})
+            existing = entries.get(name)
+            if not isinstance(existing, dict) or existing.get("type") != "dir":
+                existing = {"type": "dir", "entries": {}}
+                entries[name] = existing
+            existing["xattrs"] = read_xattrs(self.root / path)
+            self._mark_hidden(existing, above, name)
+            here = existing
+        if not parts:  # the whole mount
+            fresh = self.directory("")
+            tree["entries"] = fresh["entries"]
+            return
+        name = parts[-1]
+        above = "/".join(parts[:-1])
+        record = self.directory if _is_dir(self.root / relative) else self.leaf
+        spec = record(relative)
+        self._mark_hidden(spec, above, name)
+        entries = here.setdefault("entries", {})
+        entries[name] = spec
+        self._pk_link(entries, name, spec)
+
+    def directory(self, relative: str) -> dict[str, Any]:
+        path = self.root / relative if relative else self.root
+        spec: dict[str, Any] = {"type": "dir", "xattrs": read_xattrs(path)}
+        entries: dict[str, Any] = {}
+        with os.scandir(path) as listing:
+            names = sorted(entry.name for entry in listing)
+        for name in names:
+            if not relative and name in SKIPPED:
+                continue
+            child = f"{relative}/{name}" if relative else name
+            record = self.directory if _is_dir(self.root / child) else self.leaf
+            entries[name] = record(child)
+            self._pk_link(entries, name, entries[name])
+        spec["entries"] = entries
+        return spec
+
+    def leaf(self, relative: str) -> dict[str, Any]:
+        path = self.root / relative
+        if path.is_symlink():
+            return {"type": "symlink", "target": os.readlink(path)}
+        spec: dict[str, Any] = {
+            "type": "file",
+            "size": path.stat().st_size,
+            "xattrs": read_xattrs(path),
+        }
+        self.files.append((relative, spec))
+        return spec
+
+    def _mark_hidden(self, spec: dict[str, Any], above: str, name: str) -> None:
+        """Online, some names are looked up but not listed (`api/`, `images/<pk>`, stubs of
+        objects we may not see): the same offline."""
+        parent = self.root / above if above else self.root
+        if name in os.listdir(parent):
+            spec.pop("hidden", None)
+        else:
+            spec["hidden"] = True
+
+    @staticmethod
+    def _pk_link(entries: dict[str, Any], name: str, spec: dict[str, Any]) -> None:
+        xattrs = spec.get("xattrs", {})
+        pk = xattrs.get("user.gc.pk", "")
+        is_object = spec["type"] == "dir" and xattrs.get("user.gc.kind") in OBJECT_KINDS
+        if is_object and pk and pk != name and pk not in entries:
+            entries[pk] = {"type": "symlink", "target": name, "hidden": True}
+
+
+def _is_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+# -- fetching the bytes ----------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """A progress line on stderr: files, bytes, speed (redrawn on a terminal, else every 5 s)."""
+
+    out: TextIO
+    files_total: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    bytes_done: int = 0
+    start: float = field(default_factory=time.monotonic)
+    last: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, size: int, *, done: int) -> None:
+        """`size` more bytes fetched, `done` more files (paths) complete."""
+        with self.lock:
+            self.bytes_done += size
+            self.files_done += done
+            self.show()
+
+    def show(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        tty = self.out.isatty()
+        if not force and not tty and now - self.last < PLAIN_PROGRESS_EVERY:
+            return
+        self.last = now
+        speed = self.bytes_done / max(now - self.start, 1e-6)
+        line = (
+            f"snapshot: {self.files_done}/{self.files_total} files, "
+            f"{human(self.bytes_done)}/{human(self.bytes_total)} fetched, {human(speed)}/s"
+        )
+        self.out.write(("\r" + line + "\033[K") if tty else line + "\n")
+        self.out.flush()
+
+
+class Fetcher:
+    """Reads files through the mount into the snapshot's store, `jobs` at a time."""
+
+    def __init__(self, root: Path, store: BlockStore, jobs: int) -> None:
+        self.root = root
+        self.store = store
+        self.jobs = max(1, jobs)
+        self.fetched_files = 0
+        self.fetched_bytes = 0
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def run(self, files: list[tuple[str, dict[str, Any]]], progress: Progress) -> None:
+        """Store every file's bytes; raises UserError naming the first file that failed,
+        after the others finished (a rerun carries on where this one stopped). A remote file
+        shown at several paths (an image in an archive and in a reader study) is read once."""
+        jobs: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for relative, spec in files:
+            jobs.setdefault(spec.get("key") or f"generated:{relative}", []).append((relative, spec))
+        failures: list[str] = []
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            pending: set[Future[None]] = {
+                pool.submit(self._one, same, progress) for same in jobs.values()
+            }
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    try:
+                        future.result()
+                    except UserError as exc:
+                        failures.append(str(exc))
+                with progress.lock:
+                    progress.show()
+        if failures:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise UserError(f"{failures[0]}{more}; run gcfs snapshot again to carry on")
+
+    def _buffer(self) -> mmap.mmap:
+        # Page-aligned (a memory map), so the store can write it with O_DIRECT.
+        buffer: mmap.mmap | None = getattr(self._local, "buffer", None)
+        if buffer is None:
+            buffer = self._local.buffer = mmap.mmap(-1, CHUNK)
+        return buffer
+
+    def _one(self, same: list[tuple[str, dict[str, Any]]], progress: Progress) -> None:
+        """The bytes of one file (shown at the paths in `same`) into the store."""
+        relative, spec = same[0]
+        path = self.root / relative
+        key = spec.get("key")
+        try:
+            if key is None:  # generated: small; its bytes name it
+                data = path.read_bytes()
+                spec["key"] = key = generated_key(data)
+                spec["size"] = len(data)
+                if not self.store.fully_cached(key):
+                    self._store(key, memoryview(data), 0, len(data))
+            elif not self.store.fully_cached(key):
+                read = self._copy(path, key, int(spec["size"]), progress)
+                with self._lock:
+                    self.fetched_files += 1
+                    self.fetched_bytes += read
+        except OSError as exc:
+            raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+        progress.add(0, done=len(same))
+
+    def _copy(self, path: Path, key: str, size: int, progress: Progress) -> int:
+        bs = self.store.block_size
+        buffer = self._buffer()
+        view = memoryview(buffer)
+        read = 0
+        with open(path, "rb", buffering=0) as handle:
+            while True:
+                got = _read_full(handle, view)
+                if got == 0:
+                    break
+                if read + got > size or (got % bs and read + got != size):
+                    raise UserError(f"{path}: more bytes than its size {size}")
+                self._store(key, view[:got], read // bs, size)
+                read += got
+                progress.add(got, done=0)
+                if got < len(view):
+                    break
+        if read != size:
+            raise UserError(f"{path}: read {read} of its {size} bytes")
+        if size == 0:
+            self._store(key, view[:0], 0, 0)
+        return read
+
+    def _store(self, key: str, data: memoryview, first: int, size: int) -> None:
+        if size == 0:
+            self.store.put_size(key, 0)
+            return
+        if self.store.write(key, first, data, size) == 0:
+            raise UserError(f"cannot write to the snapshot's store in {self.store.directory}")
+
+
+def _read_full(handle: Any, view: memoryview) -> int:
+    """Fill `view` from `handle`; fewer bytes only at the end of the file."""
+    done = 0
+    while done < len(view):
+        n = handle.readinto(view[done:])
+        if not n:
+            break
+        done += n
+    return done
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(where: CacheDir) -> Iterator[None]:
+    """One snapshot of a directory at a time. Where the filesystem has no locks (Lustre
+    without -o flock), we go on without."""
+    directory = where.path
+    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, where.file_mode)
+    try:
+        where.fix_file_mode(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise UserError(f"another gcfs snapshot is writing {directory}") from None
+            # ENOLCK, EOPNOTSUPP, ENOSYS: no locking on this filesystem
+        yield
+    finally:
+        os.close(fd)
+
+
+def _locate(paths: list[Path]) -> tuple[Path, list[str]]:
+    """The mount all PATHs lie in, and each PATH relative to it (symlinks inside the mount
+    followed: `archives/<pk>` is recorded as the archive)."""
+    located = []
+    for path in paths:
+        mountpoint, _ = find_mount(path)
+        real = Path(os.path.realpath(path))
+        try:
+            relative = real.relative_to(mountpoint)
+        except ValueError:
+            raise UserError(f"{path} leads out of its gcfs mount") from None
+        if not real.exists():
+            raise UserError(f"{path} does not exist")
+        located.append((mountpoint, "" if str(relative) == "." else str(relative)))
+    roots = {root for root, _ in located}
+    if len(roots) != 1:
+        raise UserError("all PATHs must lie in one gcfs mount")
+    return roots.pop(), sorted({relative for _, relative in located})
+
+
+def _normalized(subtrees: list[str]) -> list[str]:
+    """Subtrees without those inside another one."""
+    kept: list[str] = []
+    for subtree in sorted(set(subtrees), key=lambda s: (s.count("/"), s)):
+        if not any(k == "" or subtree == k or subtree.startswith(k + "/") for k in kept):
+            kept.append(subtree)
+    return sorted(kept)
+
+
+def _file_keys(root: Path, files: list[tuple[str, dict[str, Any]]]) -> None:
+    """Ask the daemon which files are remote (their key) and generated (no key)."""
+    for start in range(0, len(files), PATHS_PER_REQUEST):
+        batch = files[start : start + PATHS_PER_REQUEST]
+        reply = request(root, {"op": "files", "paths": [relative for relative, _ in batch]})
+        for (_, spec), info in zip(batch, reply["files"], strict=True):
+            if info.get("key"):
+                spec["key"] = str(info["key"])
+                spec["size"] = int(info["size"])
+
+
+def snapshot_command(
+    paths: list[Path], to: Path, *, jobs: int = DEFAULT_JOBS, out: TextIO | None = None
+) -> int:
+    """`gcfs snapshot PATH... --to DIR`: record the subtrees (module docstring)."""
+    stream = out or sys.stderr
+    root, subtrees = _locate(paths)
+    status = request(root, {"op": "status"})["status"]
+    server, user = str(status["server"]), str(status["user"])
+    if status.get("offline"):
+        raise UserError(f"{root} is an offline mount; take snapshots of an online one")
+    to = to.expanduser().absolute()
+    store = BlockStore(to, NO_LIMIT)  # creates DIR (private, or group: cachedir.py)
+    mode = store.dir.file_mode
+    try:
+        with _locked(store.dir):
+            old = load_manifest(to)
+            if old is not None and (old.get("server"), old.get("user")) != (server, user):
+                raise UserError(
+                    f"{to} holds a snapshot of {old.get('server')} by {old.get('user')}, "
+                    f"not {server} by {user}; use another directory"
+                )
+            tree = load_tree(to)[0] if old is not None else {"type": "dir", "entries": {}}
+            for subtree in subtrees:  # the server as it is now, not the daemon's cache
+                request(root, {"op": "refresh", "path": subtree, "recursive": True})
+            recorder = Recorder(root)
+            for subtree in subtrees:
+                recorder.place(tree, subtree)
+            _file_keys(root, recorder.files)
+            files = recorder.files
+            missing = {
+                spec["key"]: int(spec["size"])
+                for _, spec in files
+                if "key" in spec and not store.fully_cached(spec["key"])
+            }
+            progress = Progress(stream, files_total=len(files), bytes_total=sum(missing.values()))
+            fetcher = Fetcher(root, store, jobs)
+            fetcher.run(files, progress)
+            progress.show(force=True)
+            if stream.isatty():
+                stream.write("\n")
+            now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            recorded = list(walk_files(tree))
+            kept = _normalized([*(old or {}).get("subtrees", []), *subtrees])
+            manifest = {
+                "format": FORMAT,
+                "server": server,
+                "user": user,
+                "taken": (old or {}).get("taken", now),
+                "updated": now,
+                "host": socket.gethostname(),
+                "subtrees": kept,
+                "files": len(recorded),
+                "bytes": sum(int(spec.get("size", 0)) for _, spec in recorded),
+                "gcfs": __version__,
+            }
+            _write_json(to / TREE, {"format": FORMAT, "manifest": manifest, "root": tree}, mode)
+            _write_json(to / MANIFEST, manifest, mode)
+    finally:
+        store.close()
+    print(
+        f"snapshot: {len(files)} files under {', '.join(s or '/' for s in subtrees)} in {to}; "
+        f"fetched {fetcher.fetched_files} files, {human(fetcher.fetched_bytes)}",
+        file=stream,
+    )
+    return 0
+
+
+__all__ = [
+    "FORMAT",
+    "generated_key",
+    "load_manifest",
+    "load_tree",
+    "snapshot_command",
+    "walk_files",
+]
