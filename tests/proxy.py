@@ -17,50 +17,21 @@ import socket
 import threading
 from urllib.parse import urlsplit
 
+from tests.rawhttp import LoopbackServer
 
-class TestProxy:
+
+class TestProxy(LoopbackServer):
     __test__ = False  # not a test class, whatever pytest thinks of the name
 
     def __init__(self) -> None:
+        super().__init__()
         self.requests: list[tuple[str, str, str | None]] = []
-        self._listener = socket.socket()
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
-        self.port = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self._open: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> TestProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        with self._lock:
-            for sock in self._open:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                    sock.close()
-        self._thread.join(timeout=5)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._open.append(sock)
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
+    def _serve(self, client: socket.socket, number: int) -> None:
         with contextlib.suppress(OSError):
             buffered = b""
             while b"\r\n\r\n" not in buffered:
@@ -78,8 +49,7 @@ class TestProxy:
             if method == "CONNECT":
                 host, port = target.rsplit(":", 1)
                 origin = socket.create_connection((host.strip("[]"), int(port)))
-                with self._lock:
-                    self._open.append(origin)
+                self.track(origin)
                 client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 if rest:
                     origin.sendall(rest)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 DATA = Path(__file__).parent / "data"
 CERT = DATA / "storage-cert.pem"
@@ -66,30 +67,22 @@ def client_ssl_context() -> ssl.SSLContext:
     return context
 
 
-class RawServer:
-    def __init__(self, handler: Handler, *, tls: bool = False) -> None:
-        self.handler = handler
-        self.tls = tls
-        self.requests: list[Request] = []
+class LoopbackServer:
+    """A TCP listener on 127.0.0.1 serving each connection in a thread (`_serve`); leaving
+    the `with` block closes the listener and every connection it still has open."""
+
+    def __init__(self) -> None:
         self.connections = 0
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(64)
         self.port = self._listener.getsockname()[1]
-        self._context: ssl.SSLContext | None = None
-        if tls:
-            self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self._context.load_cert_chain(str(CERT), str(KEY))
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
         self._thread = threading.Thread(target=self._accept, daemon=True)
 
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> RawServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -105,12 +98,10 @@ class RawServer:
                     sock.close()
         self._thread.join(timeout=5)
 
-    def close_idle(self) -> None:
-        """Close every connection now (a server that drops idle keep-alive connections)."""
+    def track(self, sock: socket.socket) -> None:
+        """Close `sock` too when the server stops."""
         with self._lock:
-            for sock in self._open:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            self._open.append(sock)
 
     def _accept(self) -> None:
         while not self._stop.is_set():
@@ -121,15 +112,41 @@ class RawServer:
             with self._lock:
                 number = self.connections
                 self.connections += 1
+                self._open.append(sock)
             threading.Thread(target=self._serve, args=(sock, number), daemon=True).start()
+
+    def _serve(self, sock: socket.socket, number: int) -> None:
+        raise NotImplementedError
+
+
+class RawServer(LoopbackServer):
+    def __init__(self, handler: Handler, *, tls: bool = False) -> None:
+        super().__init__()
+        self.handler = handler
+        self.tls = tls
+        self.requests: list[Request] = []
+        self._context: ssl.SSLContext | None = None
+        if tls:
+            self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._context.load_cert_chain(str(CERT), str(KEY))
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def close_idle(self) -> None:
+        """Close every connection now (a server that drops idle keep-alive connections)."""
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def _serve(self, sock: socket.socket, number: int) -> None:
         conn: socket.socket = sock
         try:
             if self._context is not None:
                 conn = self._context.wrap_socket(sock, server_side=True)
-            with self._lock:
-                self._open.append(conn)
+            self.track(conn)
             buffered = b""
             while not self._stop.is_set():
                 while b"\r\n\r\n" not in buffered:
