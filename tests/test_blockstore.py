@@ -28,7 +28,7 @@ def blocks(data: bytes, first: int, count: int) -> memoryview:
     return memoryview(data)[first * BS : (first + count) * BS]
 
 
-def read(store: BlockStore, key: str, first: int, count: int) -> dict[int, bytes]:
+def read(store: BlockStore, key: str, first: int = 0, count: int = 8) -> dict[int, bytes]:
     buffer = memoryview(bytearray(count * BS))
     got = store.read_into(key, first, count, buffer)
     return {i: bytes(buffer[(i - first) * BS : (i - first) * BS + n]) for i, n in got.items()}

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from gcfs import blockstore, cachedir
-from gcfs.blockstore import RECORD_SIZE, STORE_DIR, BlockStore, key_digest
+from gcfs.blockstore import RECORD_SIZE, STORE_DIR, BlockStore
 from tests.conftest import gcfs_command
+from tests.test_blockstore import blocks as view
+from tests.test_blockstore import paths, read
 
 BS = 4096
 SIZE = 8 * BS
@@ -25,20 +27,6 @@ def content(seed: int, size: int = SIZE) -> bytes:
     return bytes((seed * 31 + i * 7) % 253 for i in range(size))
 
 
-def view(data: bytes, first: int, count: int) -> memoryview:
-    return memoryview(data)[first * BS : (first + count) * BS]
-
-
-def read(store: BlockStore, key: str, first: int = 0, count: int = 8) -> dict[int, bytes]:
-    buffer = memoryview(bytearray(count * BS))
-    got = store.read_into(key, first, count, buffer)
-    return {i: bytes(buffer[(i - first) * BS : (i - first) * BS + n]) for i, n in got.items()}
-
-
-def paths(store: BlockStore, key: str) -> tuple[Path, Path]:
-    digest = key_digest(key)
-    folder = store.directory / STORE_DIR / digest[:2]
-    return folder / f"{digest}.data", folder / f"{digest}.index"
 
 
 def two(tmp_path: Path, *, limit: int = 1 << 30, network: bool = False) -> list[BlockStore]:
