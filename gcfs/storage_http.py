@@ -37,8 +37,9 @@ Invariants:
   `BadResponse`. Both are retried by the caller; neither leaves a byte in a reader's hands that
   the caller did not verify (the caller checks status, Content-Range and length before using
   the body: `check_partial`).
-- A connection returns to the pool only after its response was read to the exact end; one
-  that was cancelled, failed or left unread is closed. A request on a reused connection that
+- A connection returns to the pool only after its response was read to the exact end of a
+  framed body (Content-Length or chunked); one that was cancelled, failed or left unread, or
+  whose body was delimited by the server's close, is closed. A request on a reused connection that
   the server had closed (before any answer byte arrived) is sent once more on a new one.
 - Blocking calls are bounded: connecting, sending, the head and each gap in the body by
   `timeout` each (the caller's deadline bounds the whole).
@@ -340,8 +341,12 @@ class StorageResponse:
         self.content_length = int(length) if length is not None else None
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         self._framed = self.content_length is not None and not chunked
+        # A body with no framing (no Content-Length, not chunked) ends when the server closes
+        # the connection: it is dead once read, and must never go back to the pool.
         self._keep_alive = (
-            event.http_version == b"1.1" and "close" not in headers.get("connection", "").lower()
+            event.http_version == b"1.1"
+            and "close" not in headers.get("connection", "").lower()
+            and (self.content_length is not None or chunked)
         )
         self.received = 0  # body bytes received so far (also after a failure)
         self.started = False  # readinto() was called: the body is no longer whole on the wire
