@@ -67,7 +67,9 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from .buffers import Block, Buffer, span
+from . import inject
+from .background import report_bug
+from .buffers import Block, Buffer, lend, span, unpin
 from .errors import (
     BadResponse,
     GcfsError,
@@ -195,8 +197,8 @@ class RemoteFile:
 
     async def read(self, offset: int, size: int) -> memoryview | bytes:
         """Exactly the bytes [offset, min(offset + size, file size)): a view of the blocks
-        when they lie in one buffer. The view stays valid (and the buffer out of reuse) for as
-        long as it is referenced."""
+        when they lie in one buffer. The buffer stays out of reuse until the calling task
+        next yields to trio (buffers.lend): use or copy the view before the next `await`."""
         if self._closed:
             raise ValueError("read from a closed RemoteFile")
         if offset < 0 or size < 0:
@@ -213,7 +215,9 @@ class RemoteFile:
                 return data
         blocks = await self._obtain(range(first, last + 1))
         pieces = [blocks[i] for i in range(first, last + 1)]
-        return span(pieces, offset - first * bs, end - offset, self.store.pool)
+        reply = span(pieces, offset - first * bs, end - offset, self.store.pool)
+        lend(reply)  # pinned until our caller's task yields: pyfuse3 has sent the reply by then
+        return reply
 
     def close(self) -> None:
         """Cancel outstanding read-ahead and drop the window; idempotent."""
@@ -341,8 +345,10 @@ class RemoteFile:
     async def _read_ahead(
         self, run: range, flights: list[Flight], scope: trio.CancelScope, reserved: int
     ) -> None:
+        error: GcfsError | None = None
         try:
             with scope:
+                inject.maybe_fail("read-ahead")
                 found = await self._from_disk(run)
                 for index, block in found.items():
                     self._hold(index, block)
@@ -354,10 +360,15 @@ class RemoteFile:
         except GcfsError as exc:
             # Readers waiting for these blocks got the error through the flights.
             log.debug("read-ahead of %s blocks %s failed: %s", self.url, run, exc)
+        except Exception as exc:
+            # A bug: it must not leave the store's nursery (that would end the mount); the
+            # readers waiting for these blocks get EIO.
+            error = report_bug("read-ahead", exc)
         finally:
             self._scopes.discard(scope)
             self.store.reserved_bytes -= reserved
-            self._settle(run, flights, None)  # cancelled: followers fetch for themselves
+            # None: cancelled, followers fetch for themselves.
+            self._settle(run, flights, error)
             if not self._closed:
                 self._pump()
 
@@ -448,12 +459,15 @@ class RemoteFile:
         first = rest[0]
         count = rest[-1] - first + 1
         buffer = self.store.buffer(count * bs, min(count * bs, self.size - first * bs))
-        got = await trio.to_thread.run_sync(
-            cache.read_into, self.key, first, count, memoryview(buffer)
-        )
-        self.store.cache_hits += len(got)
-        for i, n in got.items():
-            found.setdefault(i, Block(buffer, (i - first) * bs, n))
+        try:
+            got = await self.store.in_thread(
+                cache.read_into, self.key, first, count, memoryview(buffer), buffers=(buffer,)
+            )
+            self.store.cache_hits += len(got)
+            for i, n in got.items():
+                found.setdefault(i, Block(buffer, (i - first) * bs, n))
+        finally:
+            unpin(buffer)  # acquire's pin; the Blocks hold their own
         return found
 
     def _claim(self, run: range) -> list[Flight]:
@@ -498,13 +512,18 @@ class RemoteFile:
             raise
         finally:
             self._settle(run, flights, None)
-            for body in bodies:
-                if body.verified:
-                    # Not awaited (unless the store runs no nursery): a reader that got the
-                    # last block may close the file at once, which must not lose the write.
-                    await self.store.write_behind(
-                        self.key, body.first, body.buffer, body.length, self.size
-                    )
+            try:
+                for body in bodies:
+                    if body.verified:
+                        # Not awaited (unless the store runs no nursery): a reader that got
+                        # the last block may close the file at once, which must not lose the
+                        # write.
+                        await self.store.write_behind(
+                            self.key, body.first, body.buffer, body.length, self.size
+                        )
+            finally:
+                for body in bodies:
+                    unpin(body.buffer)  # acquire's pin (`_stream`); the Blocks hold their own
 
     async def _stream(
         self,

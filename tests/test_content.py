@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from gcfs.blockstore import BlockStore
 from gcfs.content import ContentStore, RemoteFile
@@ -91,7 +92,7 @@ async def read_all(f: RemoteFile, chunk: int = 128 * 1024) -> bytes:
         data = await f.read(offset, chunk)
         if not data:
             return b"".join(parts)
-        parts.append(data)
+        parts.append(bytes(data))  # a view is valid until the next checkpoint (buffers.lend)
         offset += len(data)
 
 
@@ -361,7 +362,7 @@ async def test_signatures_dead_on_arrival_give_permission_denied(gc: FakeGC) -> 
 async def read_all_from(f: RemoteFile, offset: int) -> bytes:
     parts = []
     while data := await f.read(offset, 128 * 1024):
-        parts.append(data)
+        parts.append(bytes(data))  # valid until the next checkpoint (buffers.lend)
         offset += len(data)
     return b"".join(parts)
 
@@ -419,10 +420,11 @@ async def test_close_cancels_read_ahead_and_frees_memory(gc: FakeGC, tmp_path: P
             offset += len(await f.read(offset, 128 * 1024))
         assert store.reserved_bytes > 0
         f.close()
-        # The cancelled read-ahead tasks finish at their next checkpoint: poll, with a deadline.
+        # The cancelled read-ahead tasks finish at their next checkpoint.
         with trio.fail_after(10):
-            while store.reserved_bytes or store.held_bytes or store.flights:
-                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+        assert store.reserved_bytes == store.held_bytes == 0
+        assert store.flights == {}
         with pytest.raises(ValueError):
             await f.read(0, 1)
     # whatever reached the disk is whole and right

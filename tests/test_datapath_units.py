@@ -3,9 +3,14 @@ resolutions, buffer pins (issue 14: findings 12, 13, 14)."""
 
 from __future__ import annotations
 
+import gc
+
 import httpx
 import pytest
+import trio
+import trio.testing
 
+from gcfs.buffers import Block, BufferPool, lend, span, unpin
 from gcfs.health import EndpointHealth
 from gcfs.resolver import MAX_RECENT, REUSE_RESOLUTION, Resolver, file_key
 from gcfs.retry import OutageLog, RetryPolicy
@@ -86,3 +91,48 @@ def test_a_recent_resolution_is_used_once() -> None:
     now[0] = REUSE_RESOLUTION - 1
     assert r.take_recent("https://gc.test/media/1") == "https://s3.test/1?sig"
     assert r.take_recent("https://gc.test/media/1") is None
+
+
+# -- buffer pins (13) ------------------------------------------------------------------------------
+
+
+def test_a_pinned_buffer_is_never_handed_out_again() -> None:
+    """Whatever Python's reference counts say (CPython 3.14 borrows references): acquire's
+    own pin, a Block's pin, each keeps the buffer out of the pool until given back."""
+    pool = BufferPool(max_bytes=64 * MiB, min_size=MiB)
+    first = pool.acquire(4 * MiB)
+    assert pool.acquire(4 * MiB) is not first  # acquire's pin
+    block = Block(first, 0, MiB)
+    unpin(first)  # the caller made its Block and gave back acquire's pin
+    assert all(pool.acquire(4 * MiB) is not first for _ in range(3))
+    assert pool.allocated == 5 and pool.reused == 0
+    del block
+    gc.collect()
+    again = pool.acquire(4 * MiB)
+    assert again is first  # unpinned: reused
+    assert pool.reused == 1
+
+
+def test_an_unpinned_buffer_is_reused_even_while_referenced() -> None:
+    """Reuse follows pins, not references: a reference without a pin (a bug) no longer
+    keeps a buffer, and a pin without a reference (a thread) still does."""
+    pool = BufferPool(max_bytes=64 * MiB, min_size=MiB)
+    buffer = pool.acquire(MiB)
+    unpin(buffer)
+    assert pool.acquire(MiB) is buffer
+
+
+async def test_a_lent_view_is_pinned_until_the_task_yields() -> None:
+    """The view a read hands to pyfuse3 keeps its buffer until the reply was sent (pyfuse3
+    sends it before the handler's task yields)."""
+    pool = BufferPool(max_bytes=64 * MiB, min_size=MiB)
+    buffer = pool.acquire(2 * MiB)
+    blocks = [Block(buffer, 0, MiB), Block(buffer, MiB, MiB)]
+    unpin(buffer)
+    view = span(blocks, 5, MiB)
+    lend(view)
+    del blocks
+    gc.collect()
+    assert pool.acquire(2 * MiB) is not buffer  # the reply is not sent yet
+    await trio.testing.wait_all_tasks_blocked()  # the unpin runs as the run loop's callback
+    assert pool.acquire(2 * MiB) is buffer
