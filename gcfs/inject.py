@@ -8,14 +8,15 @@ the tests) every call is one falsy test of an empty frozenset.
 
 Points (a task kind each; `gcfs/content.py` and `gcfs/reader.py` name them):
 - `read-ahead`, `write-behind`: raise RuntimeError at the start of that background task.
-- `store-stall`: a block store call in a worker thread blocks for STALL_SECONDS (a hostile
-  file: a FIFO, a hung network filesystem).
+- `store-stall`: the first block store call in a worker thread blocks for STALL_SECONDS (a
+  hostile file: a FIFO, a hung network filesystem); later calls do not.
 - `store-slow-write`: each block store write first waits SLOW_WRITE_SECONDS (a slow disk).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 ENVIRONMENT = "GCFS_TEST_INJECT"
@@ -29,6 +30,9 @@ SLOW_WRITE_SECONDS = 0.2
 _active = frozenset(
     point.strip() for point in os.environ.get(ENVIRONMENT, "").split(",") if point.strip()
 )
+
+
+_stalled = threading.Lock()  # held once the one stall has begun
 
 
 class InjectedFault(RuntimeError):
@@ -48,7 +52,10 @@ def maybe_fail(point: str) -> None:
 def maybe_stall(point: str) -> None:
     """Block the calling (worker) thread when `point` is switched on."""
     if _active and point in _active:
-        time.sleep(STALL_SECONDS if point == "store-stall" else SLOW_WRITE_SECONDS)
+        if point != "store-stall":
+            time.sleep(SLOW_WRITE_SECONDS)
+        elif _stalled.acquire(blocking=False):
+            time.sleep(STALL_SECONDS)
 
 
 def switch(points: frozenset[str]) -> None:
