@@ -64,6 +64,7 @@ import random
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import urljoin
 
 import trio
 
@@ -80,7 +81,14 @@ from .errors import (
 )
 from .resolver import file_key
 from .retry import OUTAGE_PROBE_BUDGET
-from .storage_http import Expired, StorageResponse, check_partial, raise_for_status, redact
+from .storage_http import (
+    REDIRECTS,
+    Expired,
+    StorageResponse,
+    check_partial,
+    raise_for_status,
+    redact,
+)
 
 if TYPE_CHECKING:
     from .content import ContentStore
@@ -607,16 +615,24 @@ class RemoteFile:
         signed = self._signed
         if signed is None:
             raise Unavailable(f"{self.url}: not resolved")
-        where = f"GET {redact(signed)} bytes={first}-{last}"
-        self.store.requests += 1
-        self.requests += 1
         headers = self.store.resolver.storage_headers(signed, {"Range": f"bytes={first}-{last}"})
-        async with self.store.storage.request(signed, headers, where=where) as response:
-            if response.status != 206:
-                raise_for_status(response.status, where, response.headers)
-            check_partial(response.status, response.headers, first, last, self.size)
-            yield response, where
-        log.debug("%s -> %d", where, response.status)
+        target = signed
+        for hop in range(2):  # a redirect is followed once (the same headers); never a loop
+            where = f"GET {redact(target)} bytes={first}-{last}"
+            self.store.requests += 1
+            self.requests += 1
+            async with self.store.storage.request(target, headers, where=where) as response:
+                location = response.headers.get("location")
+                if response.status in REDIRECTS and location and hop == 0:
+                    target = urljoin(target, location)
+                    log.debug("%s -> %d, following once", where, response.status)
+                    continue  # leaving the request drains the small body or closes it
+                if response.status != 206:
+                    raise_for_status(response.status, where, response.headers)
+                check_partial(response.status, response.headers, first, last, self.size)
+                yield response, where
+            log.debug("%s -> %d", where, response.status)
+            return
 
     async def _retry_storage(self, attempt: Callable[[], Awaitable[T]], what: str) -> T:
         """Run one storage request until it succeeds: again after an expired signature (once,
@@ -645,10 +661,13 @@ class RemoteFile:
                     result = await attempt()
                     outage.succeeded()
                     return result
-                except Expired:
+                except Expired as exc:
                     if expired:
-                        raise PermissionDenied(
-                            f"storage refused {self.url} after a fresh resolution"
+                        refused = f"storage refused {self.url} after a fresh resolution"
+                        if exc.status == 403:
+                            raise PermissionDenied(refused) from None
+                        raise Unavailable(
+                            f"{refused} (HTTP {exc.status})", transient=False, status=exc.status
                         ) from None
                     expired = True
                     store.resolver.expired += 1

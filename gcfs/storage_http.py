@@ -101,7 +101,16 @@ _UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
 
 
 class Expired(Exception):
-    """Storage answered 403: the signature expired (or was never valid)."""
+    """Storage answered 401 or 403: the signature expired (or was never valid). The caller
+    resolves the /media/ URL again, once; refused again, 403 is EACCES and 401 EIO."""
+
+    def __init__(self, where: str, status: int = 403) -> None:
+        super().__init__(where)
+        self.status = status
+
+
+# Answers that send us elsewhere: followed once (a storage region's 301/307), never more.
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
 def check_partial(
@@ -152,14 +161,17 @@ def parse_size(status: int, headers: Mapping[str, str]) -> int:
 
 
 def raise_for_status(status: int, where: str, headers: Mapping[str, str] | None = None) -> None:
-    """The errors of a storage answer the caller does not handle itself: 403 is `Expired`
-    (resolve again), 404 `NotFound`, 429/502/503/504 a transient `Unavailable` (with the
-    server's Retry-After), other 5xx a permanent one."""
-    if status == 403:
-        raise Expired(where)
+    """The errors of a storage answer the caller does not handle itself: 401/403 are
+    `Expired` (resolve again), 404 `NotFound`, 429/502/503/504 a transient `Unavailable`
+    (with the server's Retry-After), other 5xx, a redirect the caller did not follow and
+    other 4xx a permanent one: retrying the same request cannot change the answer."""
+    if status in (401, 403):
+        raise Expired(where, status)
     if status == 404:
         raise NotFound(f"{where}: the file is missing in storage")
     raise_unavailable(status, where, headers)
+    if status in REDIRECTS or 400 <= status < 500:
+        raise Unavailable(f"{where}: HTTP {status}", transient=False, status=status)
 
 
 def raise_unavailable(status: int, where: str, headers: Mapping[str, str] | None) -> None:
@@ -723,6 +735,7 @@ class StorageRequest:
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_TIMEOUT",
+    "REDIRECTS",
     "Expired",
     "StorageClient",
     "StorageRequest",
