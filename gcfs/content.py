@@ -12,7 +12,8 @@ The path of a byte, and the module that owns each step:
 What lives here (one instance per mount):
 - the sizes of files (forever: files are immutable by pk; on disk in the block store's index);
 - the single-flight table of block fetches shared by all open files, keyed by the file's
-  identity (`resolver.file_key`: its URL without a query, never a signed URL);
+  identity (`resolver.file_key`: its URL without the parameters that sign it, never a
+  signed URL);
 - the global read-ahead memory budget (`max_inflight_bytes`) and the buffer pool under it;
 - once entered with `async with store:`, the nursery in which read-ahead runs;
 - statistics for `gcfs status`.

@@ -42,8 +42,9 @@ Invariants:
 - A block reaches a reader only after its response passed `check_partial` and all of the
   block's bytes arrived; it reaches the disk only after the whole response was exactly as long
   as asked, so a bad response caches nothing. Block store writes run in the store's writer
-  tasks, not in the reader's: closing the file (which cancels its read-ahead) loses no write,
-  and a started write is never abandoned by trio, so nothing is ever half written.
+  tasks, not in the reader's: closing the file (which cancels its read-ahead) loses no write. A
+  write trio stops waiting for (the unmount's drain deadline) still runs to its end in its
+  thread, its buffer pinned until then (content.ContentStore.in_thread).
 - Read-ahead memory (blocks held by files, bytes being read ahead, bytes waiting to be written)
   stays below the store's `max_inflight_bytes` across all files; blocks a reader needs right
   now are never held back by that budget, so it cannot deadlock. (A buffer stays alive while
