@@ -12,7 +12,8 @@ The path of a byte, and the module that owns each step:
 What lives here (one instance per mount):
 - the sizes of files (forever: files are immutable by pk; on disk in the block store's index);
 - the single-flight table of block fetches shared by all open files, keyed by the file's
-  identity (`resolver.file_key`: its URL without a query, never a signed URL);
+  identity (`resolver.file_key`: its URL without the parameters that sign it, never a
+  signed URL);
 - the global read-ahead memory budget (`max_inflight_bytes`) and the buffer pool under it;
 - once entered with `async with store:`, the nursery in which read-ahead runs;
 - statistics for `gcfs status`.
@@ -26,24 +27,41 @@ still read the file). `open(url, check_access=False)` is for a caller that has i
 (a listing younger than the TTL): when every block is on disk and the size is known, it sends
 no request at all, and the /media/ resolution happens at the first read that needs storage.
 
-Invariant: everything here runs on the trio thread (block store calls go through worker
-threads), so the counters and tables need no locks.
+Worker threads: every block store call goes through `in_thread`: at most MAX_STORE_THREADS at
+once (a CapacityLimiter), abandoned when the caller's deadline cancels it (a FUSE request never
+waits on a thread past its deadline: a hostile FIFO or a hung network filesystem in the cache
+directory costs one thread, not the mount), and holding pins on the buffers it reads into or
+writes from until the thread really ends (buffers.py).
+
+Write-behind is bounded: verified blocks wait for the disk only while the bytes waiting stay
+within `max_inflight_bytes`; a block that finds the queue full is served to its reader and not
+cached (`writes_skipped`). A reader never waits for the disk: it has its bytes in hand, and a
+disk slower than storage could not keep up however long the queue.
+
+Invariants: everything here runs on the trio thread (block store calls go through worker
+threads), so the counters and tables need no locks. No exception leaves a background task
+(read-ahead, writer tasks): a bug is logged once and becomes EIO for the reads that waited
+(background.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TypeVar
 
 import httpx
 import trio
 
+from . import inject
+from .background import report_bug
 from .blockstore import DEFAULT_BLOCK_SIZE, BlockStore
-from .buffers import Block, Buffer, BufferPool
+from .buffers import Block, Buffer, BufferPool, pin, unpin
 from .errors import NotInSnapshot, Unavailable
 from .health import EndpointHealth
 from .reader import Flight, RemoteFile
@@ -52,6 +70,8 @@ from .retry import OutageLog, RetryPolicy
 from .storage_http import DEFAULT_TIMEOUT, StorageClient
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Read-ahead memory of all open files together. 64 MiB is two full 32 MiB windows: enough for
 # two sequential readers at full speed; a third reads ahead less until one of them moves on.
@@ -66,6 +86,11 @@ DEFAULT_MAX_WINDOW_BYTES = 32 << 20
 MAX_WRITES = 3
 # At unmount, verified blocks still waiting to be written get this long to reach the disk.
 WRITE_DRAIN_DEADLINE = 10.0
+# Block store calls in worker threads at once. One file's read-ahead reads up to 8 runs from
+# disk at once and the writers take 3; 16 leave room for a second reader and size lookups. A
+# call abandoned at its deadline keeps its thread (and its token here) until it returns, so a
+# hostile file can tie up at most 16 threads; then store calls wait here, within their deadline.
+MAX_STORE_THREADS = 16
 # Concurrent ranged GETs of one file's read-ahead. Object stores and CDNs cap a single
 # connection (often 20-100 MB/s); 8 streams of 4 MiB fill a 32 MiB window and measured best
 # once the per-byte CPU cost had fallen (4 and 16 were slower, issue 10).
@@ -83,6 +108,9 @@ class ContentStatistics:
     expired: int  # 403s from storage answered by resolving again
     connections: int  # storage connections opened (the rest were kept alive)
     pending_writes: int  # verified blocks in memory, not yet written to the block store
+    writing_bytes: int  # bytes of those blocks (bounded by the read-ahead budget)
+    writing_peak_bytes: int  # the most there ever were
+    writes_skipped: int  # verified blocks served but not cached: the write queue was full
 
 
 class ContentStore:
@@ -140,6 +168,7 @@ class ContentStore:
         # have (a file closed and opened again at once must not fetch them again).
         self.pending: dict[tuple[str, int], Block] = {}
         self._writers = 0  # writer tasks running
+        self.threads = trio.CapacityLimiter(MAX_STORE_THREADS)  # block store calls (in_thread)
         self._written: trio.Event | None = None  # set once `pending` empties (wait_written)
         self._exit_stack: contextlib.AsyncExitStack | None = None
         self._sizes: dict[str, int] = {}
@@ -150,6 +179,8 @@ class ContentStore:
         self.held_bytes = 0
         self.reserved_bytes = 0
         self.writing_bytes = 0
+        self.writing_peak_bytes = 0
+        self.writes_skipped = 0
         self.requests = self.bytes_fetched = self.cache_hits = self.shared = 0
 
     # -- lifecycle: the nursery that read-ahead runs in ---------------------------------------
@@ -223,7 +254,7 @@ class ContentStore:
         if self.cache is None:
             return 0
         blocks = -(-size // self.block_size)
-        stored = await trio.to_thread.run_sync(self.cache.cached_blocks, file_key(url), blocks)
+        stored = await self.in_thread(self.cache.cached_blocks, file_key(url), blocks)
         return min(size, stored * self.block_size)
 
     def register_presigned(self, url: str, headers: Mapping[str, str]) -> None:
@@ -247,6 +278,9 @@ class ContentStore:
             resolver.expired,
             self.storage.connections_opened,
             len(self.pending),
+            self.writing_bytes,
+            self.writing_peak_bytes,
+            self.writes_skipped,
         )
 
     # -- sizes --------------------------------------------------------------------------------
@@ -270,7 +304,7 @@ class ContentStore:
             size = await self.resolver.probe(url, signed)
             self._sizes[url] = size
             if self.cache is not None:
-                await trio.to_thread.run_sync(self.cache.put_size, file_key(url), size)
+                await self.in_thread(self.cache.put_size, file_key(url), size)
             return size
         finally:
             del self._size_flights[url]
@@ -285,7 +319,7 @@ class ContentStore:
     async def _known_size(self, url: str) -> int | None:
         known = self._sizes.get(url)
         if known is None and self.cache is not None:
-            known = await trio.to_thread.run_sync(self.cache.get_size, file_key(url))
+            known = await self.in_thread(self.cache.get_size, file_key(url))
             if known is not None:
                 self._sizes[url] = known
         return known
@@ -299,10 +333,37 @@ class ContentStore:
         def lookup() -> int | None:
             return cache.get_size(file_key(url)) if cache.fully_cached(file_key(url)) else None
 
-        size = await trio.to_thread.run_sync(lookup)
+        size = await self.in_thread(lookup)
         if size is not None:
             self._sizes[url] = size
         return size
+
+    # -- worker threads -----------------------------------------------------------------------
+
+    async def in_thread(
+        self, fn: Callable[..., T], *args: object, buffers: tuple[Buffer, ...] = ()
+    ) -> T:
+        """`fn(*args)` in a worker thread: at most MAX_STORE_THREADS at once, abandoned when
+        the caller is cancelled (its deadline), with `buffers` pinned until the thread ends
+        (an abandoned read may still fill its buffer; an abandoned write still reads it)."""
+        token = trio.lowlevel.current_trio_token()
+        for buffer in buffers:
+            pin(buffer)
+
+        def unpin_all() -> None:
+            for buffer in buffers:
+                unpin(buffer)
+
+        def run() -> T:
+            try:
+                inject.maybe_stall("store-stall")
+                return fn(*args)
+            finally:
+                if buffers:
+                    with contextlib.suppress(trio.RunFinishedError):
+                        token.run_sync_soon(unpin_all)
+
+        return await trio.to_thread.run_sync(run, limiter=self.threads, abandon_on_cancel=True)
 
     # -- memory -------------------------------------------------------------------------------
 
@@ -337,12 +398,18 @@ class ContentStore:
         not entered), now. Until they are on disk, readers find them in `pending`."""
         if self.cache is None:
             return
+        if self.writing_bytes + length > self.max_inflight_bytes:
+            # The disk is behind by a whole budget: serve, do not cache (module docstring).
+            self.writes_skipped += -(-length // self.block_size)
+            log.debug("write queue full: %s blocks %d+ not cached", key, first)
+            return
         data = memoryview(buffer)[:length]
         bs = self.block_size
         for n in range(-(-length // bs)):
             block = Block(buffer, n * bs, min(bs, length - n * bs))
             self.pending[(key, first + n)] = block
         self.writing_bytes += len(data)
+        self.writing_peak_bytes = max(self.writing_peak_bytes, self.writing_bytes)
         self._write_queue.append((key, first, data, size))
         if self._writer is None:
             with trio.CancelScope(shield=True):
@@ -359,6 +426,7 @@ class ContentStore:
         cache = self.cache
         assert cache is not None
         try:
+            inject.maybe_fail("write-behind")
             while self._write_queue:
                 key, size = self._write_queue[0][0], self._write_queue[0][3]
                 pieces: list[tuple[int, memoryview]] = []
@@ -370,7 +438,13 @@ class ContentStore:
                         rest.append(item)
                 self._write_queue = rest
                 try:
-                    await trio.to_thread.run_sync(cache.write_many, key, pieces, size)
+                    if inject.active("store-slow-write"):
+                        await self.in_thread(inject.maybe_stall, "store-slow-write")
+                    buffers = _exporters(data for _, data in pieces)
+                    await self.in_thread(cache.write_many, key, pieces, size, buffers=buffers)
+                except Exception as exc:
+                    # Not cached, and no reader waits for it; the next writer round goes on.
+                    report_bug("write-behind", exc)
                 finally:
                     self.writing_bytes -= sum(len(data) for _, data in pieces)
                     bs = self.block_size
@@ -379,9 +453,32 @@ class ContentStore:
                             self.pending.pop((key, first + n), None)
                     if not self.pending and self._written is not None:
                         self._written.set()
+        except Exception as exc:
+            report_bug("write-behind", exc)
+            self._fail_queue()
         finally:
             if counted:
                 self._writers -= 1
+
+    def _fail_queue(self) -> None:
+        """Forget what a failed writer left queued (never written, never cached); no
+        checkpoint."""
+        for key, first, data, _ in self._write_queue:
+            self.writing_bytes -= len(data)
+            for n in range(-(-len(data) // self.block_size)):
+                self.pending.pop((key, first + n), None)
+        self._write_queue.clear()
+        if not self.pending and self._written is not None:
+            self._written.set()
+
+
+def _exporters(views: Iterable[memoryview]) -> tuple[Buffer, ...]:
+    """The distinct buffers behind `views` (to pin while a thread uses them)."""
+    found: dict[int, Buffer] = {}
+    for view in views:
+        if isinstance(view.obj, (bytearray, mmap.mmap)):
+            found[id(view.obj)] = view.obj
+    return tuple(found.values())
 
 
 __all__ = ["ContentStatistics", "ContentStore", "RemoteFile"]

@@ -190,7 +190,8 @@ class GcfsOperations(pyfuse3.Operations):
     # pyfuse3 takes any contiguous buffer here (handlers.pxi: PyObject_GetBuffer with
     # PyBUF_CONTIG_RO, then fuse_reply_buf, which copies it into the kernel before the
     # handler's task runs on). A remote file's read is a memoryview of its block buffer: no
-    # copy of the bytes in Python, and the view keeps the buffer out of reuse until then.
+    # copy of the bytes in Python; RemoteFile.read pinned the buffer until this task yields
+    # (buffers.lend), which is after the reply went out.
     async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:  # type: ignore[override]
         async def run() -> memoryview | bytes:
             remote = self._open_remote.get(fh)

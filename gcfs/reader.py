@@ -42,8 +42,9 @@ Invariants:
 - A block reaches a reader only after its response passed `check_partial` and all of the
   block's bytes arrived; it reaches the disk only after the whole response was exactly as long
   as asked, so a bad response caches nothing. Block store writes run in the store's writer
-  tasks, not in the reader's: closing the file (which cancels its read-ahead) loses no write,
-  and a started write is never abandoned by trio, so nothing is ever half written.
+  tasks, not in the reader's: closing the file (which cancels its read-ahead) loses no write. A
+  write trio stops waiting for (the unmount's drain deadline) still runs to its end in its
+  thread, its buffer pinned until then (content.ContentStore.in_thread).
 - Read-ahead memory (blocks held by files, bytes being read ahead, bytes waiting to be written)
   stays below the store's `max_inflight_bytes` across all files; blocks a reader needs right
   now are never held back by that budget, so it cannot deadlock. (A buffer stays alive while
@@ -64,10 +65,13 @@ import random
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import urljoin
 
 import trio
 
-from .buffers import Block, Buffer, span
+from . import inject
+from .background import report_bug
+from .buffers import Block, Buffer, lend, span, unpin
 from .errors import (
     BadResponse,
     GcfsError,
@@ -78,7 +82,14 @@ from .errors import (
 )
 from .resolver import file_key
 from .retry import OUTAGE_PROBE_BUDGET
-from .storage_http import Expired, StorageResponse, check_partial, raise_for_status, redact
+from .storage_http import (
+    REDIRECTS,
+    Expired,
+    StorageResponse,
+    check_partial,
+    raise_for_status,
+    redact,
+)
 
 if TYPE_CHECKING:
     from .content import ContentStore
@@ -195,8 +206,8 @@ class RemoteFile:
 
     async def read(self, offset: int, size: int) -> memoryview | bytes:
         """Exactly the bytes [offset, min(offset + size, file size)): a view of the blocks
-        when they lie in one buffer. The view stays valid (and the buffer out of reuse) for as
-        long as it is referenced."""
+        when they lie in one buffer. The buffer stays out of reuse until the calling task
+        next yields to trio (buffers.lend): use or copy the view before the next `await`."""
         if self._closed:
             raise ValueError("read from a closed RemoteFile")
         if offset < 0 or size < 0:
@@ -213,7 +224,9 @@ class RemoteFile:
                 return data
         blocks = await self._obtain(range(first, last + 1))
         pieces = [blocks[i] for i in range(first, last + 1)]
-        return span(pieces, offset - first * bs, end - offset, self.store.pool)
+        reply = span(pieces, offset - first * bs, end - offset, self.store.pool)
+        lend(reply)  # pinned until our caller's task yields: pyfuse3 has sent the reply by then
+        return reply
 
     def close(self) -> None:
         """Cancel outstanding read-ahead and drop the window; idempotent."""
@@ -341,8 +354,10 @@ class RemoteFile:
     async def _read_ahead(
         self, run: range, flights: list[Flight], scope: trio.CancelScope, reserved: int
     ) -> None:
+        error: GcfsError | None = None
         try:
             with scope:
+                inject.maybe_fail("read-ahead")
                 found = await self._from_disk(run)
                 for index, block in found.items():
                     self._hold(index, block)
@@ -354,10 +369,15 @@ class RemoteFile:
         except GcfsError as exc:
             # Readers waiting for these blocks got the error through the flights.
             log.debug("read-ahead of %s blocks %s failed: %s", self.url, run, exc)
+        except Exception as exc:
+            # A bug: it must not leave the store's nursery (that would end the mount); the
+            # readers waiting for these blocks get EIO.
+            error = report_bug("read-ahead", exc)
         finally:
             self._scopes.discard(scope)
             self.store.reserved_bytes -= reserved
-            self._settle(run, flights, None)  # cancelled: followers fetch for themselves
+            # None: cancelled, followers fetch for themselves.
+            self._settle(run, flights, error)
             if not self._closed:
                 self._pump()
 
@@ -448,12 +468,15 @@ class RemoteFile:
         first = rest[0]
         count = rest[-1] - first + 1
         buffer = self.store.buffer(count * bs, min(count * bs, self.size - first * bs))
-        got = await trio.to_thread.run_sync(
-            cache.read_into, self.key, first, count, memoryview(buffer)
-        )
-        self.store.cache_hits += len(got)
-        for i, n in got.items():
-            found.setdefault(i, Block(buffer, (i - first) * bs, n))
+        try:
+            got = await self.store.in_thread(
+                cache.read_into, self.key, first, count, memoryview(buffer), buffers=(buffer,)
+            )
+            self.store.cache_hits += len(got)
+            for i, n in got.items():
+                found.setdefault(i, Block(buffer, (i - first) * bs, n))
+        finally:
+            unpin(buffer)  # acquire's pin; the Blocks hold their own
         return found
 
     def _claim(self, run: range) -> list[Flight]:
@@ -498,13 +521,18 @@ class RemoteFile:
             raise
         finally:
             self._settle(run, flights, None)
-            for body in bodies:
-                if body.verified:
-                    # Not awaited (unless the store runs no nursery): a reader that got the
-                    # last block may close the file at once, which must not lose the write.
-                    await self.store.write_behind(
-                        self.key, body.first, body.buffer, body.length, self.size
-                    )
+            try:
+                for body in bodies:
+                    if body.verified:
+                        # Not awaited (unless the store runs no nursery): a reader that got
+                        # the last block may close the file at once, which must not lose the
+                        # write.
+                        await self.store.write_behind(
+                            self.key, body.first, body.buffer, body.length, self.size
+                        )
+            finally:
+                for body in bodies:
+                    unpin(body.buffer)  # acquire's pin (`_stream`); the Blocks hold their own
 
     async def _stream(
         self,
@@ -588,16 +616,24 @@ class RemoteFile:
         signed = self._signed
         if signed is None:
             raise Unavailable(f"{self.url}: not resolved")
-        where = f"GET {redact(signed)} bytes={first}-{last}"
-        self.store.requests += 1
-        self.requests += 1
         headers = self.store.resolver.storage_headers(signed, {"Range": f"bytes={first}-{last}"})
-        async with self.store.storage.request(signed, headers, where=where) as response:
-            if response.status != 206:
-                raise_for_status(response.status, where, response.headers)
-            check_partial(response.status, response.headers, first, last, self.size)
-            yield response, where
-        log.debug("%s -> %d", where, response.status)
+        target = signed
+        for hop in range(2):  # a redirect is followed once (the same headers); never a loop
+            where = f"GET {redact(target)} bytes={first}-{last}"
+            self.store.requests += 1
+            self.requests += 1
+            async with self.store.storage.request(target, headers, where=where) as response:
+                location = response.headers.get("location")
+                if response.status in REDIRECTS and location and hop == 0:
+                    target = urljoin(target, location)
+                    log.debug("%s -> %d, following once", where, response.status)
+                    continue  # leaving the request drains the small body or closes it
+                if response.status != 206:
+                    raise_for_status(response.status, where, response.headers)
+                check_partial(response.status, response.headers, first, last, self.size)
+                yield response, where
+            log.debug("%s -> %d", where, response.status)
+            return
 
     async def _retry_storage(self, attempt: Callable[[], Awaitable[T]], what: str) -> T:
         """Run one storage request until it succeeds: again after an expired signature (once,
@@ -626,10 +662,13 @@ class RemoteFile:
                     result = await attempt()
                     outage.succeeded()
                     return result
-                except Expired:
+                except Expired as exc:
                     if expired:
-                        raise PermissionDenied(
-                            f"storage refused {self.url} after a fresh resolution"
+                        refused = f"storage refused {self.url} after a fresh resolution"
+                        if exc.status == 403:
+                            raise PermissionDenied(refused) from None
+                        raise Unavailable(
+                            f"{refused} (HTTP {exc.status})", transient=False, status=exc.status
                         ) from None
                     expired = True
                     store.resolver.expired += 1

@@ -11,7 +11,8 @@ Moving parts:
 - `resolve(url)`: the /media/ GET with the token through httpx, not following the redirect;
   retried on transient failures within the retry budget (`retry.retrying`).
 - Recent resolutions are kept for `REUSE_RESOLUTION` seconds, so the `size()` that a lookup
-  makes and the `open()` that follows cost one /media/ hit.
+  makes and the `open()` that follows cost one /media/ hit: a TTL cache of at most
+  `MAX_RECENT` entries (a file probed and never opened must not keep its URL forever).
 - Pre-signed requests (DICOM instances, gc-api.md §3.11) need no resolution: their URL is
   signed already and their signature travels in headers (`register_presigned`).
 - `probe(url, signed)`: the size, from `Range: bytes=0-0` on storage (through StorageClient):
@@ -26,10 +27,11 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from urllib.parse import unquote_plus, urlsplit
 
 import httpx
 import trio
+from cachetools import TTLCache
 
 from .errors import BadResponse, NotFound, PermissionDenied, Unavailable
 from .health import EndpointHealth
@@ -48,20 +50,35 @@ log = logging.getLogger(__name__)
 # How long a signed URL resolved by size() may be reused by open(), and one resolved by open()
 # by the next open of the same file. Far below CloudFront's 300 s expiry; a 403 re-resolves.
 REUSE_RESOLUTION = 60.0
+# Resolutions kept at once. A lookup probes the size of every file of a directory and the
+# open that usually follows takes its URL; a signed URL is ~0.5-1.5 KiB, so 4,096 of them
+# are at most ~6 MiB. In a directory of more files, the earliest probed lose their URL and
+# their open costs one more /media/ hit.
+MAX_RECENT = 4096
 _REDIRECTS = (301, 302, 303, 307, 308)
+# Query parameters that sign a URL, never name the object: S3 SigV4 (X-Amz-*) and SigV2
+# (AWSAccessKeyId, Signature, Expires), CloudFront (Expires, Signature, Key-Pair-Id, Policy).
+_SIGNING = frozenset({"signature", "expires", "key-pair-id", "policy", "awsaccesskeyid"})
+_SIGNING_PREFIXES = ("x-amz-",)
+
+
+def _signs(parameter: str) -> bool:
+    lower = unquote_plus(parameter.partition("=")[0]).lower()
+    return lower in _SIGNING or lower.startswith(_SIGNING_PREFIXES)
 
 
 def file_key(url: str) -> str:
-    """A file's identity, for the block store and the flight table: its URL without a query.
-    A /media/ URL has none; a pre-signed DICOM request's query is not part of its identity.
-    Never a signed URL: that changes with every resolution."""
-    return redact(url)
-
-
-@dataclass(slots=True)
-class _Resolution:
-    url: str
-    at: float
+    """A file's identity, for the block store and the flight table: everything in its URL
+    that names the object (scheme, host, path, and the query parameters other than those
+    that sign it, in their order), nothing that only signs it (which changes with every
+    resolution) and no fragment. A /media/ URL has no query; a pre-signed DICOM request's
+    `?imageSetId=` names the image set, so the same study/series/SOP in two image sets are
+    two objects. Idempotent: a key is its own key (snapshots record keys)."""
+    parts = urlsplit(url)
+    key = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    # The kept parameters as they were written: re-encoding could change their text.
+    kept = [p for p in parts.query.split("&") if p and not _signs(p)]
+    return f"{key}?{'&'.join(kept)}" if kept else key
 
 
 class Resolver:
@@ -91,7 +108,10 @@ class Resolver:
         self._storage_outage = storage_outage
         self._health = health  # the API client's: a failing /media/ is logged like an endpoint
         self._clock = clock
-        self._recent: dict[str, _Resolution] = {}
+        # /media/ URL -> signed URL, for REUSE_RESOLUTION seconds (read through our clock).
+        self._recent: TTLCache[str, str] = TTLCache(
+            MAX_RECENT, REUSE_RESOLUTION, timer=lambda: self._clock()
+        )
         self._presigned: dict[str, dict[str, str]] = {}
         self.resolutions = 0  # /media/ hits
         self.probes = 0  # size probes sent to storage
@@ -109,12 +129,14 @@ class Resolver:
 
     # -- resolving --------------------------------------------------------------------------
 
+    def keep_recent(self, url: str, signed: str) -> None:
+        """Keep a fresh resolution for the open() that usually follows a size probe."""
+        self._recent[url] = signed
+
     def take_recent(self, url: str) -> str | None:
         """A signed URL resolved moments ago (by a size probe), used at most once."""
-        recent = self._recent.pop(url, None)
-        if recent is not None and self._clock() - recent.at < REUSE_RESOLUTION:
-            return recent.url
-        return None
+        self._recent.expire()
+        return self._recent.pop(url, None)
 
     async def resolve(self, url: str) -> str:
         """GET the /media/ URL with the token, not following the redirect: the signed URL.
@@ -171,7 +193,7 @@ class Resolver:
         that is then kept for the open() that usually follows a lookup's size()."""
         if signed is None:
             signed = await self.resolve(url)
-            self._recent[url] = _Resolution(signed, self._clock())
+            self.keep_recent(url, signed)
         for attempt in range(2):
             try:
                 return await retrying(
@@ -205,4 +227,4 @@ class Resolver:
             raise Unavailable(str(exc)) from exc
 
 
-__all__ = ["REUSE_RESOLUTION", "Resolver", "file_key"]
+__all__ = ["MAX_RECENT", "REUSE_RESOLUTION", "Resolver", "file_key"]

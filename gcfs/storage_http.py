@@ -37,8 +37,9 @@ Invariants:
   `BadResponse`. Both are retried by the caller; neither leaves a byte in a reader's hands that
   the caller did not verify (the caller checks status, Content-Range and length before using
   the body: `check_partial`).
-- A connection returns to the pool only after its response was read to the exact end; one
-  that was cancelled, failed or left unread is closed. A request on a reused connection that
+- A connection returns to the pool only after its response was read to the exact end of a
+  framed body (Content-Length or chunked); one that was cancelled, failed or left unread, or
+  whose body was delimited by the server's close, is closed. A request on a reused connection that
   the server had closed (before any answer byte arrived) is sent once more on a new one.
 - Blocking calls are bounded: connecting, sending, the head and each gap in the body by
   `timeout` each (the caller's deadline bounds the whole).
@@ -100,7 +101,16 @@ _UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
 
 
 class Expired(Exception):
-    """Storage answered 403: the signature expired (or was never valid)."""
+    """Storage answered 401 or 403: the signature expired (or was never valid). The caller
+    resolves the /media/ URL again, once; refused again, 403 is EACCES and 401 EIO."""
+
+    def __init__(self, where: str, status: int = 403) -> None:
+        super().__init__(where)
+        self.status = status
+
+
+# Answers that send us elsewhere: followed once (a storage region's 301/307), never more.
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
 def check_partial(
@@ -151,14 +161,17 @@ def parse_size(status: int, headers: Mapping[str, str]) -> int:
 
 
 def raise_for_status(status: int, where: str, headers: Mapping[str, str] | None = None) -> None:
-    """The errors of a storage answer the caller does not handle itself: 403 is `Expired`
-    (resolve again), 404 `NotFound`, 429/502/503/504 a transient `Unavailable` (with the
-    server's Retry-After), other 5xx a permanent one."""
-    if status == 403:
-        raise Expired(where)
+    """The errors of a storage answer the caller does not handle itself: 401/403 are
+    `Expired` (resolve again), 404 `NotFound`, 429/502/503/504 a transient `Unavailable`
+    (with the server's Retry-After), other 5xx, a redirect the caller did not follow and
+    other 4xx a permanent one: retrying the same request cannot change the answer."""
+    if status in (401, 403):
+        raise Expired(where, status)
     if status == 404:
         raise NotFound(f"{where}: the file is missing in storage")
     raise_unavailable(status, where, headers)
+    if status in REDIRECTS or 400 <= status < 500:
+        raise Unavailable(f"{where}: HTTP {status}", transient=False, status=status)
 
 
 def raise_unavailable(status: int, where: str, headers: Mapping[str, str] | None) -> None:
@@ -340,8 +353,12 @@ class StorageResponse:
         self.content_length = int(length) if length is not None else None
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         self._framed = self.content_length is not None and not chunked
+        # A body with no framing (no Content-Length, not chunked) ends when the server closes
+        # the connection: it is dead once read, and must never go back to the pool.
         self._keep_alive = (
-            event.http_version == b"1.1" and "close" not in headers.get("connection", "").lower()
+            event.http_version == b"1.1"
+            and "close" not in headers.get("connection", "").lower()
+            and (self.content_length is not None or chunked)
         )
         self.received = 0  # body bytes received so far (also after a failure)
         self.started = False  # readinto() was called: the body is no longer whole on the wire
@@ -718,6 +735,7 @@ class StorageRequest:
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_TIMEOUT",
+    "REDIRECTS",
     "Expired",
     "StorageClient",
     "StorageRequest",

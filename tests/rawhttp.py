@@ -35,13 +35,17 @@ class Request:
 
 @dataclass
 class Script:
-    """Steps: bytes are sent; a float pauses that many seconds; "reset" ends the connection
-    with an RST, "close" with a FIN."""
+    """Steps: bytes are sent; a float pauses that many seconds; a threading.Event pauses until
+    the test sets it (at most EVENT_WAIT seconds: a test that forgot it still ends); "reset"
+    ends the connection with an RST, "close" with a FIN."""
 
-    steps: list[bytes | float | str] = field(default_factory=list)
+    steps: list[bytes | float | str | threading.Event] = field(default_factory=list)
 
 
 Handler = Callable[[Request], "bytes | Script"]
+
+# The longest a Script waits for a test's Event.
+EVENT_WAIT = 30.0
 
 
 def response(
@@ -171,6 +175,8 @@ class RawServer(LoopbackServer):
                         conn.sendall(step)
                     elif isinstance(step, float):
                         time.sleep(step)
+                    elif isinstance(step, threading.Event):
+                        step.wait(EVENT_WAIT)
                     elif step == "reset":
                         sock.setsockopt(
                             socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
