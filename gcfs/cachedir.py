@@ -34,6 +34,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import safeio
+
 log = logging.getLogger(__name__)
 
 # Filesystems whose processes share one page cache: the only ones where a write is visible to
@@ -57,7 +59,12 @@ LOCAL_FILESYSTEMS = frozenset(
 )
 
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
-GROUP_DIR, GROUP_FILE = 0o2770, 0o660
+# Sticky: members of the group cannot rename or unlink each other's files (only the file's
+# owner, the directory's owner and root can), so no member can swap another's file for a link.
+GROUP_DIR, GROUP_FILE = 0o3770, 0o660
+
+# Warned once per process and directory (a daemon has one or two cache directories).
+_warned: set[str] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +75,7 @@ class CacheDir:
     group: bool  # shared by the directory's group (setgid + g=rwx), else private
     fstype: str  # from /proc/self/mountinfo; "" when unknown
     network: bool  # not a local filesystem: flush before publishing, re-read before distrust
+    sticky: bool = False  # a group directory with the sticky bit (members keep their files)
 
     @property
     def mode_name(self) -> str:
@@ -81,19 +89,9 @@ class CacheDir:
     def file_mode(self) -> int:
         return GROUP_FILE if self.group else PRIVATE_FILE
 
-    def make_subdirectory(self, path: Path) -> None:
-        """Create `path` (one level) with the mode's permissions; fine if it exists. The
-        umask would strip the group's write bit, so a directory we create gets its mode
-        set explicitly."""
-        try:
-            path.mkdir(mode=self.dir_mode)
-        except FileExistsError:
-            return
-        with contextlib.suppress(OSError):
-            os.chmod(path, self.dir_mode)
-
     def fix_file_mode(self, fd: int) -> None:
-        """Give a file we created (or own) the mode's permissions, whatever the umask did."""
+        """Give a file we created (and own) the mode's permissions, whatever the umask did.
+        On a descriptor, never by path: only call it for a file this process created."""
         with contextlib.suppress(OSError):
             info = os.fstat(fd)
             if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != self.file_mode:
@@ -101,36 +99,68 @@ class CacheDir:
 
 
 def is_group_directory(mode: int) -> bool:
-    """A directory an administrator made for a group: setgid and rwx for the group."""
+    """A directory an administrator made for a group: setgid and rwx for the group (the
+    sticky bit is recommended, not required: see `describe_fd`)."""
     return bool(mode & stat.S_ISGID) and mode & 0o070 == 0o070
+
+
+def open_top(path: Path, *, create: bool) -> tuple[int, bool]:
+    """A descriptor of the cache directory `path` (the path the user named: its links are
+    followed) and whether we created it. With `create`, a missing one is made 0700 (its
+    missing parents with the umask's default, as `mkdir -p` would)."""
+    path = Path(path)
+    try:
+        return safeio.open_directory(path, follow=True), False
+    except FileNotFoundError:
+        if not create:
+            raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, created = safeio.make_directory(path, PRIVATE_DIR)
+    return fd, created
 
 
 def inspect(path: Path, *, create: bool) -> CacheDir:
     """The mode and filesystem of cache directory `path`. With `create`, a missing directory
-    is created private (0700), and the directory's permissions are made right for its mode:
-    private ones 0700, group ones without any bit for others."""
-    path = Path(path)
-    if create:
-        path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
-    info = path.stat()
+    is created private (0700), and bits for others are removed from one we own."""
+    fd, created = open_top(path, create=create)
+    try:
+        return inspect_fd(Path(path), fd, created=created, fix=create)
+    finally:
+        os.close(fd)
+
+
+def inspect_fd(path: Path, fd: int, *, created: bool, fix: bool) -> CacheDir:
+    """`inspect` of the directory open as `fd`. With `fix`, its permissions are made right,
+    on the descriptor: one we created gets the private mode; one we did not create is never
+    chmodded, except that bits for others are removed from one we own (these are images)."""
+    info = os.fstat(fd)
     group = is_group_directory(info.st_mode)
-    if create:
-        _fix_top(path, info, group)
+    if fix:
+        _fix_top(path, fd, info, group, created)
+    sticky = group and bool(info.st_mode & stat.S_ISVTX)
+    if group and not sticky and str(path) not in _warned:
+        _warned.add(str(path))
+        log.warning(
+            "group cache %s has no sticky bit: its members can remove and replace each "
+            "other's files; its owner should run: chmod +t %s",
+            path,
+            path,
+        )
     fstype = filesystem_type(path)
-    return CacheDir(path, group, fstype, fstype not in LOCAL_FILESYSTEMS)
+    return CacheDir(Path(path), group, fstype, fstype not in LOCAL_FILESYSTEMS, sticky)
 
 
-def _fix_top(path: Path, info: os.stat_result, group: bool) -> None:
+def _fix_top(path: Path, fd: int, info: os.stat_result, group: bool, created: bool) -> None:
     mode = stat.S_IMODE(info.st_mode)
-    if not group:
-        # An existing directory may have been created with a looser umask.
-        if mode != PRIVATE_DIR:
-            os.chmod(path, PRIVATE_DIR)
+    mine = info.st_uid == os.geteuid()
+    if created:
+        if mine and mode != PRIVATE_DIR:
+            os.fchmod(fd, PRIVATE_DIR)  # the umask may have loosened it
         return
     if mode & 0o007 == 0:
         return
-    if info.st_uid == os.geteuid():
-        os.chmod(path, mode & ~0o007)
+    if mine:
+        os.fchmod(fd, mode & ~0o007)
         log.info("block cache %s: removed the permissions of others (it holds images)", path)
     else:
         log.warning(
@@ -169,4 +199,16 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-__all__ = ["LOCAL_FILESYSTEMS", "CacheDir", "filesystem_type", "inspect", "is_group_directory"]
+__all__ = [
+    "GROUP_DIR",
+    "GROUP_FILE",
+    "LOCAL_FILESYSTEMS",
+    "PRIVATE_DIR",
+    "PRIVATE_FILE",
+    "CacheDir",
+    "filesystem_type",
+    "inspect",
+    "inspect_fd",
+    "is_group_directory",
+    "open_top",
+]
