@@ -1,8 +1,10 @@
 """BlockStore: the on-disk cache of remote file contents, one sparse data file per remote file,
 safe to share between daemons on one machine and on many (a cluster filesystem).
 
-Layout (modes: cachedir.py; private: 0700 directories and 0600 files, group: 2770 and 0660):
+Layout (modes: cachedir.py; private: 0700 directories and 0600 files, group: subdirectories
+3770 (setgid, sticky) and files 0660):
 
+    <directory>/.gcfs-directory.json        the marker (marker.py): a block cache or a snapshot
     <directory>/store/<hh>/<digest>.data    the remote file's bytes at their own offsets, sparse:
                                             block i lives at [i * block_size, ...)
     <directory>/store/<hh>/<digest>.index   append-only 48-byte records, one per stored block
@@ -36,11 +38,14 @@ first the index is looked at again (a file replaced under us is not damage), on 
 filesystem the block is read again bypassing the page cache (a stale page is not damage
 either), and only then is it damage: logged once per file, and a "dropped" record appended.
 
-Why crc32: the threat is accidental damage (a crash, a disk, a user poking at files), which a
-32-bit CRC catches with probability 1 - 2^-32 and every burst up to 32 bits for certain. It is
-the fastest checksum in the standard library here (~270 us per MiB; sha256 with SHA-NI ~850 us,
-blake2b ~2,200 us), and it runs in a worker thread with the GIL released. A forgery needs write
-access to the directory, where a cryptographic hash would not help either.
+Why crc32: the threat it answers is accidental damage (a crash, a disk, a user poking at
+files), which a 32-bit CRC catches with probability 1 - 2^-32 and every burst up to 32 bits for
+certain. It is the fastest checksum in the standard library here (~270 us per MiB; sha256 with
+SHA-NI ~850 us, blake2b ~2,200 us), and it runs in a worker thread with the GIL released. It is
+not keyed and is no defence against a writer: whoever can write the directory can write
+well-formed blocks and records for any key, and a keyed or cryptographic hash would not change
+that (the key would have to be shared with every writer). A group cache therefore trusts every
+member with the integrity of everything in it ("Trust" below).
 
 Eviction: whole remote files, least recently used first, until `max_bytes` holds what is on
 disk, counted as the filesystem does (st_blocks of the data file plus the index's length), so
@@ -51,17 +56,46 @@ accounting is this process's view, brought back to what is on disk by a rescan o
 before evicting (at most every RESCAN_INTERVAL seconds) and while writing (every
 RESCAN_MAX_AGE seconds), so other daemons' writes count.
 
+Trust. A private cache (0700/0600) is the user's alone. A group cache (an administrator's
+`install -d -m 3770 -g lab DIR`) trusts every member of the group with the integrity of the
+cached bytes: any member can write blocks for a key that every other member's daemon then
+serves. What no member can do, whatever they plant in the directory (links, hard links, FIFOs,
+devices, hostile records), to a daemon of another member or one running as root:
+- make it write, create, chmod or unlink anything outside the cache, or anything that is not a
+  file of gcfs's own names: every name below the directory is opened relative to its parent's
+  descriptor with O_NOFOLLOW (safeio.py), `store/` and `store/<hh>/` included; files are
+  created with O_CREAT | O_EXCL and their mode set with fchmod on that descriptor; an existing
+  file must be a regular file with one link (a planted hard link is refused); directory scans
+  never follow a link and unlink only `<digest>.data`, `<digest>.index` (the digest in its own
+  `<hh>`) and temporary names; the old cache format is removed only in a marked directory;
+- hang it: opens use O_NONBLOCK and fstat, so a FIFO is a miss, logged once;
+- crash it or make it loop or allocate by a count a record gives: an index is read 1 MiB at a
+  time and at most INDEX_LIMIT bytes (less when the server's size is known), loops run over
+  records, never over `range(size / block_size)`, and a record that does not fit the caller's
+  buffer is a miss;
+- make it serve bytes that disagree with the size it learned from the server: callers that know
+  it pass it (`size=`), and records of any other size are not believed;
+- remove or replace another member's files: subdirectories are sticky (3770); an eviction the
+  filesystem refuses (EPERM) is skipped, its bytes stay counted, and other files are evicted
+  instead; `gcfs cache prune` by the directory's owner or root removes them. A group cache
+  without the sticky bit is reported once (`chmod +t DIR`).
+Every member can read every cached file directly, whatever their Grand Challenge permissions.
+
 Sharing. What is guaranteed, with any number of daemons of one user or of one group, on one
 machine or on several machines sharing the directory over NFS, Lustre, CephFS, GPFS or BeeGFS:
-- bytes handed out are exactly the bytes written for that key and block: length and crc32
-  are checked by every process before it trusts a block, data is written before its record
-  (and flushed first on a network filesystem), and nothing is ever modified in place;
+- bytes handed out are exactly the bytes written for that key and block, by whichever daemon
+  (of a trusted member) wrote them: length and crc32 are checked by every process before it
+  trusts a block, data is written before its record (and flushed first on a network
+  filesystem), and nothing is ever modified in place;
 - a block another daemon stored is found: a miss re-reads the index (re-opened) before the
   block is fetched, so the second daemon to read a file fetches nothing that the first stored
   and flushed;
 - eviction and `gcfs cache clear` only unlink whole files. A reader with open descriptors keeps
   reading intact bytes on a local filesystem; on NFS another client's unlink makes them fail
-  (ESTALE), which is a miss. Two daemons evicting at once lose nothing but cache;
+  (ESTALE), which is a miss. Two daemons evicting at once lose nothing but cache. A daemon
+  notices within LINK_CHECK_INTERVAL (2 s) that files it holds open were unlinked (a link
+  count of 0, or another inode under the name: checked on use and by a sweep thread) and
+  closes them, so the disk space returns and its statistics drop;
 - index files are never rewritten or truncated, only appended to (and unlinked whole), so no
   rewrite can race with another daemon's append. We chose that over rewriting under flock:
   Lustre refuses flock unless mounted with `-o flock`, NFS with `local_lock` takes it on one
@@ -101,10 +135,14 @@ its users and closed by the last one once retired (evicted, replaced, or pushed 
 descriptor cache).
 
 Invariants: bytes returned by `read_into` are byte for byte those given to `write` for that key
-and block (checked once per data file per process); total_bytes <= max_bytes after every write
-as far as this process can tell; a read-only store (an offline snapshot) never writes, chmods,
-touches or unlinks anything; a directory left by the old one-file-per-block cache (`blocks/`,
-`sizes/`) is removed at start.
+and block by a writer of the directory (checked once per data file per process), of the size
+the caller gave when it gave one; total_bytes <= max_bytes after every write as far as this
+process can tell, except for files the filesystem refused to let it evict (counted, kept); a
+read-only store (an offline snapshot) never writes, chmods, touches or unlinks anything; a
+store opens only a directory of its kind (marker.py) and refuses anything else before touching
+it; a directory left by the old one-file-per-block cache (`blocks/`, `sizes/`) is removed at
+start only when it carries gcfs's marker; `sync()` makes everything written durable (fsync of
+every file and directory: a snapshot calls it before writing the tree that names it).
 """
 
 from __future__ import annotations

@@ -4,16 +4,23 @@ how to publish what it writes; `gcfs cache status` shows the answers.
 
 Modes (the directory's own permissions decide; nothing is configured):
 
-    private   the default: the directory is made 0700, subdirectories 0700, files 0600. Only
-              the daemons of one user share it (two mounts, or a home directory on NFS).
+    private   the default: a directory gcfs creates is made 0700, subdirectories 0700, files
+              0600. Only the daemons of one user share it (two mounts, or a home directory on
+              NFS). An existing directory is not chmodded, except that bits for others are
+              removed when the user owns it (0755 becomes 0750).
     group     the directory exists with the setgid bit and rwx for its group (an administrator
-              made it: `install -d -m 2770 -g lab /shared/gcfs-cache`). Subdirectories are made
-              2770 and files 0660, so every member of the group reads what any member fetched
-              and may append to its index or evict it; the setgid bit gives new files the
-              directory's group. Nothing is ever readable by others (these are medical images):
-              bits for others on a directory we own are removed; on one we do not own they are
-              reported once. The directory's own mode is otherwise left alone (it is not
-              chmodded to 0700 as in private mode).
+              made it: `install -d -m 3770 -g lab /shared/gcfs-cache`). Subdirectories are made
+              3770 and files 0660, so every member of the group reads what any member fetched
+              and may append to its index; the setgid bit gives new files the directory's group,
+              and the sticky bit keeps members from removing or replacing each other's files
+              (without it, reported once: `chmod +t DIR`). Members are trusted with the
+              integrity of the cached bytes (blockstore.py, "Trust"). Nothing is ever readable
+              by others (these are medical images): bits for others on a directory we own are
+              removed; on one we do not own they are reported once. The directory's own mode is
+              otherwise left alone.
+
+Every mode is set with fchmod on a descriptor, never by path, and only on what gcfs created
+(plus removing bits for others on the cache directory the user owns).
 
 Filesystems: on a local filesystem every process of the machine shares one page cache, so what
 one daemon wrote is what another reads. Anything else (NFS, SMB, Lustre, CephFS, GPFS, BeeGFS,

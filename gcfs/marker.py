@@ -115,8 +115,9 @@ def write(directory_fd: int, kind: str, mode: int) -> None:
 
 def ensure(directory_fd: int, kind: str, mode: int) -> bool:
     """Mark the directory as `kind` unless it carries that marker already (another process
-    may have written it first); True when we wrote it. Raises WrongDirectory-worthy
-    ValueError when another marker is there."""
+    may have written it first); True when we wrote it. ValueError when another marker is
+    there (the caller refuses the directory), OSError when something that is not a marker
+    file is."""
     try:
         write(directory_fd, kind, mode)
         return True
