@@ -27,8 +27,6 @@ def content(seed: int, size: int = SIZE) -> bytes:
     return bytes((seed * 31 + i * 7) % 253 for i in range(size))
 
 
-
-
 def two(tmp_path: Path, *, limit: int = 1 << 30, network: bool = False) -> list[BlockStore]:
     return [
         BlockStore(tmp_path / "shared", limit, block_size=BS, network=network) for _ in range(2)
