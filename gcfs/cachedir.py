@@ -4,16 +4,23 @@ how to publish what it writes; `gcfs cache status` shows the answers.
 
 Modes (the directory's own permissions decide; nothing is configured):
 
-    private   the default: the directory is made 0700, subdirectories 0700, files 0600. Only
-              the daemons of one user share it (two mounts, or a home directory on NFS).
+    private   the default: a directory gcfs creates is made 0700, subdirectories 0700, files
+              0600. Only the daemons of one user share it (two mounts, or a home directory on
+              NFS). An existing directory is not chmodded, except that bits for others are
+              removed when the user owns it (0755 becomes 0750).
     group     the directory exists with the setgid bit and rwx for its group (an administrator
-              made it: `install -d -m 2770 -g lab /shared/gcfs-cache`). Subdirectories are made
-              2770 and files 0660, so every member of the group reads what any member fetched
-              and may append to its index or evict it; the setgid bit gives new files the
-              directory's group. Nothing is ever readable by others (these are medical images):
-              bits for others on a directory we own are removed; on one we do not own they are
-              reported once. The directory's own mode is otherwise left alone (it is not
-              chmodded to 0700 as in private mode).
+              made it: `install -d -m 3770 -g lab /shared/gcfs-cache`). Subdirectories are made
+              3770 and files 0660, so every member of the group reads what any member fetched
+              and may append to its index; the setgid bit gives new files the directory's group,
+              and the sticky bit keeps members from removing or replacing each other's files
+              (without it, reported once: `chmod +t DIR`). Members are trusted with the
+              integrity of the cached bytes (blockstore.py, "Trust"). Nothing is ever readable
+              by others (these are medical images): bits for others on a directory we own are
+              removed; on one we do not own they are reported once. The directory's own mode is
+              otherwise left alone.
+
+Every mode is set with fchmod on a descriptor, never by path, and only on what gcfs created
+(plus removing bits for others on the cache directory the user owns).
 
 Filesystems: on a local filesystem every process of the machine shares one page cache, so what
 one daemon wrote is what another reads. Anything else (NFS, SMB, Lustre, CephFS, GPFS, BeeGFS,
@@ -33,6 +40,8 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import safeio
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +66,12 @@ LOCAL_FILESYSTEMS = frozenset(
 )
 
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
-GROUP_DIR, GROUP_FILE = 0o2770, 0o660
+# Sticky: members of the group cannot rename or unlink each other's files (only the file's
+# owner, the directory's owner and root can), so no member can swap another's file for a link.
+GROUP_DIR, GROUP_FILE = 0o3770, 0o660
+
+# Warned once per process and directory (a daemon has one or two cache directories).
+_warned: set[str] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +82,7 @@ class CacheDir:
     group: bool  # shared by the directory's group (setgid + g=rwx), else private
     fstype: str  # from /proc/self/mountinfo; "" when unknown
     network: bool  # not a local filesystem: flush before publishing, re-read before distrust
+    sticky: bool = False  # a group directory with the sticky bit (members keep their files)
 
     @property
     def mode_name(self) -> str:
@@ -81,19 +96,9 @@ class CacheDir:
     def file_mode(self) -> int:
         return GROUP_FILE if self.group else PRIVATE_FILE
 
-    def make_subdirectory(self, path: Path) -> None:
-        """Create `path` (one level) with the mode's permissions; fine if it exists. The
-        umask would strip the group's write bit, so a directory we create gets its mode
-        set explicitly."""
-        try:
-            path.mkdir(mode=self.dir_mode)
-        except FileExistsError:
-            return
-        with contextlib.suppress(OSError):
-            os.chmod(path, self.dir_mode)
-
     def fix_file_mode(self, fd: int) -> None:
-        """Give a file we created (or own) the mode's permissions, whatever the umask did."""
+        """Give a file we created (and own) the mode's permissions, whatever the umask did.
+        On a descriptor, never by path: only call it for a file this process created."""
         with contextlib.suppress(OSError):
             info = os.fstat(fd)
             if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != self.file_mode:
@@ -101,36 +106,68 @@ class CacheDir:
 
 
 def is_group_directory(mode: int) -> bool:
-    """A directory an administrator made for a group: setgid and rwx for the group."""
+    """A directory an administrator made for a group: setgid and rwx for the group (the
+    sticky bit is recommended, not required: see `describe_fd`)."""
     return bool(mode & stat.S_ISGID) and mode & 0o070 == 0o070
+
+
+def open_top(path: Path, *, create: bool) -> tuple[int, bool]:
+    """A descriptor of the cache directory `path` (the path the user named: its links are
+    followed) and whether we created it. With `create`, a missing one is made 0700 (its
+    missing parents with the umask's default, as `mkdir -p` would)."""
+    path = Path(path)
+    try:
+        return safeio.open_directory(path, follow=True), False
+    except FileNotFoundError:
+        if not create:
+            raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, created = safeio.make_directory(path, PRIVATE_DIR)
+    return fd, created
 
 
 def inspect(path: Path, *, create: bool) -> CacheDir:
     """The mode and filesystem of cache directory `path`. With `create`, a missing directory
-    is created private (0700), and the directory's permissions are made right for its mode:
-    private ones 0700, group ones without any bit for others."""
-    path = Path(path)
-    if create:
-        path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
-    info = path.stat()
+    is created private (0700), and bits for others are removed from one we own."""
+    fd, created = open_top(path, create=create)
+    try:
+        return inspect_fd(Path(path), fd, created=created, fix=create)
+    finally:
+        os.close(fd)
+
+
+def inspect_fd(path: Path, fd: int, *, created: bool, fix: bool) -> CacheDir:
+    """`inspect` of the directory open as `fd`. With `fix`, its permissions are made right,
+    on the descriptor: one we created gets the private mode; one we did not create is never
+    chmodded, except that bits for others are removed from one we own (these are images)."""
+    info = os.fstat(fd)
     group = is_group_directory(info.st_mode)
-    if create:
-        _fix_top(path, info, group)
+    if fix:
+        _fix_top(path, fd, info, group, created)
+    sticky = group and bool(info.st_mode & stat.S_ISVTX)
+    if group and not sticky and str(path) not in _warned:
+        _warned.add(str(path))
+        log.warning(
+            "group cache %s has no sticky bit: its members can remove and replace each "
+            "other's files; its owner should run: chmod +t %s",
+            path,
+            path,
+        )
     fstype = filesystem_type(path)
-    return CacheDir(path, group, fstype, fstype not in LOCAL_FILESYSTEMS)
+    return CacheDir(Path(path), group, fstype, fstype not in LOCAL_FILESYSTEMS, sticky)
 
 
-def _fix_top(path: Path, info: os.stat_result, group: bool) -> None:
+def _fix_top(path: Path, fd: int, info: os.stat_result, group: bool, created: bool) -> None:
     mode = stat.S_IMODE(info.st_mode)
-    if not group:
-        # An existing directory may have been created with a looser umask.
-        if mode != PRIVATE_DIR:
-            os.chmod(path, PRIVATE_DIR)
+    mine = info.st_uid == os.geteuid()
+    if created:
+        if mine and mode != PRIVATE_DIR:
+            os.fchmod(fd, PRIVATE_DIR)  # the umask may have loosened it
         return
     if mode & 0o007 == 0:
         return
-    if info.st_uid == os.geteuid():
-        os.chmod(path, mode & ~0o007)
+    if mine:
+        os.fchmod(fd, mode & ~0o007)
         log.info("block cache %s: removed the permissions of others (it holds images)", path)
     else:
         log.warning(
@@ -169,4 +206,16 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-__all__ = ["LOCAL_FILESYSTEMS", "CacheDir", "filesystem_type", "inspect", "is_group_directory"]
+__all__ = [
+    "GROUP_DIR",
+    "GROUP_FILE",
+    "LOCAL_FILESYSTEMS",
+    "PRIVATE_DIR",
+    "PRIVATE_FILE",
+    "CacheDir",
+    "filesystem_type",
+    "inspect",
+    "inspect_fd",
+    "is_group_directory",
+    "open_top",
+]

@@ -22,6 +22,7 @@ from enum import Enum
 from pathlib import Path
 
 from . import safeio
+from .errors import UserError
 
 MARKER = ".gcfs-directory.json"
 BLOCK_CACHE = "block-cache"
@@ -58,6 +59,26 @@ class Kind(Enum):
         return self in (Kind.SNAPSHOT, Kind.OLD_SNAPSHOT)
 
 
+class WrongDirectory(UserError):
+    """A directory gcfs was asked to use is not of the kind it expects (a snapshot given as a
+    cache, somebody else's directory, ...): one line for the user, nothing touched."""
+
+
+def refusal(path: Path, found: Kind, expected: str) -> str:
+    """The one line that says why `path` (found to be `found`) is not used as `expected`."""
+    if found.is_snapshot and expected == BLOCK_CACHE:
+        return f"{path} is a gcfs snapshot; mount it with --offline"
+    if found.is_cache and expected == SNAPSHOT:
+        return f"{path} is a gcfs block cache, not a snapshot; use another directory"
+    if found is Kind.NOT_DIRECTORY:
+        return f"{path} is not a directory"
+    if found is Kind.MISSING:
+        return f"{path} does not exist"
+    if found is Kind.OTHER_VERSION:
+        return f"{path} was made by another version of gcfs; use that version or another directory"
+    return f"{path} was not made by gcfs (no {MARKER} in it); use another directory, new or empty"
+
+
 @dataclass(frozen=True, slots=True)
 class Marker:
     kind: str
@@ -90,6 +111,22 @@ def write(directory_fd: int, kind: str, mode: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def ensure(directory_fd: int, kind: str, mode: int) -> bool:
+    """Mark the directory as `kind` unless it carries that marker already (another process
+    may have written it first); True when we wrote it. ValueError when another marker is
+    there (the caller refuses the directory), OSError when something that is not a marker
+    file is."""
+    try:
+        write(directory_fd, kind, mode)
+        return True
+    except FileExistsError:
+        pass
+    found = read(directory_fd)
+    if found is None or found.kind != kind or FORMATS.get(kind) != found.format:
+        raise ValueError(f"another marker is there: {found}")
+    return False
 
 
 def classify(path: Path) -> Kind:
@@ -156,8 +193,11 @@ __all__ = [
     "SNAPSHOT",
     "Kind",
     "Marker",
+    "WrongDirectory",
     "classify",
     "classify_open",
+    "ensure",
     "read",
+    "refusal",
     "write",
 ]

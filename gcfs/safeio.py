@@ -88,14 +88,20 @@ def make_directory(name: Name, mode: int, *, dir_fd: int | None = None) -> tuple
     return fd, created
 
 
-def open_regular(name: Name, flags: int = os.O_RDONLY, *, dir_fd: int | None = None) -> int:
+def open_regular(
+    name: Name, flags: int = os.O_RDONLY, *, dir_fd: int | None = None, single: bool = False
+) -> int:
     """Open an existing regular file without following a link and without blocking on a
-    FIFO; anything else raises (ELOOP for a link, NotRegular otherwise)."""
+    FIFO; anything else raises (ELOOP for a link, NotRegular otherwise). `single`: refuse
+    a file with more than one link too (a hard link somebody planted to a file elsewhere;
+    the files gcfs makes in a cache have exactly one)."""
     fd = os.open(name, flags | _OPEN | os.O_NONBLOCK, dir_fd=dir_fd)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise NotRegular(name, "regular file")
+        if single and info.st_nlink > 1:
+            raise NotRegular(name, "file with a single link")
         _blocking(fd, flags)
     except OSError:
         os.close(fd)
@@ -116,17 +122,18 @@ def create_exclusive(name: Name, flags: int, mode: int, *, dir_fd: int | None = 
 
 
 def open_or_create(
-    name: Name, flags: int, mode: int, *, dir_fd: int | None = None
+    name: Name, flags: int, mode: int, *, dir_fd: int | None = None, single: bool = False
 ) -> tuple[int, bool]:
     """Regular file `name`, created with `mode` when missing: its descriptor and whether we
-    created it. An existing one is opened as `open_regular` opens it (its mode untouched)."""
+    created it. An existing one is opened as `open_regular` opens it (its mode untouched;
+    `single` as there)."""
     for _ in range(_ATTEMPTS):
         try:
             return create_exclusive(name, flags, mode, dir_fd=dir_fd), True
         except FileExistsError:
             pass
         try:
-            return open_regular(name, flags, dir_fd=dir_fd), False
+            return open_regular(name, flags, dir_fd=dir_fd, single=single), False
         except FileNotFoundError:
             continue
     raise OSError(errno.EAGAIN, "keeps appearing and disappearing", os.fspath(name))

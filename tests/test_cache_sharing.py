@@ -27,8 +27,6 @@ def content(seed: int, size: int = SIZE) -> bytes:
     return bytes((seed * 31 + i * 7) % 253 for i in range(size))
 
 
-
-
 def two(tmp_path: Path, *, limit: int = 1 << 30, network: bool = False) -> list[BlockStore]:
     return [
         BlockStore(tmp_path / "shared", limit, block_size=BS, network=network) for _ in range(2)
@@ -244,7 +242,8 @@ def test_group_mode_permissions(tmp_path: Path) -> None:
     assert sum(1 for p in found if p.is_file()) >= 3
     for path in found:
         mode = stat.S_IMODE(path.stat().st_mode)
-        assert mode == (0o2770 if path.is_dir() else 0o660), (path, oct(mode))
+        # Sticky subdirectories: members cannot remove or replace each other's files.
+        assert mode == (0o3770 if path.is_dir() else 0o660), (path, oct(mode))
 
 
 def test_private_mode_is_unchanged(tmp_path: Path) -> None:
@@ -257,7 +256,9 @@ def test_private_mode_is_unchanged(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert store.mode == "private"
-    for path in (directory, *directory.rglob("*")):
+    # Not created by gcfs: only the bits for others go (the user chose the group's).
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o750
+    for path in directory.rglob("*"):
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
 

@@ -414,8 +414,10 @@ def test_a_snapshot_lives_in_a_group_directory(
     finally:
         os.umask(old)
     assert taken.returncode == 0, taken.stderr
-    for path in [snapshot, *snapshot.rglob("*")]:
+    assert snapshot.stat().st_mode & 0o7777 == 0o2770  # not created by gcfs: kept
+    for path in snapshot.rglob("*"):
         mode = path.stat().st_mode & 0o7777
-        assert mode == (0o2770 if path.is_dir() else 0o660), (path, oct(mode))
+        # What gcfs creates in a group directory is sticky: members keep their files.
+        assert mode == (0o3770 if path.is_dir() else 0o660), (path, oct(mode))
     store = BlockStore(snapshot, 1 << 40, readonly=True)
     assert store.mode == "group" and store.usage()[0] > 0

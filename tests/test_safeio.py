@@ -156,3 +156,28 @@ def test_markers_classify_what_gcfs_made_and_nothing_else(tmp_path: Path) -> Non
     linked.mkdir()
     (linked / marker.MARKER).symlink_to(tmp_path / "block-cache" / marker.MARKER)
     assert marker.classify(linked) is marker.Kind.FOREIGN
+
+
+def test_single_refuses_a_planted_hard_link(directory) -> None:
+    path, fd = directory
+    target = path / "target"
+    target.write_bytes(b"precious")
+    os.link(target, path / "linked")
+    with pytest.raises(safeio.NotRegular):
+        safeio.open_regular("linked", os.O_WRONLY, dir_fd=fd, single=True)
+    with pytest.raises(safeio.NotRegular):
+        safeio.open_or_create("linked", os.O_WRONLY, 0o600, dir_fd=fd, single=True)
+    plain = safeio.open_regular("linked", os.O_RDONLY, dir_fd=fd)  # without `single`: fine
+    os.close(plain)
+    assert target.read_bytes() == b"precious"
+
+
+def test_ensure_marks_once_and_refuses_another_kind(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert marker.ensure(fd, marker.BLOCK_CACHE, 0o600) is True
+        assert marker.ensure(fd, marker.BLOCK_CACHE, 0o600) is False
+        with pytest.raises(ValueError):
+            marker.ensure(fd, marker.SNAPSHOT, 0o600)
+    finally:
+        os.close(fd)
