@@ -254,7 +254,7 @@ class ContentStore:
         if self.cache is None:
             return 0
         blocks = -(-size // self.block_size)
-        stored = await self.in_thread(self.cache.cached_blocks, file_key(url), blocks)
+        stored = await self.in_thread(self.cache.cached_blocks, file_key(url), blocks, size)
         return min(size, stored * self.block_size)
 
     def register_presigned(self, url: str, headers: Mapping[str, str]) -> None:

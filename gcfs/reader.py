@@ -470,7 +470,13 @@ class RemoteFile:
         buffer = self.store.buffer(count * bs, min(count * bs, self.size - first * bs))
         try:
             got = await self.store.in_thread(
-                cache.read_into, self.key, first, count, memoryview(buffer), buffers=(buffer,)
+                cache.read_into,
+                self.key,
+                first,
+                count,
+                memoryview(buffer),
+                self.size,  # records that disagree with the server's size are misses
+                buffers=(buffer,),
             )
             self.store.cache_hits += len(got)
             for i, n in got.items():
