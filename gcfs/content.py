@@ -57,6 +57,7 @@ from typing import TypeVar
 
 import httpx
 import trio
+from cachetools import LRUCache
 
 from . import inject
 from .background import report_bug
@@ -73,6 +74,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Sizes kept in memory: a URL key and an int are ~200 bytes, so 65,536 of them ~13 MiB, more
+# than the files a training epoch touches; past it the least recently used are asked again.
+MAX_SIZES = 65536
 # Read-ahead memory of all open files together. 64 MiB is two full 32 MiB windows: enough for
 # two sequential readers at full speed; a third reads ahead less until one of them moves on.
 # With the interpreter (~40 MiB) it keeps the daemon well under 150 MiB of RSS.
@@ -171,7 +175,9 @@ class ContentStore:
         self.threads = trio.CapacityLimiter(MAX_STORE_THREADS)  # block store calls (in_thread)
         self._written: trio.Event | None = None  # set once `pending` empties (wait_written)
         self._exit_stack: contextlib.AsyncExitStack | None = None
-        self._sizes: dict[str, int] = {}
+        # Sizes learned (from the server or the block store), bounded: a size that was pushed
+        # out is asked of the block store again (a size record), or probed.
+        self._sizes: LRUCache[str, int] = LRUCache(MAX_SIZES)
         self._size_flights: dict[str, trio.Event] = {}
         # Read-ahead budget: bytes held in files' windows, bytes reserved by read-ahead tasks
         # that have not finished, and bytes waiting to be written to the block store. Plain

@@ -31,7 +31,7 @@ from urllib.parse import unquote_plus, urlsplit
 
 import httpx
 import trio
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from .errors import BadResponse, NotFound, PermissionDenied, Unavailable
 from .health import EndpointHealth
@@ -55,6 +55,7 @@ REUSE_RESOLUTION = 60.0
 # are at most ~6 MiB. In a directory of more files, the earliest probed lose their URL and
 # their open costs one more /media/ hit.
 MAX_RECENT = 4096
+MAX_PRESIGNED = 16384
 _REDIRECTS = (301, 302, 303, 307, 308)
 # Query parameters that sign a URL, never name the object: S3 SigV4 (X-Amz-*) and SigV2
 # (AWSAccessKeyId, Signature, Expires), CloudFront (Expires, Signature, Key-Pair-Id, Policy).
@@ -112,7 +113,10 @@ class Resolver:
         self._recent: TTLCache[str, str] = TTLCache(
             MAX_RECENT, REUSE_RESOLUTION, timer=lambda: self._clock()
         )
-        self._presigned: dict[str, dict[str, str]] = {}
+        # Bounded: a DICOM series rarely has more than ~1,000 instances (a CT), and each entry
+        # is ~0.5-1.5 KiB of headers, so 16,384 are at most ~24 MiB. One pushed out is
+        # registered again when its listing is built again (at the latest after the TTL).
+        self._presigned: LRUCache[str, dict[str, str]] = LRUCache(MAX_PRESIGNED)
         self.resolutions = 0  # /media/ hits
         self.probes = 0  # size probes sent to storage
         self.expired = 0  # 403s from storage answered by resolving again

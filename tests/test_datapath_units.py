@@ -136,3 +136,24 @@ async def test_a_lent_view_is_pinned_until_the_task_yields() -> None:
     assert pool.acquire(2 * MiB) is not buffer  # the reply is not sent yet
     await trio.testing.wait_all_tasks_blocked()  # the unpin runs as the run loop's callback
     assert pool.acquire(2 * MiB) is buffer
+
+
+def test_sizes_and_presigned_requests_are_bounded() -> None:
+    """Per-file state of the data path is bounded (issue 14): the size table and the table of
+    pre-signed requests push out the least recently used entries past their bound."""
+    import httpx
+
+    from gcfs import content, resolver
+
+    store = content.ContentStore(httpx.AsyncClient(), {}, None, max_inflight_bytes=1 << 20)
+    for n in range(content.MAX_SIZES + 10):
+        store._sizes[f"https://gc.test/media/{n}"] = n
+    assert len(store._sizes) == content.MAX_SIZES
+    assert "https://gc.test/media/0" not in store._sizes
+    res = store.resolver
+    for n in range(resolver.MAX_PRESIGNED + 10):
+        res.register_presigned(f"https://hi.test/{n}", {"Authorization": "x"})
+    assert len(res._presigned) == resolver.MAX_PRESIGNED
+    assert res.storage_headers(f"https://hi.test/{resolver.MAX_PRESIGNED + 9}", {}) == {
+        "Authorization": "x"
+    }
