@@ -683,8 +683,10 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Moun
             token_file = defaults.get("token_file")
         label = given_with("token file", "--token-file", args.token_file)
         token = find_token(token_file, environ, label)
-    cache_dir: Path = _first(args.cache_dir, defaults.get("cache_dir")) or default_cache_dir()
     cache_size = _first(args.cache_size, defaults.get("cache_size")) or "10G"
+    cache_dir: Path = _first(args.cache_dir, defaults.get("cache_dir")) or default_cache_dir()
+    if args.cache_dir is not None and cache_size != "0":
+        _check_cache_parent(cache_dir.expanduser().absolute())
     cfg = Config(
         mountpoint=mountpoint,
         base_url=base_url,
@@ -706,6 +708,16 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Moun
         log_file = log_file.expanduser().absolute()
         check_log_file(log_file, log_label or str(log_file))
     return MountPlan(cfg, demo, log_file, log_label)
+
+
+def _check_cache_parent(cache_dir: Path) -> None:
+    """A --cache-dir that does not exist is created, but not its parents: a typo in the path
+    is one line, not a new directory tree (the default's parents, ~/.cache, are created)."""
+    if not cache_dir.exists() and not cache_dir.parent.is_dir():
+        raise UserError(
+            "cannot create the cache directory given with --cache-dir: its parent directory "
+            "does not exist"
+        )
 
 
 def _offline_server(args: argparse.Namespace, directory: Path, shown: str) -> str:
