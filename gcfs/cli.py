@@ -513,14 +513,15 @@ CACHE_DESCRIPTION = """\
 Look after a block cache directory without a mount: one of your own, or one that many
 daemons share (on several machines, by the users of one group; see README, On a cluster).
 Running daemons may keep using it meanwhile: prune and clear only remove whole files (a
-daemon reading one keeps its bytes, then fetches them again), verify drops damaged blocks as a
-reader would.
+daemon reading one keeps its bytes, then fetches them again); status and verify only read.
+Only a gcfs block cache is touched: anything else (a snapshot included) is refused, and no
+action creates, chmods or marks anything.
 
   status         where it is, its mode (private or group), its filesystem, files and size
   prune SIZE     evict the least recently used files (by any daemon's use) until at most
                  SIZE is left (10G, 512M, or bytes)
   verify         read every block and check its length and checksum; damaged blocks are
-                 dropped and fetched again when next read
+                 reported (a daemon that reads one drops it and fetches it again)
   clear          remove everything"""
 
 CACHE_EPILOG = f"""\
@@ -547,7 +548,7 @@ def _add_cache_command(commands: argparse._SubParsersAction[Parser]) -> None:
     for name, text in (
         ("status", "where the cache is, its mode, files and size"),
         ("prune", "evict least recently used files until at most SIZE is left"),
-        ("verify", "read and check every block; drop damaged ones"),
+        ("verify", "read and check every block; report damaged ones"),
         ("clear", "remove everything"),
     ):
         action = actions.add_parser(
