@@ -3,9 +3,16 @@ without a mount.
 
 Each works on a directory that running daemons use at the same time, on this machine or on
 others (blockstore.py, "Sharing"): prune and clear only unlink whole files (a daemon reading
-one keeps its bytes, then misses), verify appends "dropped" records as a reader would. The
-directory is `--cache-dir`, else `cache_dir` of the config file, else the default
-(`$XDG_CACHE_HOME/gcfs`).
+one keeps its bytes, then misses); status and verify only read. The directory is
+`--cache-dir`, else `cache_dir` of the config file, else the default (`$XDG_CACHE_HOME/gcfs`).
+
+Only a block cache: a directory with gcfs's block-cache marker (marker.py), or one made
+before markers (holding only `store/`, which is all a gcfs cache ever held; prune and clear
+work on those too, since refusing would leave an upgraded user no way to empty their cache).
+Anything else is refused with one line, a snapshot by name. None of the commands creates,
+chmods or marks anything: the store is opened read-only (which changes nothing on disk) and
+prune and clear are then allowed to unlink. A default directory that does not exist yet (or
+is empty) is no error: there is nothing in it.
 """
 
 from __future__ import annotations
@@ -14,10 +21,11 @@ import grp
 import json
 import stat
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import configfile
+from . import configfile, marker
 from .blockstore import BlockStore
 from .config import default_cache_dir, parse_size
 from .errors import UserError
@@ -27,25 +35,74 @@ from .prefetch import human
 NO_LIMIT = 1 << 62
 
 
-def cache_directory(given: Path | None, config: Path | None) -> Path:
+@dataclass(frozen=True)
+class CacheTarget:
+    """The directory a `gcfs cache` command works on, and how messages name it."""
+
+    path: Path
+    shown: str  # "the directory given with --cache-dir" (never an option's value), or the path
+    explicit: bool  # given with --cache-dir: it must be a block cache; a default may be absent
+
+
+def cache_directory(given: Path | None, config: Path | None) -> CacheTarget:
     """`--cache-dir`, else the config file's `cache_dir`, else the default."""
     if given is not None:
-        return given.expanduser().absolute()
+        return CacheTarget(
+            given.expanduser().absolute(), "the directory given with --cache-dir", True
+        )
     explicit = config is not None
     path = config if explicit else configfile.default_config_path()
-    found = configfile.load(path, explicit=explicit).get("cache_dir")
-    return Path(found).expanduser().absolute() if found else default_cache_dir()
+    label = "the config file given with --config" if explicit else None
+    found = configfile.load(path, explicit=explicit, label=label).get("cache_dir")
+    directory = Path(found).expanduser().absolute() if found else default_cache_dir()
+    return CacheTarget(directory, str(directory), False)
 
 
-def _existing(directory: Path) -> Path:
-    if not directory.is_dir():
-        raise UserError(f"no block cache at {directory} (nothing was stored there yet)")
-    return directory
+# Why a directory is not one `gcfs cache` works on.
+REFUSALS = {
+    marker.Kind.MISSING: "does not exist",
+    marker.Kind.EMPTY: "is an empty directory, not a gcfs block cache",
+    marker.Kind.SNAPSHOT: "is a gcfs snapshot, not a block cache",
+    marker.Kind.OLD_SNAPSHOT: "is a gcfs snapshot, not a block cache",
+    marker.Kind.NOT_DIRECTORY: "is not a directory",
+    marker.Kind.OTHER_VERSION: "was made by another version of gcfs; use that version",
+    marker.Kind.FOREIGN: "is not a gcfs block cache (it has no gcfs marker); "
+    "gcfs cache touches only directories gcfs made",
+}
 
 
-def describe(directory: Path) -> dict[str, Any]:
+def classify(target: CacheTarget) -> marker.Kind:
+    """What the directory is: a block cache (marked, or made before markers: a directory
+    holding only `store/`), or, for the default directory only, nothing yet (MISSING or
+    EMPTY); UserError for anything else. Reads, never creates or changes anything."""
+    try:
+        kind = marker.classify(target.path)
+    except OSError as exc:
+        raise UserError(f"cannot read {target.shown}: {exc.strerror}") from None
+    if kind.is_cache:
+        return kind
+    if kind in (marker.Kind.MISSING, marker.Kind.EMPTY) and not target.explicit:
+        return kind
+    raise UserError(f"{target.shown} {REFUSALS[kind]}")
+
+
+def open_store(target: CacheTarget, *, write: bool) -> BlockStore:
+    """The block store of a checked directory, opened so that nothing but the store's own
+    files changes: a writable BlockStore would chmod the directory and create `store/` in
+    it; a read-only one does neither. For prune and clear it is then allowed to unlink."""
+    store = BlockStore(target.path, NO_LIMIT, readonly=True)
+    if write:
+        store.readonly = False  # unlink (evict, clear) and append "dropped" records only
+    return store
+
+
+def describe(target: CacheTarget) -> dict[str, Any]:
     """What `gcfs cache status` shows, as a dict (also its --json output)."""
-    store = BlockStore(_existing(directory), NO_LIMIT, readonly=True)
+    directory = target.path
+    kind = classify(target)
+    if not kind.is_cache:
+        return {"path": str(directory), "exists": False, "files": 0, "bytes": 0}
+    store = open_store(target, write=False)
     files, used = store.usage()
     info = directory.stat()
     try:
@@ -54,6 +111,7 @@ def describe(directory: Path) -> dict[str, Any]:
         group = str(info.st_gid)
     return {
         "path": str(directory),
+        "exists": True,
         "mode": store.mode,
         "permissions": f"{stat.S_IMODE(info.st_mode):04o}",
         "group": group,
@@ -64,11 +122,15 @@ def describe(directory: Path) -> dict[str, Any]:
     }
 
 
-def status_command(directory: Path, *, as_json: bool) -> int:
-    shown = describe(directory)
+def status_command(target: CacheTarget, *, as_json: bool) -> int:
+    shown = describe(target)
     if as_json:
         json.dump(shown, sys.stdout, indent=2)
         print()
+        return 0
+    if not shown["exists"]:
+        print(f"cache:        {shown['path']}")
+        print("files:        none yet (nothing was stored there)")
         return 0
     sharing = (
         f"shared by group {shown['group']}"
@@ -88,48 +150,62 @@ def status_command(directory: Path, *, as_json: bool) -> int:
     return 0
 
 
-def prune_command(directory: Path, size: str) -> int:
-    limit = parse_size(size)
-    store = BlockStore(_existing(directory), NO_LIMIT)
+def _nothing_yet(target: CacheTarget, action: str) -> bool:
+    """The default directory holds no cache yet: say so (there is nothing to do)."""
+    if classify(target).is_cache:
+        return False
+    print(f"{action}: no block cache at {target.path} yet; nothing to do")
+    return True
+
+
+def prune_command(target: CacheTarget, size: str) -> int:
+    limit = parse_size(size, "SIZE")
+    if _nothing_yet(target, "prune"):
+        return 0
+    store = open_store(target, write=True)
     evicted = store.evict_to(limit)
     files, used = store.usage()
     print(
-        f"pruned {directory}: evicted {evicted} files; {files} files, {human(used)} left "
+        f"pruned {target.path}: evicted {evicted} files; {files} files, {human(used)} left "
         f"(at most {human(limit)})"
     )
     return 0
 
 
-def verify_command(directory: Path) -> int:
-    store = BlockStore(_existing(directory), NO_LIMIT)
+def verify_command(target: CacheTarget) -> int:
+    if _nothing_yet(target, "verify"):
+        return 0
+    store = open_store(target, write=False)
     report = store.verify()
     print(
-        f"verified {directory}: {report.blocks} blocks of {report.files} files read and "
-        f"checked; {report.damaged} damaged (dropped: fetched again when next read), "
-        f"{report.damaged_records} damaged index records (skipped)"
+        f"verified {target.path}: {report.blocks} blocks of {report.files} files read and "
+        f"checked; {report.damaged} damaged (a daemon that reads one drops it and fetches it "
+        f"again), {report.damaged_records} damaged index records (skipped)"
     )
     return 0
 
 
-def clear_command(directory: Path) -> int:
-    store = BlockStore(_existing(directory), NO_LIMIT)
+def clear_command(target: CacheTarget) -> int:
+    if _nothing_yet(target, "clear"):
+        return 0
+    store = open_store(target, write=True)
     removed = store.clear()
-    print(f"cleared {directory}: removed {removed} files")
+    print(f"cleared {target.path}: removed {removed} files")
     return 0
 
 
-def cache_command(action: str, directory: Path, *, size: str | None, as_json: bool) -> int:
+def cache_command(action: str, target: CacheTarget, *, size: str | None, as_json: bool) -> int:
     """`gcfs cache ACTION`: dispatch (cli.py parses)."""
     if action == "status":
-        return status_command(directory, as_json=as_json)
+        return status_command(target, as_json=as_json)
     if action == "prune":
         assert size is not None
-        return prune_command(directory, size)
+        return prune_command(target, size)
     if action == "verify":
-        return verify_command(directory)
+        return verify_command(target)
     if action == "clear":
-        return clear_command(directory)
+        return clear_command(target)
     raise UserError(f"unknown cache action {action!r}")
 
 
-__all__ = ["cache_command", "cache_directory", "describe"]
+__all__ = ["CacheTarget", "cache_command", "cache_directory", "classify", "describe"]

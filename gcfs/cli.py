@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import trio
 
@@ -41,13 +42,12 @@ from .config import (
     check_mountpoint,
     default_cache_dir,
     find_token,
-    is_stale_mount,
     normalize_base_url,
     parse_size,
 )
 from .configfile import default_config_path
 from .errors import UserError
-from .logsetup import setup_logging
+from .logsetup import check_log_file, setup_logging
 
 log = logging.getLogger("gcfs")
 
@@ -143,18 +143,88 @@ config file ($XDG_CONFIG_HOME/gcfs/config.toml, or --config PATH), TOML:
 {EXIT_STATUS}"""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without its two ways of leaking a secret onto the terminal:
+
+    - abbreviations: `--token SECRET` was taken as `--token-file SECRET`, and the error then
+      named the "file" SECRET. Every parser here has allow_abbrev=False;
+    - echoed values: argparse repeats what it could not use ("invalid choice: 'SECRET'",
+      "unrecognized arguments: --token SECRET", "ignored explicit argument 'SECRET'"). Here
+      an error names options and never repeats a value (type functions say what is wrong
+      without the text, `unrecognized` lists only words that look like options).
+
+    A usage error is one line on stderr, exit status 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._usage_error(unrecognized(extras))
+        return parsed
+
+    def error(self, message: str) -> NoReturn:
+        self._usage_error(scrub(message))
+
+    def _usage_error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+# An option as a user types one: what `unrecognized` may repeat. Anything else after a dash
+# (`-fSECRET`, `--token=SECRET`) is shown up to its `=`, or not at all.
+_OPTION_WORD = re.compile(r"--?[A-Za-z][A-Za-z0-9-]{0,29}")
+
+
+def unrecognized(words: Sequence[str]) -> str:
+    """'unrecognized arguments: --token (and 1 more word)': the option names among `words`,
+    never a value (the word after `--token` is likely the token)."""
+    shown = []
+    for word in words:
+        name = word.split("=", 1)[0]
+        if _OPTION_WORD.fullmatch(name) and name not in shown:
+            shown.append(name)
+    others = len(words) - sum(1 for w in words if w.split("=", 1)[0] in shown)
+    text = ", ".join(shown) if shown else "words that are no option here"
+    if shown and others:
+        text += f" (and {others} more word{'s' if others != 1 else ''})"
+    return f"unrecognized arguments: {text}"
+
+
+def scrub(message: str) -> str:
+    """An argparse error without the value it quotes."""
+    if "unrecognized arguments:" in message:
+        return message.split("unrecognized arguments:", 1)[0] + "unrecognized arguments"
+    if "invalid choice:" in message:
+        head = message.split("invalid choice:", 1)[0]
+        _, found, choices = message.rpartition(" (choose from ")
+        return f"{head}invalid choice" + (f" (choose from {choices}" if found else "")
+    if "ignored explicit argument" in message:
+        return message.split("ignored explicit argument", 1)[0] + "takes no value"
+    return re.sub(r"invalid (\S+) value: .*", "invalid value", message)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+        raise argparse.ArgumentTypeError("not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a number greater than 0")
     return value
 
 
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
 def _subparser(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    commands: argparse._SubParsersAction[Parser],
     name: str,
     *,
     help: str,
@@ -163,6 +233,7 @@ def _subparser(
 ) -> argparse.ArgumentParser:
     return commands.add_parser(
         name,
+        allow_abbrev=False,
         help=help,
         description=description,
         epilog=epilog,
@@ -198,9 +269,9 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--log-level",
-        type=str.upper,
-        choices=LOG_LEVELS,
-        help="DEBUG logs one line per request (default INFO)",
+        type=_log_level,
+        metavar="LEVEL",
+        help=f"{', '.join(LOG_LEVELS)}; DEBUG logs one line per request (default INFO)",
     )
     parser.add_argument(
         "--cache-dir",
@@ -238,8 +309,9 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = "gcfs") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=prog,
+        allow_abbrev=False,
         description=MAIN_DESCRIPTION,
         epilog=MAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -291,11 +363,22 @@ def build_parser(prog: str = "gcfs") -> argparse.ArgumentParser:
         commands,
         "umount",
         help="unmount and stop the daemon",
-        description="Unmount MOUNTPOINT and wait until its daemon (and a demo server) has "
-        "stopped. `fusermount3 -u MOUNTPOINT` and SIGTERM to the daemon unmount cleanly too.",
-        epilog=f"example:\n  gcfs umount ~/gc\n\n{EXIT_STATUS}",
+        description="Unmount MOUNTPOINT, a gcfs mount (anything else is refused), and wait "
+        "until its daemon (and a demo server) has stopped. A busy mount (a process has a file "
+        "or its working directory in it) is refused with the next step: `fuser -vm "
+        "MOUNTPOINT` shows who, --lazy detaches it anyway. `fusermount3 -u MOUNTPOINT` and "
+        "SIGTERM to the daemon unmount cleanly too.",
+        epilog=f"examples:\n  gcfs umount ~/gc\n  gcfs umount --lazy ~/gc     # in a job's "
+        f"exit trap\n\n{EXIT_STATUS}",
     )
     umount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="where gcfs is mounted")
+    umount.add_argument(
+        "--lazy",
+        "-z",
+        action="store_true",
+        help="detach the mount now even if it is busy (fusermount3 -u -z): processes with "
+        "files open in it keep reading them, and the daemon stops after the last is closed",
+    )
 
     refresh = _subparser(
         commands,
@@ -358,7 +441,7 @@ def build_parser(prog: str = "gcfs") -> argparse.ArgumentParser:
         "  gcfs path lidc-lung-ct\n"
         "  gcfs path 0b4c2f8e-6d1a-4c55-9a0e-3f1f5b9e2a11 ~/gc\n"
         "  gcfs path https://grand-challenge.org/api/v1/reader-studies/display-sets/<pk>/\n"
-        "  cat \"$(gcfs path https://grand-challenge.org/algorithms/corads-ai/)/algorithm.json\"\n"
+        '  cat "$(gcfs path https://grand-challenge.org/algorithms/corads-ai/)/algorithm.json"\n'
         f"\n{EXIT_STATUS}",
     )
     path.add_argument(
@@ -420,9 +503,9 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        raise argparse.ArgumentTypeError("not a whole number") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+        raise argparse.ArgumentTypeError("must be at least 1")
     return value
 
 
@@ -430,14 +513,15 @@ CACHE_DESCRIPTION = """\
 Look after a block cache directory without a mount: one of your own, or one that many
 daemons share (on several machines, by the users of one group; see README, On a cluster).
 Running daemons may keep using it meanwhile: prune and clear only remove whole files (a
-daemon reading one keeps its bytes, then fetches them again), verify drops damaged blocks as a
-reader would.
+daemon reading one keeps its bytes, then fetches them again); status and verify only read.
+Only a gcfs block cache is touched: anything else (a snapshot included) is refused, and no
+action creates, chmods or marks anything.
 
   status         where it is, its mode (private or group), its filesystem, files and size
   prune SIZE     evict the least recently used files (by any daemon's use) until at most
                  SIZE is left (10G, 512M, or bytes)
   verify         read every block and check its length and checksum; damaged blocks are
-                 dropped and fetched again when next read
+                 reported (a daemon that reads one drops it and fetches it again)
   clear          remove everything"""
 
 CACHE_EPILOG = f"""\
@@ -452,7 +536,7 @@ The directory is --cache-dir, else cache_dir of the config file, else $XDG_CACHE
 {EXIT_STATUS}"""
 
 
-def _add_cache_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_cache_command(commands: argparse._SubParsersAction[Parser]) -> None:
     cache = _subparser(
         commands,
         "cache",
@@ -464,10 +548,12 @@ def _add_cache_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     for name, text in (
         ("status", "where the cache is, its mode, files and size"),
         ("prune", "evict least recently used files until at most SIZE is left"),
-        ("verify", "read and check every block; drop damaged ones"),
+        ("verify", "read and check every block; report damaged ones"),
         ("clear", "remove everything"),
     ):
-        action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        action = actions.add_parser(
+            name, allow_abbrev=False, help=text, description=text[0].upper() + text[1:] + "."
+        )
         if name == "prune":
             action.add_argument("size", metavar="SIZE", help="what may stay: 10G, 512M, bytes")
         action.add_argument(
@@ -504,7 +590,7 @@ def main(argv: Sequence[str] | None = None, *, dry_run: bool = False, prog: str 
         return exc.code if isinstance(exc.code, int) else 1
     try:
         if args.command == "umount":
-            return unmount(args.mountpoint)
+            return unmount(args.mountpoint, lazy=args.lazy)
         if args.command == "refresh":
             from . import control
 
@@ -539,6 +625,12 @@ def main(argv: Sequence[str] | None = None, *, dry_run: bool = False, prog: str 
     except UserError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # A system call a command did not expect to fail: one line, without the path (it may
+        # be an option's value), rather than a traceback.
+        reason = exc.strerror or type(exc).__name__
+        print(f"{prog} {args.command}: {reason}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -555,6 +647,14 @@ class MountPlan:
     cfg: Config
     demo: bool
     log_file: Path | None
+    log_label: str | None = None  # how messages name log_file when a flag gave it
+
+
+def given_with(what: str, flag: str, value: object) -> str | None:
+    """How a message names a path that came from `flag` ("the token file given with
+    --token-file"): never by the value, which may be a secret typed after the wrong flag.
+    None (show the path) when no flag gave it (the config file, a default)."""
+    return f"the {what} given with {flag}" if value is not None else None
 
 
 def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> MountPlan:
@@ -562,7 +662,9 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Moun
     demo = args.command == "demo"
     explicit = args.config is not None
     defaults = configfile.load(
-        args.config if explicit else default_config_path(environ), explicit=explicit
+        args.config if explicit else default_config_path(environ),
+        explicit=explicit,
+        label=given_with("config file", "--config", args.config),
     )
     mountpoint = check_mountpoint(args.mountpoint)
     token_file: Path | None = None
@@ -571,7 +673,8 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Moun
         base_url, token = "http://127.0.0.1", None  # filled in once the demo server runs
     elif offline is not None:
         offline = offline.expanduser().absolute()
-        base_url, token = _offline_server(args, offline), None
+        label = given_with("directory", "--offline", args.offline)
+        base_url, token = _offline_server(args, offline, label or str(offline)), None
     else:
         base_url = normalize_base_url(
             _first(args.base_url, defaults.get("base_url")) or DEFAULT_BASE_URL
@@ -579,8 +682,12 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Moun
         token_file = args.token_file
         if token_file is None and not environ.get(TOKEN_ENV):
             token_file = defaults.get("token_file")
-        token = find_token(token_file, environ)
+        label = given_with("token file", "--token-file", args.token_file)
+        token = find_token(token_file, environ, label)
+    cache_size = _first(args.cache_size, defaults.get("cache_size")) or "10G"
     cache_dir: Path = _first(args.cache_dir, defaults.get("cache_dir")) or default_cache_dir()
+    if args.cache_dir is not None and cache_size != "0":
+        _check_cache_parent(cache_dir.expanduser().absolute())
     cfg = Config(
         mountpoint=mountpoint,
         base_url=base_url,
@@ -591,17 +698,33 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Moun
         foreground=args.foreground,
         log_level=_first(args.log_level, defaults.get("log_level")) or "INFO",
         cache_dir=cache_dir.expanduser().absolute(),
-        cache_size=parse_size(_first(args.cache_size, defaults.get("cache_size")) or "10G"),
+        cache_size=parse_size(cache_size, "--cache-size" if args.cache_size else None),
         allow_other=bool(_first(args.allow_other, defaults.get("allow_other"))),
         offline=offline,
+        cache_dir_label=given_with("cache directory", "--cache-dir", args.cache_dir),
     )
     log_file: Path | None = _first(args.log_file, defaults.get("log_file"))
-    return MountPlan(cfg, demo, log_file.expanduser().absolute() if log_file else None)
+    log_label = given_with("log file", "--log-file", args.log_file)
+    if log_file is not None:
+        log_file = log_file.expanduser().absolute()
+        check_log_file(log_file, log_label or str(log_file))
+    return MountPlan(cfg, demo, log_file, log_label)
 
 
-def _offline_server(args: argparse.Namespace, directory: Path) -> str:
+def _check_cache_parent(cache_dir: Path) -> None:
+    """A --cache-dir that does not exist is created, but not its parents: a typo in the path
+    is one line, not a new directory tree (the default's parents, ~/.cache, are created)."""
+    if not cache_dir.exists() and not cache_dir.parent.is_dir():
+        raise UserError(
+            "cannot create the cache directory given with --cache-dir: its parent directory "
+            "does not exist"
+        )
+
+
+def _offline_server(args: argparse.Namespace, directory: Path, shown: str) -> str:
     """The server a snapshot was taken of (for show); UserError when DIR holds none or a
     flag that needs the network was given too."""
+    from . import marker
     from .snapshot import load_manifest
 
     given = [
@@ -615,15 +738,23 @@ def _offline_server(args: argparse.Namespace, directory: Path) -> str:
         if value is not None
     ]
     if given:
+        raise UserError(f"--offline serves a snapshot and uses no {', '.join(given)}")
+    try:
+        kind = marker.classify(directory)
+    except OSError as exc:
+        raise UserError(f"cannot read {shown}: {exc.strerror}") from None
+    if not kind.is_snapshot:
+        what = {
+            marker.Kind.MISSING: "does not exist",
+            marker.Kind.NOT_DIRECTORY: "is not a directory",
+        }.get(kind, f"holds no gcfs snapshot ({kind.value})")
         raise UserError(
-            f"--offline serves the snapshot in {directory} and uses no {', '.join(given)}"
+            f"{shown} {what}; take a snapshot on a machine with network: "
+            "gcfs snapshot PATH... --to DIR"
         )
-    manifest = load_manifest(directory)
+    manifest = load_manifest(directory, shown)
     if manifest is None:
-        raise UserError(
-            f"{directory} holds no gcfs snapshot (no manifest.json); take one on a machine "
-            f"with network: gcfs snapshot PATH... --to {directory}"
-        )
+        raise UserError(f"{shown} holds no gcfs snapshot (no manifest.json)")
     return str(manifest.get("server", ""))
 
 
@@ -641,7 +772,8 @@ def mount(args: argparse.Namespace, *, dry_run: bool = False) -> int:
         daemon(notify.ready)  # a Type=notify unit becomes active once the mount answers
         return 0
     log_file = plan.log_file or runtime.default_log_file(cfg.mountpoint)
-    return _run_in_background(daemon, log_file=log_file, log_level=cfg.log_level)
+    shown = plan.log_label or str(log_file)
+    return _run_in_background(daemon, log_file=log_file, log_level=cfg.log_level, shown=shown)
 
 
 def run_daemon(cfg: Config, *, demo: bool, on_ready: Callable[[], None]) -> None:
@@ -661,14 +793,14 @@ def run_daemon(cfg: Config, *, demo: bool, on_ready: Callable[[], None]) -> None
 
 
 def _run_in_background(
-    daemon: Callable[[Callable[[], None]], None], *, log_file: Path, log_level: str
+    daemon: Callable[[Callable[[], None]], None], *, log_file: Path, log_level: str, shown: str
 ) -> int:
     """Fork; the child serves the mount, the parent returns once it is ready or has failed."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(read_fd)
-        os._exit(_daemon_child(daemon, write_fd, log_file, log_level))
+        os._exit(_daemon_child(daemon, write_fd, log_file, log_level, shown))
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         message = pipe.read().decode("utf-8", errors="replace").strip()
@@ -676,14 +808,18 @@ def _run_in_background(
         return 0
     os.waitpid(pid, 0)
     print(
-        f"gcfs: {message or f'the daemon stopped before the mount was ready; see {log_file}'}",
+        f"gcfs: {message or f'the daemon stopped before the mount was ready; see {shown}'}",
         file=sys.stderr,
     )
     return 1
 
 
 def _daemon_child(
-    daemon: Callable[[Callable[[], None]], None], write_fd: int, log_file: Path, log_level: str
+    daemon: Callable[[Callable[[], None]], None],
+    write_fd: int,
+    log_file: Path,
+    log_level: str,
+    shown: str,
 ) -> int:
     os.setsid()
     # Only a foreground daemon is a unit's main process; a forked one must not claim READY.
@@ -709,7 +845,7 @@ def _daemon_child(
         return 1
     except BaseException as exc:
         log.exception("the daemon failed")
-        report(f"the daemon failed: {type(exc).__name__}; see {log_file}")
+        report(f"the daemon failed: {type(exc).__name__}; see {shown}")
         return 1
     finally:
         report("")
@@ -719,17 +855,39 @@ def _daemon_child(
 # -- umount -------------------------------------------------------------------------------
 
 
-def unmount(path: Path) -> int:
+def unmount(path: Path, *, lazy: bool = False) -> int:
+    """`gcfs umount [--lazy] MOUNTPOINT`: only a gcfs mount (its type in mountinfo), so that
+    root running it on the wrong directory does not unmount a tmpfs or a home directory.
+    `lazy` detaches the mount at once (fusermount3 -u -z); the daemon serves the files still
+    open and stops when the last one is closed, so we do not wait for it."""
+    from .control import GCFS_TYPE, mount_type
+
     mountpoint = path.expanduser().absolute()
     pid = runtime.read_pid(mountpoint)
-    if not os.path.ismount(mountpoint) and not is_stale_mount(mountpoint):
+    kind = mount_type(mountpoint)
+    if kind is None:
         raise UserError(f"{path} is not mounted")
+    if kind != GCFS_TYPE:
+        raise UserError(f"{path} is not a gcfs mount (it is {kind}); gcfs umount leaves it alone")
     fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
-    command = [fusermount, "-u", str(mountpoint)] if fusermount else ["umount", str(mountpoint)]
+    lazy_flag = ["-z"] if lazy else []
+    command = (
+        [fusermount, "-u", *lazy_flag, str(mountpoint)]
+        if fusermount
+        else ["umount", *(["-l"] if lazy else []), str(mountpoint)]
+    )
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        if "busy" in reason.lower():
+            raise UserError(
+                f"cannot unmount {path}: it is busy (a process has a file or its working "
+                f"directory in it); see which with: fuser -vm {path}; or detach it now with: "
+                f"gcfs umount --lazy {path}"
+            )
         raise UserError(f"cannot unmount {path}: {reason}")
+    if lazy:
+        return 0
     if pid is not None and not _wait_for_exit(pid, UMOUNT_WAIT):
         os.kill(pid, signal.SIGTERM)
         if not _wait_for_exit(pid, UMOUNT_WAIT):

@@ -49,8 +49,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "gcfs"
 
 
-def parse_size(text: str) -> int:
-    """`10G`, `512M`, `1.5T` or plain bytes; binary units (1G = 2**30 bytes)."""
+def parse_size(text: str, what: str | None = None) -> int:
+    """`10G`, `512M`, `1.5T` or plain bytes; binary units (1G = 2**30 bytes). `what` names
+    the value in the error instead of repeating it (an option's value is never echoed)."""
     units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     cleaned = text.strip().upper().removesuffix("B").removesuffix("I")
     number, unit = cleaned, ""
@@ -59,9 +60,10 @@ def parse_size(text: str) -> int:
     try:
         value = int(float(number) * units[unit])
     except ValueError:
-        raise UserError(f"{text!r} is not a size (examples: 10G, 512M)") from None
+        value = -1
     if value < 0:
-        raise UserError(f"{text!r} is not a size (examples: 10G, 512M)")
+        shown = what or repr(text)
+        raise UserError(f"{shown} is not a size (examples: 10G, 512M)")
     return value
 
 
@@ -157,6 +159,8 @@ class Config:
     # Serve the snapshot in this directory (gcfs snapshot) instead of the server: no token,
     # no network; base_url is then the snapshot's server, for show.
     offline: Path | None = None
+    # How messages name cache_dir when --cache-dir gave it (never by the value typed).
+    cache_dir_label: str | None = None
 
     @property
     def api_url(self) -> str:
@@ -195,27 +199,42 @@ def parse_token(text: str, source: str) -> Secret:
     raise UserError(f"{source} does not hold a token: expected '<token>' or 'Bearer <token>'")
 
 
-def read_token_file(path: Path) -> Secret:
-    """Read a token file, refusing one that other users could read."""
+def read_token_file(path: Path, label: str | None = None) -> Secret:
+    """Read a token file, refusing one that other users could read and anything that is not
+    a regular file (a directory, /dev/null, a FIFO that would block). `label` names the file
+    in messages: "the token file given with --token-file", never the value the user typed
+    (which may be the token itself, put after the wrong flag). Without `label` the path is
+    shown: one that did not come from an option (the config file's token_file)."""
+    shown = label or f"token file {path}"
+    fix = f"chmod 600 {path}" if label is None else "chmod 600"
     try:
-        info = path.stat()
-        if info.st_mode & (stat.S_IRGRP | stat.S_IROTH):
-            raise UserError(
-                f"token file {path} is readable by other users; fix it with: chmod 600 {path}"
-            )
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise UserError(f"cannot read token file {path}: {exc.strerror}") from None
+        raise UserError(f"cannot read {shown}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(f"{shown} is not a regular file; give the file holding the token")
+        if info.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+            raise UserError(f"{shown} is readable by other users; fix it with: {fix}")
+        with os.fdopen(os.dup(fd), "rb") as stream:
+            text = stream.read(1 << 16).decode("utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read {shown}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise UserError(f"token file {path} is not text") from None
-    return parse_token(text, f"token file {path}")
+        raise UserError(f"{shown} is not text") from None
+    finally:
+        os.close(fd)
+    return parse_token(text, shown)
 
 
-def find_token(token_file: Path | None, environ: Mapping[str, str]) -> Secret:
+def find_token(
+    token_file: Path | None, environ: Mapping[str, str], label: str | None = None
+) -> Secret:
     """The token from `token_file` (--token-file, or the config file's token_file when the
     environment has no token), else from GRAND_CHALLENGE_AUTHORIZATION."""
     if token_file is not None:
-        return read_token_file(token_file)
+        return read_token_file(token_file, label)
     value = environ.get(TOKEN_ENV)
     if value:
         return parse_token(value, TOKEN_ENV)
@@ -240,13 +259,17 @@ def normalize_base_url(url: str) -> str:
     Plain http is allowed only on loopback (the demo and the tests): anywhere else it would send
     the token in clear text.
     """
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UserError(f"--base-url {url!r} is not an http(s) URL")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
-        raise UserError(f"--base-url {url!r} must use https (the token would travel in clear)")
+    try:
+        parts = urlsplit(url.strip())
+        hostname = parts.hostname
+    except ValueError:  # a malformed IPv6 address, a port that is not a number
+        raise UserError("--base-url is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not hostname:
+        raise UserError("--base-url is not an http(s) URL")
+    if parts.scheme == "http" and not _is_loopback(hostname):
+        raise UserError("--base-url must use https (the token would travel in clear)")
     if parts.query or parts.fragment:
-        raise UserError(f"--base-url {url!r} must not have a query or fragment")
+        raise UserError("--base-url must not have a query or fragment")
     path = parts.path.rstrip("/")
     if path.endswith("/api/v1"):
         path = path[: -len("/api/v1")]
@@ -262,8 +285,10 @@ def check_mountpoint(path: Path) -> Path:
     resolved = path.expanduser().absolute()
     if is_stale_mount(resolved):
         clear_stale_mount(resolved)
+    if not resolved.exists():
+        raise UserError(f"mount point {path} does not exist (create it with: mkdir -p {path})")
     if not resolved.is_dir():
-        raise UserError(f"mount point {path} is not a directory (create it with: mkdir -p {path})")
+        raise UserError(f"mount point {path} is not a directory; mount on an empty directory")
     if os.path.ismount(resolved):
         raise UserError(f"{path} is already a mount point (unmount it with: gcfs umount {path})")
     try:

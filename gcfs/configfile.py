@@ -18,7 +18,9 @@ file people copy around and share; the token belongs in a 0600 file named by `to
 from __future__ import annotations
 
 import difflib
+import errno
 import os
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -106,50 +108,72 @@ REFUSED = {
 }
 
 
-def load(path: Path | None, *, explicit: bool) -> FileDefaults:
-    """Read and check a config file. A missing default file is fine; a missing --config not."""
+def load(path: Path | None, *, explicit: bool, label: str | None = None) -> FileDefaults:
+    """Read and check a config file. A missing default file is fine; a missing --config not.
+    `label` names the file in messages instead of its path ("the config file given with
+    --config": an option's value is never repeated)."""
     if path is None:
         return FileDefaults()
     path = path.expanduser()
+    shown = label or f"config file {path}"
     try:
-        with open(path, "rb") as stream:
-            data = tomllib.load(stream)
+        data = tomllib.loads(_read_bounded(path).decode("utf-8"))
     except FileNotFoundError:
         if explicit:
-            raise UserError(f"config file {path} does not exist") from None
+            raise UserError(f"{shown} does not exist") from None
         return FileDefaults()
     except IsADirectoryError:
-        raise UserError(f"config file {path} is a directory") from None
+        raise UserError(f"{shown} is a directory") from None
     except OSError as exc:
-        raise UserError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise UserError(f"cannot read {shown}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+        raise UserError(f"{shown} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
-        raise UserError(f"config file {path} is not UTF-8 text") from None
-    return FileDefaults(path, check(data, path))
+        raise UserError(f"{shown} is not UTF-8 text") from None
+    return FileDefaults(path, check(data, path, shown))
 
 
-def check(data: Mapping[str, Any], path: Path) -> dict[str, Any]:
+# A config file is a few hundred bytes; a larger one is a mistake (or /dev/zero).
+MAX_CONFIG = 1 << 20
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The file's bytes: a FIFO refused without blocking, at most MAX_CONFIG read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = os.read(fd, MAX_CONFIG + 1)
+        if len(data) > MAX_CONFIG:
+            raise OSError(errno.EFBIG, "larger than 1 MiB: not a config file")
+        return data
+    finally:
+        os.close(fd)
+
+
+def check(data: Mapping[str, Any], path: Path, shown: str | None = None) -> dict[str, Any]:
+    shown = shown or f"config file {path}"
     values: dict[str, Any] = {}
     for key, value in data.items():
         if key in REFUSED:
-            raise UserError(f"config file {path}: key {key!r} is not allowed: {REFUSED[key]}")
+            raise UserError(f"{shown}: key {key!r} is not allowed: {REFUSED[key]}")
         if key not in KEYS:
             spelled = key.replace("-", "_")
             close = [spelled] if spelled in KEYS else difflib.get_close_matches(key, KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(
-                f"config file {path}: unknown key {key!r}{hint}; known keys: {', '.join(KEYS)}"
-            )
+            raise UserError(f"{shown}: unknown key {key!r}{hint}; known keys: {', '.join(KEYS)}")
         checker, is_path = KEYS[key]
         try:
             checked = checker(key, value)
         except TypeError as exc:
             raise UserError(
-                f"config file {path}: key {key!r} must be {exc}, not {_toml_type(value)}"
+                f"{shown}: key {key!r} must be {exc}, not {_toml_type(value)}"
             ) from None
         except ValueError as exc:
-            raise UserError(f"config file {path}: key {key!r} {exc}") from None
+            raise UserError(f"{shown}: key {key!r} {exc}") from None
         if is_path:
             resolved = Path(checked).expanduser()
             checked = resolved if resolved.is_absolute() else path.parent / resolved

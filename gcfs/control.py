@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -148,6 +149,30 @@ def find_mount(path: Path) -> tuple[Path, str]:
     raise UserError(f"{path} is not inside a gcfs mount")
 
 
+def mount_type(path: Path, mountinfo: str | None = None) -> str | None:
+    """The filesystem type of the mount whose mount point is exactly `path` (the newest one,
+    when several are stacked there), from /proc/self/mountinfo; None when nothing is mounted
+    there. gcfs mounts are "fuse.gcfs" (daemon.py: subtype=gcfs)."""
+    if mountinfo is None:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            mountinfo = f.read()
+    target = os.path.realpath(path)
+    found = None
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if " - " in line and len(fields) > 4 and _unescape(fields[4]) == target:
+            found = line.split(" - ", 1)[1].split(" ", 1)[0]
+    return found
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+GCFS_TYPE = "fuse.gcfs"
+
+
 def gcfs_mounts() -> set[str]:
     found = set()
     with open("/proc/self/mounts", encoding="utf-8") as mounts:
@@ -186,6 +211,9 @@ def request(mountpoint: Path, message: dict[str, Any], *, timeout: float = 120.0
 def refresh_command(path: Path, *, recursive: bool) -> int:
     """`gcfs refresh PATH [--recursive]`: forget what the daemon cached under PATH."""
     mountpoint, relative = find_mount(path)
+    if not os.path.lexists(path):
+        # Named as the user gave it; the daemon would say "root: no entry 'zzz'".
+        raise UserError(f"{path}: no such file or directory")
     message = {"op": "refresh", "path": relative, "recursive": recursive}
     reply = request(mountpoint, message)
     print(f"refreshed {path} ({reply['forgotten']} entries)")

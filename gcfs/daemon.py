@@ -97,7 +97,8 @@ def open_block_store(cfg: Config) -> BlockStore | None:
     try:
         return BlockStore(directory, cfg.cache_size)
     except OSError as exc:
-        raise UserError(f"cannot use cache directory {directory}: {exc.strerror}") from None
+        shown = cfg.cache_dir_label or f"cache directory {directory}"
+        raise UserError(f"cannot use {shown}: {exc.strerror}") from None
 
 
 def mount_device(mountinfo: str, mountpoint: str) -> str | None:

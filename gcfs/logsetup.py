@@ -12,11 +12,14 @@ Three destinations:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import TextIO
+
+from .errors import UserError
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(name)s: %(message)s"
@@ -61,6 +64,22 @@ def stderr_is_journal(stream: TextIO | None = None, environ: dict[str, str] | No
     return (info.st_dev, info.st_ino) == (int(device), int(inode))
 
 
+def check_log_file(path: Path, shown: str) -> None:
+    """Make sure the daemon can log to `path` (created 0600 when missing), before it forks:
+    a log file that cannot be written is one line now, not "see PATH" after a failed mount
+    naming the log that was never made. Its directory must exist: a typo in it is not
+    silently created. `shown` names the file in messages (see cli.given_with)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT and not path.parent.is_dir():
+            raise UserError(f"cannot create {shown}: its directory does not exist") from None
+        reason = "it is a FIFO without a reader" if exc.errno == errno.ENXIO else exc.strerror
+        raise UserError(f"cannot write {shown}: {reason}") from None
+    os.close(fd)
+
+
 def setup_logging(level: str, log_file: Path | None = None) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -68,8 +87,7 @@ def setup_logging(level: str, log_file: Path | None = None) -> None:
     new: logging.Handler
     formatter: logging.Formatter = logging.Formatter(FORMAT)
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        log_file.touch(mode=0o600, exist_ok=True)
+        check_log_file(log_file, str(log_file))
         new = logging.FileHandler(log_file, encoding="utf-8")
     else:
         new = logging.StreamHandler(sys.stderr)

@@ -56,6 +56,13 @@ def human(size: float) -> str:
     return f"{size:.1f} TiB"
 
 
+def require_existing(path: Path) -> None:
+    """A path inside a mount that the mount does not show is an error naming it as the user
+    gave it (a typo would otherwise be "0 files, all 0 B already cached", exit 0)."""
+    if not os.path.lexists(path):
+        raise UserError(f"{path}: no such file or directory")
+
+
 def make_plan(path: Path, mountpoint: Path, relative: str) -> Plan:
     """The files under PATH with their sizes and what the block cache holds of them, asked
     of the daemon PATHS_PER_REQUEST at a time (one request per file was a round trip each:
@@ -112,6 +119,7 @@ def prefetch_command(
     """`gcfs prefetch PATH [--jobs N]` (module docstring); `parallel`: files read at once."""
     stream = out or sys.stderr
     mountpoint, relative = find_mount(path)
+    require_existing(path)
     status = request(mountpoint, {"op": "status"})["status"]
     cache = status.get("block_cache")
     if cache is None:

@@ -42,8 +42,22 @@ started at any moment sees the old snapshot or the new one, complete. The store 
 (bytes of files that left the tree stay), so offline mounts running during a refresh keep
 reading the tree they loaded. Two snapshots of one DIR at once are refused (a lock file).
 
+The directory (DIR, `--to`): created 0700 when missing, else it must be empty or a snapshot
+already (its marker, `.gcfs-directory.json`, or a snapshot made before markers, which is
+adopted); a block cache (the default one by path too), another version's snapshot or any
+other non-empty directory is refused with one line. Its mode is never changed and nothing in
+it is removed. A shared directory is hostile (safeio.py): every name is opened relative to
+the directory's descriptor, the lock file as a regular file only, the temporary files of
+tree.json and manifest.json with O_EXCL | O_NOFOLLOW under random names.
+
+Durability: every data and index file written by this run, their directories and `store/`
+are fsynced before tree.json names them; tree.json and manifest.json are fsynced before
+their rename and the directory after it. A power loss leaves the old snapshot or the new one.
+
 The token: the snapshot talks to the daemon over its control socket and reads through the
-mount; it never has the token, and nothing it writes contains it.
+mount; it never has the token, and nothing it writes contains it. Errors name DIR as "the
+snapshot directory given with --to", never by the path typed (cli.py: no option's value is
+repeated).
 """
 
 from __future__ import annotations
@@ -53,9 +67,11 @@ import datetime as dt
 import errno
 import fcntl
 import hashlib
+import inspect
 import json
 import mmap
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -66,9 +82,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__
-from .blockstore import BlockStore, temporary_name
-from .cachedir import CacheDir
+from . import __version__, cachedir, marker, safeio
+from .blockstore import STORE_DIR, BlockStore, key_digest
+from .config import default_cache_dir
 from .control import find_mount, request
 from .errors import UserError
 from .prefetch import PATHS_PER_REQUEST, PLAIN_PROGRESS_EVERY, human
@@ -110,27 +126,78 @@ def read_xattrs(path: Path) -> dict[str, str]:
 # -- the format -------------------------------------------------------------------------------
 
 
-def load_manifest(directory: Path) -> dict[str, Any] | None:
-    """The manifest of the snapshot in `directory`; None when there is none."""
-    path = directory / MANIFEST
+# A manifest is a few hundred bytes; a tree.json a few hundred bytes per file recorded. The
+# limits only bound what a hostile or mistaken file makes us read.
+MANIFEST_LIMIT = 1 << 20
+TREE_LIMIT = 1 << 32
+
+
+def _read_json(directory_fd: int, name: str, limit: int) -> Any:
+    """The JSON in regular file `name` of the directory open as `directory_fd`: a link or a
+    special file planted there is refused (safeio), and at most `limit` bytes are read.
+    Raises FileNotFoundError, OSError, ValueError."""
+    fd = safeio.open_regular(name, os.O_RDONLY, dir_fd=directory_fd)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+        with os.fdopen(os.dup(fd), "rb") as stream:
+            return json.loads(stream.read(limit + 1))
+    finally:
+        os.close(fd)
+
+
+def _open_directory(directory: Path, shown: str) -> int:
+    try:
+        return safeio.open_directory(directory, follow=True)
+    except FileNotFoundError:
+        raise UserError(f"{shown} does not exist") from None
+    except NotADirectoryError:
+        raise UserError(f"{shown} is not a directory") from None
+    except OSError as exc:
+        raise UserError(f"cannot open {shown}: {exc.strerror}") from None
+
+
+def load_manifest(directory: Path, shown: str | None = None) -> dict[str, Any] | None:
+    """The manifest of the snapshot in `directory`; None when there is none. `shown` names
+    the directory in messages (default: its path)."""
+    fd = _open_directory(directory, shown or str(directory))
+    try:
+        return _manifest_at(fd, shown or str(directory))
+    finally:
+        os.close(fd)
+
+
+def _manifest_at(directory_fd: int, shown: str) -> dict[str, Any] | None:
+    try:
+        manifest = _read_json(directory_fd, MANIFEST, MANIFEST_LIMIT)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a gcfs snapshot manifest: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"the {MANIFEST} in {shown} cannot be read: {exc.strerror}") from None
+    except ValueError:
+        raise UserError(f"the {MANIFEST} in {shown} is not JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UserError(f"{path} is not a {FORMAT} manifest")
+        raise UserError(f"the {MANIFEST} in {shown} is not a {FORMAT} manifest")
     return manifest
 
 
-def load_tree(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_tree(directory: Path, shown: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The root of the recorded tree in `directory`, and the manifest that belongs to it."""
-    path = directory / TREE
+    fd = _open_directory(directory, shown or str(directory))
     try:
-        tree = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} cannot be read: {exc}") from None
+        return _tree_at(fd, shown or str(directory))
+    finally:
+        os.close(fd)
+
+
+def _tree_at(directory_fd: int, shown: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    try:
+        tree = _read_json(directory_fd, TREE, TREE_LIMIT)
+    except OSError as exc:
+        raise UserError(f"the {TREE} in {shown} cannot be read: {exc.strerror}") from None
+    except ValueError:
+        raise UserError(f"the {TREE} in {shown} is not JSON") from None
     root = tree.get("root") if isinstance(tree, dict) else None
     manifest = tree.get("manifest") if isinstance(tree, dict) else None
     if (
@@ -139,7 +206,7 @@ def load_tree(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         or not isinstance(manifest, dict)
         or tree.get("format") != FORMAT
     ):
-        raise UserError(f"{path} holds no {FORMAT} tree")
+        raise UserError(f"the {TREE} in {shown} holds no {FORMAT} tree")
     return root, manifest
 
 
@@ -153,23 +220,44 @@ def walk_files(spec: dict[str, Any], relative: str = "") -> Iterator[tuple[str, 
             yield path, child
 
 
-def _write_json(path: Path, data: Any, mode: int) -> None:
-    """Atomically (a temporary file renamed over it): a reader, an offline mount starting,
-    sees the old file or the new one. Closed before the rename, which on NFS is what makes
-    its bytes visible to other clients (close-to-open)."""
-    tmp = temporary_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+# Tries at a fresh temporary name: one that exists already was planted (or is another
+# snapshot's, which the lock rules out); a name that keeps existing is an attack, not luck.
+TEMPORARY_ATTEMPTS = 5
+TEMPORARY_PREFIX = ".tmp-snapshot-"
+
+
+def _write_json(directory_fd: int, name: str, data: Any, mode: int) -> None:
+    """Replace `name` in the directory open as `directory_fd` atomically (a temporary file
+    renamed over it): a reader, an offline mount starting, sees the old file or the new one.
+    The temporary file is created O_EXCL | O_NOFOLLOW under a random name, so a link planted
+    in a shared directory is never followed; it is fsynced and closed before the rename
+    (closing is what makes its bytes visible to other NFS clients: close-to-open). The
+    caller fsyncs the directory once its renames are done."""
+    text = (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    for _ in range(TEMPORARY_ATTEMPTS):
+        temporary = f"{TEMPORARY_PREFIX}{secrets.token_hex(8)}-{name}"
+        try:
+            fd = safeio.create_exclusive(temporary, os.O_WRONLY, mode, dir_fd=directory_fd)
+        except FileExistsError:
+            continue
+        break
+    else:
+        raise UserError(
+            f"cannot create a temporary file for {name}: {TEMPORARY_ATTEMPTS} fresh names "
+            "were all taken (is somebody planting files in the snapshot directory?)"
+        )
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, ensure_ascii=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        try:
+            view = memoryview(text)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(temporary, dir_fd=directory_fd)
         raise
 
 
@@ -308,8 +396,10 @@ class Fetcher:
         self.root = root
         self.store = store
         self.jobs = max(1, jobs)
+        self.files = 0  # files recorded (paths)
         self.fetched_files = 0
         self.fetched_bytes = 0
+        self.written: set[str] = set()  # keys whose files this run wrote to (to be synced)
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -390,11 +480,16 @@ class Fetcher:
         return read
 
     def _store(self, key: str, data: memoryview, first: int, size: int) -> None:
+        with self._lock:
+            self.written.add(key)
         if size == 0:
             self.store.put_size(key, 0)
             return
         if self.store.write(key, first, data, size) == 0:
-            raise UserError(f"cannot write to the snapshot's store in {self.store.directory}")
+            raise UserError(
+                "cannot write to the snapshot's store (is its filesystem full or read-only? "
+                "see the messages above)"
+            )
 
 
 def _read_full(handle: Any, view: memoryview) -> int:
@@ -411,23 +506,164 @@ def _read_full(handle: Any, view: memoryview) -> int:
 # -- the command ------------------------------------------------------------------------------
 
 
+SHOWN = "the snapshot directory given with --to"  # never its path: an option's value
+
+
 @contextlib.contextmanager
-def _locked(where: CacheDir) -> Iterator[None]:
-    """One snapshot of a directory at a time. Where the filesystem has no locks (Lustre
+def _locked(directory_fd: int, mode: int) -> Iterator[None]:
+    """One snapshot of a directory at a time. The lock file is opened as a regular file
+    only (a link or FIFO planted in a shared directory is refused, not followed or waited
+    on) and given `mode` only when we create it. Where the filesystem has no locks (Lustre
     without -o flock), we go on without."""
-    directory = where.path
-    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, where.file_mode)
     try:
-        where.fix_file_mode(fd)
+        fd, _ = safeio.open_or_create(LOCK, os.O_RDWR, mode, dir_fd=directory_fd)
+    except OSError as exc:
+        raise UserError(f"cannot open the lock file {LOCK} in {SHOWN}: {_reason(exc)}") from None
+    try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise UserError(f"another gcfs snapshot is writing {directory}") from None
+                raise UserError(f"another gcfs snapshot is writing {SHOWN}") from None
             # ENOLCK, EOPNOTSUPP, ENOSYS: no locking on this filesystem
         yield
     finally:
         os.close(fd)
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "it is a symbolic link (refused in a snapshot directory)"
+    if isinstance(exc, safeio.NotRegular):
+        return "it is not a regular file"
+    return exc.strerror or str(exc)
+
+
+@dataclass(frozen=True)
+class Target:
+    """The snapshot directory, open: its descriptor (every name in it is opened relative to
+    it), whether it is a group directory, and what was there before."""
+
+    fd: int
+    group: bool
+    kind: marker.Kind  # MISSING when we created it
+
+    @property
+    def file_mode(self) -> int:
+        return cachedir.GROUP_FILE if self.group else cachedir.PRIVATE_FILE
+
+    @property
+    def dir_mode(self) -> int:
+        return cachedir.GROUP_DIR if self.group else cachedir.PRIVATE_DIR
+
+
+def open_target(to: Path) -> Target:
+    """Open (or create, 0700) the snapshot directory and say what it holds; UserError for
+    anything gcfs may not write into: a non-empty directory that is not a snapshot, a block
+    cache (marked, old, or the default cache directory by path), another version's."""
+    created = False
+    try:
+        fd = safeio.open_directory(to, follow=True)
+    except FileNotFoundError:
+        try:
+            parent = safeio.open_directory(to.parent, follow=True)
+        except FileNotFoundError:
+            raise UserError(f"cannot create {SHOWN}: its parent does not exist") from None
+        try:
+            fd, created = safeio.make_directory(to.name, cachedir.PRIVATE_DIR, dir_fd=parent)
+        finally:
+            os.close(parent)
+    except NotADirectoryError:
+        raise UserError(f"{SHOWN} is not a directory") from None
+    try:
+        info = os.fstat(fd)
+        kind = marker.Kind.MISSING if created else marker.classify_open(fd)
+        refusal = _refusal(kind, info)
+        if refusal:
+            raise UserError(f"{SHOWN} {refusal}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return Target(fd, cachedir.is_group_directory(info.st_mode), kind)
+
+
+def _refusal(kind: marker.Kind, info: os.stat_result) -> str | None:
+    """Why a snapshot may not be written into a directory of `kind`; None if it may."""
+    with contextlib.suppress(OSError):
+        cache = os.stat(default_cache_dir())
+        if (cache.st_dev, cache.st_ino) == (info.st_dev, info.st_ino):
+            return "is the default block cache of gcfs mounts, not a snapshot; use another one"
+    if kind.is_cache:
+        return "is a gcfs block cache, not a snapshot; use another directory"
+    if kind is marker.Kind.OTHER_VERSION:
+        return "holds a snapshot of another version of gcfs; use another directory"
+    if kind is marker.Kind.FOREIGN:
+        return "is not empty and holds no gcfs snapshot; use another directory (a new or empty one)"
+    return None
+
+
+def _mark(target: Target) -> None:
+    """Write the snapshot marker (a new, empty or old-format snapshot directory). A marker
+    that appeared meanwhile (a snapshot started at the same moment) must be a snapshot's."""
+    try:
+        marker.write(target.fd, marker.SNAPSHOT, target.file_mode)
+    except FileExistsError:
+        if marker.classify_open(target.fd) is not marker.Kind.SNAPSHOT:
+            raise UserError(f"{SHOWN} was taken by something else meanwhile") from None
+
+
+def open_store(target: Target, to: Path) -> BlockStore:
+    """The snapshot's block store, opened without changing anything gcfs did not create:
+    the directory keeps its mode, and nothing in it is removed (a BlockStore opened for
+    writing chmods its directory and removes an old cache format; a read-only one does
+    neither). `store/` is created here, relative to the directory's descriptor."""
+    fd, _ = safeio.make_directory(STORE_DIR, target.dir_mode, dir_fd=target.fd)
+    os.close(fd)
+    if "kind" in inspect.signature(BlockStore).parameters:  # the store knows snapshots
+        return BlockStore(to, NO_LIMIT, kind=marker.SNAPSHOT)  # type: ignore[call-arg,unused-ignore]
+    store = BlockStore(to, NO_LIMIT, readonly=True)
+    store.readonly = False
+    return store
+
+
+def sync_store(store: BlockStore, directory_fd: int, keys: set[str]) -> None:
+    """Make every file this run wrote durable before the tree that names it is: fsync the
+    data and index files of `keys`, their directories and `store/`. A power loss after
+    tree.json was replaced then cannot leave records whose bytes were lost."""
+    sync = getattr(store, "sync", None)
+    if callable(sync):  # the store syncs its own files
+        sync()
+        return
+    store_fd = safeio.open_directory(STORE_DIR, dir_fd=directory_fd)
+    try:
+        subdirectories: dict[str, int] = {}
+        try:
+            for key in sorted(keys):
+                digest = key_digest(key)
+                sub = subdirectories.get(digest[:2])
+                if sub is None:
+                    try:
+                        sub = safeio.open_directory(digest[:2], dir_fd=store_fd)
+                    except FileNotFoundError:
+                        continue
+                    subdirectories[digest[:2]] = sub
+                for name in (f"{digest}.data", f"{digest}.index"):
+                    try:
+                        fd = safeio.open_regular(name, os.O_RDONLY, dir_fd=sub)
+                    except FileNotFoundError:
+                        continue  # a size-only file has no data; an evicted one nothing
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            for sub in subdirectories.values():
+                os.fsync(sub)
+        finally:
+            for sub in subdirectories.values():
+                os.close(sub)
+        os.fsync(store_fd)
+    finally:
+        os.close(store_fd)
 
 
 def _locate(paths: list[Path]) -> tuple[Path, list[str]]:
@@ -481,60 +717,103 @@ def snapshot_command(
     if status.get("offline"):
         raise UserError(f"{root} is an offline mount; take snapshots of an online one")
     to = to.expanduser().absolute()
-    store = BlockStore(to, NO_LIMIT)  # creates DIR (private, or group: cachedir.py)
-    mode = store.dir.file_mode
     try:
-        with _locked(store.dir):
-            old = load_manifest(to)
+        return _take(root, subtrees, server, user, to, jobs, stream)
+    except OSError as exc:
+        raise UserError(f"cannot write {SHOWN}: {_reason(exc)}") from None
+
+
+def _take(
+    root: Path, subtrees: list[str], server: str, user: str, to: Path, jobs: int, stream: TextIO
+) -> int:
+    target = open_target(to)
+    try:
+        if target.kind in (marker.Kind.MISSING, marker.Kind.EMPTY):
+            _mark(target)
+        with _locked(target.fd, target.file_mode):
+            old = _manifest_at(target.fd, SHOWN)
             if old is not None and (old.get("server"), old.get("user")) != (server, user):
                 raise UserError(
-                    f"{to} holds a snapshot of {old.get('server')} by {old.get('user')}, "
+                    f"{SHOWN} holds a snapshot of {old.get('server')} by {old.get('user')}, "
                     f"not {server} by {user}; use another directory"
                 )
-            tree = load_tree(to)[0] if old is not None else {"type": "dir", "entries": {}}
-            for subtree in subtrees:  # the server as it is now, not the daemon's cache
-                request(root, {"op": "refresh", "path": subtree, "recursive": True})
-            recorder = Recorder(root)
-            for subtree in subtrees:
-                recorder.place(tree, subtree)
-            _file_keys(root, recorder.files)
-            files = recorder.files
-            missing = {
-                spec["key"]: int(spec["size"])
-                for _, spec in files
-                if "key" in spec and not store.fully_cached(spec["key"])
-            }
-            progress = Progress(stream, files_total=len(files), bytes_total=sum(missing.values()))
-            fetcher = Fetcher(root, store, jobs)
-            fetcher.run(files, progress)
-            progress.show(force=True)
-            if stream.isatty():
-                stream.write("\n")
-            now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-            recorded = list(walk_files(tree))
-            kept = _normalized([*(old or {}).get("subtrees", []), *subtrees])
-            manifest = {
-                "format": FORMAT,
-                "server": server,
-                "user": user,
-                "taken": (old or {}).get("taken", now),
-                "updated": now,
-                "host": socket.gethostname(),
-                "subtrees": kept,
-                "files": len(recorded),
-                "bytes": sum(int(spec.get("size", 0)) for _, spec in recorded),
-                "gcfs": __version__,
-            }
-            _write_json(to / TREE, {"format": FORMAT, "manifest": manifest, "root": tree}, mode)
-            _write_json(to / MANIFEST, manifest, mode)
+            if target.kind is marker.Kind.OLD_SNAPSHOT:
+                _mark(target)  # adopted: a snapshot made before markers
+            tree: dict[str, Any] = {"type": "dir", "entries": {}}
+            if old is not None:
+                tree = _tree_at(target.fd, SHOWN)[0]
+            store = open_store(target, to)
+            try:
+                fetcher = _record(root, subtrees, store, jobs, stream, tree)
+                sync_store(store, target.fd, fetcher.written)
+            finally:
+                store.close()
+            _publish(target, tree, old, server, user, subtrees)
     finally:
-        store.close()
+        os.close(target.fd)
     print(
-        f"snapshot: {len(files)} files under {', '.join(s or '/' for s in subtrees)} in {to}; "
+        f"snapshot: {fetcher.files} files under {', '.join(s or '/' for s in subtrees)}; "
         f"fetched {fetcher.fetched_files} files, {human(fetcher.fetched_bytes)}",
         file=stream,
     )
     return 0
+
+
+def _record(
+    root: Path, subtrees: list[str], store: BlockStore, jobs: int, stream: TextIO, tree: Any
+) -> Fetcher:
+    """Record the subtrees into `tree` and their bytes into `store`."""
+    for subtree in subtrees:  # the server as it is now, not the daemon's cache
+        request(root, {"op": "refresh", "path": subtree, "recursive": True})
+    recorder = Recorder(root)
+    for subtree in subtrees:
+        recorder.place(tree, subtree)
+    _file_keys(root, recorder.files)
+    files = recorder.files
+    missing = {
+        spec["key"]: int(spec["size"])
+        for _, spec in files
+        if "key" in spec and not store.fully_cached(spec["key"])
+    }
+    progress = Progress(stream, files_total=len(files), bytes_total=sum(missing.values()))
+    fetcher = Fetcher(root, store, jobs)
+    fetcher.run(files, progress)
+    fetcher.files = len(files)
+    progress.show(force=True)
+    if stream.isatty():
+        stream.write("\n")
+    return fetcher
+
+
+def _publish(
+    target: Target,
+    tree: dict[str, Any],
+    old: dict[str, Any] | None,
+    server: str,
+    user: str,
+    subtrees: list[str],
+) -> None:
+    """tree.json (the one file an offline mount reads), then its copy manifest.json, each
+    replaced atomically, then the directory synced: only after the store was."""
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    recorded = list(walk_files(tree))
+    kept = _normalized([*(old or {}).get("subtrees", []), *subtrees])
+    manifest = {
+        "format": FORMAT,
+        "server": server,
+        "user": user,
+        "taken": (old or {}).get("taken", now),
+        "updated": now,
+        "host": socket.gethostname(),
+        "subtrees": kept,
+        "files": len(recorded),
+        "bytes": sum(int(spec.get("size", 0)) for _, spec in recorded),
+        "gcfs": __version__,
+    }
+    document = {"format": FORMAT, "manifest": manifest, "root": tree}
+    _write_json(target.fd, TREE, document, target.file_mode)
+    _write_json(target.fd, MANIFEST, manifest, target.file_mode)
+    os.fsync(target.fd)
 
 
 __all__ = [

@@ -126,20 +126,49 @@ def test_unreachable_server_fails_clearly(token_file: Path, mountpoint: Path) ->
 
 
 def test_bad_mountpoint_fails_clearly(fake: FakeGC, token_file: Path, tmp_path: Path) -> None:
+    """A missing mount point gets the mkdir that creates it; a file gets no such advice
+    (issue 14, #18: "create it with: mkdir -p FILE" would fail)."""
     missing = tmp_path / "missing"
     result = run_gcfs(
         "mount", str(missing), "--base-url", fake.base_url, "--token-file", str(token_file)
     )
-    assert_one_clear_line(result, "not a directory", "mkdir -p")
+    assert_one_clear_line(result, "does not exist", f"mkdir -p {missing}")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    result = run_gcfs(
+        "mount", str(a_file), "--base-url", fake.base_url, "--token-file", str(token_file)
+    )
+    assert_one_clear_line(result, "is not a directory")
+    assert "mkdir" not in result.stderr
 
 
 def test_readable_token_file_is_refused(fake: FakeGC, token_file: Path, mountpoint: Path) -> None:
+    """The advice names the option, not the path typed after it (#2: it may be the token)."""
     token_file.chmod(0o644)
     result = run_gcfs(
         "mount", str(mountpoint), "--base-url", fake.base_url, "--token-file", str(token_file)
     )
-    assert_one_clear_line(result, f"chmod 600 {token_file}")
+    assert_one_clear_line(result, "the token file given with --token-file", "chmod 600")
+    assert str(token_file) not in result.stderr
     assert not os.path.ismount(mountpoint)
+
+
+@pytest.mark.parametrize("kind", ["directory", "/dev/null"])
+def test_a_token_file_that_is_no_file_is_not_told_to_chmod(
+    fake: FakeGC, tmp_path: Path, mountpoint: Path, kind: str
+) -> None:
+    """#18: a directory or /dev/null given as the token file is "not a regular file", not
+    "readable by other users; fix it with: chmod 600"."""
+    if kind == "directory":
+        given = tmp_path / "tokens"
+        given.mkdir(mode=0o755)
+    else:
+        given = Path(kind)
+    result = run_gcfs(
+        "mount", str(mountpoint), "--base-url", fake.base_url, "--token-file", str(given)
+    )
+    assert_one_clear_line(result, "not a regular file")
+    assert "chmod" not in result.stderr
 
 
 def test_plain_http_elsewhere_is_refused(token_file: Path, mountpoint: Path) -> None:
@@ -409,7 +438,7 @@ def test_explicit_config_path(
     (config_home / "gcfs" / "config.toml").write_text("ttl = 5\n")
     base = ["mount", str(mountpoint), "--token-file", str(token_file)]
     assert plan(*base, "--config", str(other)).cfg.ttl == 9
-    with pytest.raises(UserError, match=r"config file .*missing\.toml does not exist"):
+    with pytest.raises(UserError, match=r"the config file given with --config does not exist"):
         plan(*base, "--config", str(tmp_path / "missing.toml"))
 
 
@@ -453,7 +482,8 @@ def test_config_file_error_is_one_clear_line(
     result = run_gcfs(
         "mount", str(mountpoint), "--token-file", str(token_file), "--config", str(config)
     )
-    assert_one_clear_line(result, "unknown key 'ttll'", str(config))
+    assert_one_clear_line(result, "unknown key 'ttll'", "the config file given with --config")
+    assert str(config) not in result.stderr  # an option's value is never repeated (#2)
     assert not os.path.ismount(mountpoint)
 
 

@@ -173,7 +173,7 @@ def test_two_daemons_read_and_evict_in_one_small_cache_at_once(
         mount.unmount()
     verified = gcfs("cache", "verify", "--cache-dir", str(cache))
     assert verified.returncode == 0, verified.stderr
-    assert " 0 damaged (dropped" in verified.stdout and " 0 damaged index" in verified.stdout
+    assert " 0 damaged (" in verified.stdout and " 0 damaged index" in verified.stdout
 
 
 # -- offline mounts -------------------------------------------------------------------------
@@ -390,11 +390,15 @@ def test_snapshot_and_offline_refusals(
     online = mount_gcfs("--cache-dir", str(tmp_path / "cache"))
     other = tmp_path / "other"
     other.mkdir()
-    (other / "manifest.json").write_text(
-        json.dumps({"format": "gcfs-snapshot/1", "server": "https://elsewhere", "user": "x"})
+    manifest = {"format": "gcfs-snapshot/1", "server": "https://elsewhere", "user": "x"}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    (other / "tree.json").write_text(  # a snapshot from before markers, of another server
+        json.dumps({"format": "gcfs-snapshot/1", "manifest": manifest, "root": {"type": "dir"}})
     )
     mixed = gcfs("snapshot", str(online.path / "archives" / "lidc-lung-ct"), "--to", str(other))
-    assert mixed.returncode == 1 and "use another directory" in mixed.stderr
+    assert mixed.returncode == 1 and "https://elsewhere by x" in mixed.stderr, mixed.stderr
+    assert "use another directory" in mixed.stderr
+    assert not (other / ".gcfs-directory.json").exists()  # refused: not adopted either
 
 
 def test_a_snapshot_lives_in_a_group_directory(
