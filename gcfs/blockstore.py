@@ -476,7 +476,10 @@ class BlockStore:
         found = marker.classify_open(top)
         if not self._accepts(found):
             raise WrongDirectory(marker.refusal(path, found, self.kind))
-        where = cachedir.inspect_fd(path, top, created=created, fix=writable)
+        # A snapshot's directory keeps the mode it has (the user chose it: `gcfs snapshot`
+        # never changes what it did not create); a cache's loses bits for others.
+        fix = writable and (created or self.kind == marker.BLOCK_CACHE)
+        where = cachedir.inspect_fd(path, top, created=created, fix=fix)
         if not writable:
             try:
                 self._store_fd = safeio.open_directory(STORE_DIR, dir_fd=top)
@@ -1789,7 +1792,11 @@ class BlockStore:
 
     def _remove_old_format(self) -> None:
         """The one-file-per-block cache of earlier versions, only in a directory that carries
-        gcfs's marker (the caller checked), removed without following a link."""
+        gcfs's marker (the caller checked), removed without following a link. Never in a
+        snapshot's directory: snapshots came after that format, so a `blocks/` there is not
+        ours."""
+        if self.kind != marker.BLOCK_CACHE:
+            return
         for name in _OLD_FORMAT:
             try:
                 info = os.stat(name, dir_fd=self._top, follow_symlinks=False)

@@ -71,15 +71,17 @@ REFUSALS = {
 }
 
 
-def classify(target: CacheTarget) -> marker.Kind:
+def classify(target: CacheTarget, *, allow_empty: bool = False) -> marker.Kind:
     """What the directory is: a block cache (marked, or made before markers: a directory
     holding only `store/`), or, for the default directory only, nothing yet (MISSING or
-    EMPTY); UserError for anything else. Reads, never creates or changes anything."""
+    EMPTY); with `allow_empty` (status), an empty directory given with --cache-dir too (an
+    administrator checks the group directory made for a cache before anyone mounts with it);
+    UserError for anything else. Reads, never creates or changes anything."""
     try:
         kind = marker.classify(target.path)
     except OSError as exc:
         raise UserError(f"cannot read {target.shown}: {exc.strerror}") from None
-    if kind.is_cache:
+    if kind.is_cache or (kind is marker.Kind.EMPTY and allow_empty):
         return kind
     if kind in (marker.Kind.MISSING, marker.Kind.EMPTY) and not target.explicit:
         return kind
@@ -99,8 +101,8 @@ def open_store(target: CacheTarget, *, write: bool) -> BlockStore:
 def describe(target: CacheTarget) -> dict[str, Any]:
     """What `gcfs cache status` shows, as a dict (also its --json output)."""
     directory = target.path
-    kind = classify(target)
-    if not kind.is_cache:
+    kind = classify(target, allow_empty=True)
+    if kind is marker.Kind.MISSING:
         return {"path": str(directory), "exists": False, "files": 0, "bytes": 0}
     store = open_store(target, write=False)
     files, used = store.usage()
@@ -135,7 +137,7 @@ def status_command(target: CacheTarget, *, as_json: bool) -> int:
     sharing = (
         f"shared by group {shown['group']}"
         if shown["mode"] == "group"
-        else "private (make it 2770 and setgid for a group: see README, On a cluster)"
+        else "private (make it 3770, setgid and sticky, for a group: see README, On a cluster)"
     )
     kind = (
         "network: data flushed before it is published"

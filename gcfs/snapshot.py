@@ -50,9 +50,10 @@ it is removed. A shared directory is hostile (safeio.py): every name is opened r
 the directory's descriptor, the lock file as a regular file only, the temporary files of
 tree.json and manifest.json with O_EXCL | O_NOFOLLOW under random names.
 
-Durability: every data and index file written by this run, their directories and `store/`
-are fsynced before tree.json names them; tree.json and manifest.json are fsynced before
-their rename and the directory after it. A power loss leaves the old snapshot or the new one.
+Durability: every data and index file of the store, their directories and `store/` are
+fsynced (BlockStore.sync) before tree.json names them; tree.json and manifest.json are
+fsynced before their rename and the directory after it. A power loss leaves the old
+snapshot or the new one.
 
 The token: the snapshot talks to the daemon over its control socket and reads through the
 mount; it never has the token, and nothing it writes contains it. Errors name DIR as "the
@@ -67,7 +68,6 @@ import datetime as dt
 import errno
 import fcntl
 import hashlib
-import inspect
 import json
 import mmap
 import os
@@ -83,7 +83,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__, cachedir, marker, safeio
-from .blockstore import STORE_DIR, BlockStore, key_digest
+from .blockstore import BlockStore
 from .config import default_cache_dir
 from .control import find_mount, request
 from .errors import UserError
@@ -399,7 +399,6 @@ class Fetcher:
         self.files = 0  # files recorded (paths)
         self.fetched_files = 0
         self.fetched_bytes = 0
-        self.written: set[str] = set()  # keys whose files this run wrote to (to be synced)
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -447,7 +446,7 @@ class Fetcher:
                 spec["size"] = len(data)
                 if not self.store.fully_cached(key):
                     self._store(key, memoryview(data), 0, len(data))
-            elif not self.store.fully_cached(key):
+            elif not self.store.fully_cached(key, int(spec["size"])):
                 read = self._copy(path, key, int(spec["size"]), progress)
                 with self._lock:
                     self.fetched_files += 1
@@ -480,8 +479,6 @@ class Fetcher:
         return read
 
     def _store(self, key: str, data: memoryview, first: int, size: int) -> None:
-        with self._lock:
-            self.written.add(key)
         if size == 0:
             self.store.put_size(key, 0)
             return
@@ -612,58 +609,17 @@ def _mark(target: Target) -> None:
             raise UserError(f"{SHOWN} was taken by something else meanwhile") from None
 
 
-def open_store(target: Target, to: Path) -> BlockStore:
-    """The snapshot's block store, opened without changing anything gcfs did not create:
-    the directory keeps its mode, and nothing in it is removed (a BlockStore opened for
-    writing chmods its directory and removes an old cache format; a read-only one does
-    neither). `store/` is created here, relative to the directory's descriptor."""
-    fd, _ = safeio.make_directory(STORE_DIR, target.dir_mode, dir_fd=target.fd)
-    os.close(fd)
-    if "kind" in inspect.signature(BlockStore).parameters:  # the store knows snapshots
-        return BlockStore(to, NO_LIMIT, kind=marker.SNAPSHOT)  # type: ignore[call-arg,unused-ignore]
-    store = BlockStore(to, NO_LIMIT, readonly=True)
-    store.readonly = False
-    return store
+def open_store(to: Path) -> BlockStore:
+    """The snapshot's block store. Opened as a snapshot's (`kind`), it keeps the directory's
+    mode, creates `store/` without following links and removes nothing."""
+    return BlockStore(to, NO_LIMIT, kind=marker.SNAPSHOT)
 
 
-def sync_store(store: BlockStore, directory_fd: int, keys: set[str]) -> None:
-    """Make every file this run wrote durable before the tree that names it is: fsync the
-    data and index files of `keys`, their directories and `store/`. A power loss after
+def sync_store(store: BlockStore) -> None:
+    """Make every file in the store durable before the tree that names it is: the data and
+    index files, their directories and `store/` (BlockStore.sync). A power loss after
     tree.json was replaced then cannot leave records whose bytes were lost."""
-    sync = getattr(store, "sync", None)
-    if callable(sync):  # the store syncs its own files
-        sync()
-        return
-    store_fd = safeio.open_directory(STORE_DIR, dir_fd=directory_fd)
-    try:
-        subdirectories: dict[str, int] = {}
-        try:
-            for key in sorted(keys):
-                digest = key_digest(key)
-                sub = subdirectories.get(digest[:2])
-                if sub is None:
-                    try:
-                        sub = safeio.open_directory(digest[:2], dir_fd=store_fd)
-                    except FileNotFoundError:
-                        continue
-                    subdirectories[digest[:2]] = sub
-                for name in (f"{digest}.data", f"{digest}.index"):
-                    try:
-                        fd = safeio.open_regular(name, os.O_RDONLY, dir_fd=sub)
-                    except FileNotFoundError:
-                        continue  # a size-only file has no data; an evicted one nothing
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-            for sub in subdirectories.values():
-                os.fsync(sub)
-        finally:
-            for sub in subdirectories.values():
-                os.close(sub)
-        os.fsync(store_fd)
-    finally:
-        os.close(store_fd)
+    store.sync()
 
 
 def _locate(paths: list[Path]) -> tuple[Path, list[str]]:
@@ -742,10 +698,10 @@ def _take(
             tree: dict[str, Any] = {"type": "dir", "entries": {}}
             if old is not None:
                 tree = _tree_at(target.fd, SHOWN)[0]
-            store = open_store(target, to)
+            store = open_store(to)
             try:
                 fetcher = _record(root, subtrees, store, jobs, stream, tree)
-                sync_store(store, target.fd, fetcher.written)
+                sync_store(store)
             finally:
                 store.close()
             _publish(target, tree, old, server, user, subtrees)
@@ -773,7 +729,7 @@ def _record(
     missing = {
         spec["key"]: int(spec["size"])
         for _, spec in files
-        if "key" in spec and not store.fully_cached(spec["key"])
+        if "key" in spec and not store.fully_cached(spec["key"], int(spec["size"]))
     }
     progress = Progress(stream, files_total=len(files), bytes_total=sum(missing.values()))
     fetcher = Fetcher(root, store, jobs)
