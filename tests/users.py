@@ -208,12 +208,14 @@ class Canaries:
     made: dict[Path, str] = field(default_factory=dict)  # path -> what points at it
     before: dict[Path, Any] = field(default_factory=dict)
 
-    def file(self, owner: str, why: str) -> Path:
+    def file(self, owner: str, why: str, *, shared: bool = False) -> Path:
+        """A file of root or of A; `shared`: group gcfslab and 0660, the only files B may hard
+        link to where fs.protected_hardlinks is 1 (B must be able to read and write them)."""
         path = self.base / f"canary-{len(self.made):02d}-{owner}"
         path.write_bytes(f"canary {path.name}: must never change\n".encode() * 3)
         uid = self.lab.a if owner == "a" else 0
-        os.chown(path, uid, self.lab.gid if owner == "a" else 0)
-        path.chmod(0o640 if owner == "a" else 0o644)
+        os.chown(path, uid, self.lab.gid if owner == "a" or shared else 0)
+        path.chmod(0o660 if shared else 0o640 if owner == "a" else 0o644)
         return self._remember(path, why)
 
     def directory(self, owner: str, why: str) -> Path:
