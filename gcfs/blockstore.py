@@ -310,6 +310,7 @@ class _Entry:
     __slots__ = (
         "blocks",
         "bytes",
+        "conflicting",
         "digest",
         "expected",
         "files",
@@ -336,6 +337,9 @@ class _Entry:
         # The size the server told this process (given by a caller): records that say
         # otherwise are not believed. None until a caller says.
         self.expected: int | None = None
+        # Records of two sizes for one key (keys are immutable: a member's lie, or damage):
+        # get_size answers None, so the caller asks the server and passes its size.
+        self.conflicting = False
         self.blocks: dict[int, tuple[int, int]] = {}  # index -> (length, crc32)
         self.verified: set[int] = set()  # blocks checked (or written) in this process ...
         self.verified_id: object = None  # ... in the data file with this (st_dev, st_ino)
@@ -555,11 +559,14 @@ class BlockStore:
 
     def get_size(self, key: str) -> int | None:
         """The remote file's size if a record of it is on disk (a member of a group cache
-        may have written it: callers that know the server's size pass it elsewhere)."""
+        may have written it: callers that know the server's size pass it elsewhere); None
+        also when the index states two sizes for the key (then only the server can tell)."""
         entry = self._lookup(key_digest(key))
         if entry is not None and entry.size is None:
             self._sync(entry)
-        return None if entry is None else entry.size
+        if entry is None or entry.conflicting:
+            return None
+        return entry.size
 
     def put_size(self, key: str, size: int) -> None:
         """Remember a file's total size (the server's) across remounts (a size-only record)."""
@@ -1247,7 +1254,9 @@ class BlockStore:
                 self._damaged += 1  # not what the server says: a miss, never believed
                 continue
             if entry.size is not None and size != entry.size:
-                # The key was reused with another size: the newest statement wins.
+                # Two sizes for one key: the newest statement wins until the server's size
+                # is known, but no size is believed from this index alone (get_size).
+                entry.conflicting = True
                 entry.blocks.clear()
                 entry.verified.clear()
             entry.size = size
@@ -1271,6 +1280,7 @@ class BlockStore:
         entry.verified.clear()
         entry.verified_id = None
         entry.size = None
+        entry.conflicting = False
         entry.parsed = 0
         entry.index_id = None
         files = entry.files

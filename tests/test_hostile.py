@@ -38,6 +38,7 @@ from typing import Any
 
 import pytest
 
+from gcfs import marker
 from gcfs.blockindex import KIND_BLOCK, KIND_SIZE, RECORD_SIZE, record
 from gcfs.blockstore import DEFAULT_BLOCK_SIZE, STORE_DIR, key_digest
 from gcfs.fakegc import DEMO_B_TOKEN, DEMO_TOKEN, FakeGC
@@ -309,6 +310,11 @@ def test_planted_links_are_never_followed(scene: Scene, kind: str, mode: int, wh
     files = filled + later
     untouched, replaced_data, replaced_index = filled
     cache = scene.cache(mode)
+    if mode & stat.S_ISVTX == 0:
+        # gcfs makes its subdirectories sticky; B makes them first, so that B owns them and
+        # may replace A's files in them (the sticky bit protects only in others' directories).
+        for f in (replaced_data, replaced_index):
+            ensure_bucket(scene, cache, f)
     fill(scene, cache, [untouched, replaced_data, replaced_index], "links")
     owner = "root" if who == "root" else "a"
     c = scene.canaries
@@ -425,6 +431,7 @@ def test_planted_fifos_never_hang_the_mount(scene: Scene, who: str) -> None:
     files = filled + later
     untouched, replaced_index = filled
     cache = scene.cache(0o2770)
+    ensure_bucket(scene, cache, replaced_index)  # B's directory: B may replace A's index in it
     fill(scene, cache, [untouched, replaced_index], "fifos")
     data_fifo, index_fifo, both = later
     for f in later:
@@ -443,7 +450,10 @@ def test_planted_fifos_never_hang_the_mount(scene: Scene, who: str) -> None:
     found = files_in(daemon, "fifos") | files_in(daemon, "fifos-later")
     outcomes: dict[str, str | None] = {}
 
+    started = threading.Semaphore(0)
+
     def attempt(f: File) -> None:
+        started.release()
         try:
             outcomes[f.name] = right_or_clean_error(found[f.name], f, "FIFO planted")
         except AssertionError as exc:
@@ -452,7 +462,8 @@ def test_planted_fifos_never_hang_the_mount(scene: Scene, who: str) -> None:
     threads = [threading.Thread(target=attempt, args=(f,), daemon=True) for f in files[1:]]
     for thread in threads:
         thread.start()
-    time.sleep(0.5)  # let the affected reads reach the daemon first
+    for _ in threads:  # the affected reads are under way before the other paths are tried
+        assert started.acquire(timeout=ANSWER_DEADLINE)
     still_answers(daemon, found[untouched.name], untouched)
     end = time.monotonic() + READ_DEADLINE + 2
     for thread in threads:
@@ -716,6 +727,15 @@ def test_an_offline_mount_of_a_snapshot_with_planted_fifos_and_links_keeps_answe
     untouched, linked_data, fifo_index, fifo_data, linked_index = files
     online = scene.daemon("root")
     to = scene.cache(0o2770, "snapshot")
+    # Marked as gcfs marks a new snapshot directory; then B makes store/ and its
+    # subdirectories first, so that B owns them and may replace the snapshot's files there.
+    marked = os.open(to, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        marker.write(marked, marker.SNAPSHOT, 0o660)
+    finally:
+        os.close(marked)
+    for f in files[1:]:
+        ensure_bucket(scene, to, f)
     taken = snapshot_as(scene, "root", online, "archives/offsnap", to)
     assert taken.returncode == 0, taken.stderr
     scene.stop(online)
@@ -747,7 +767,10 @@ def test_an_offline_mount_of_a_snapshot_with_planted_fifos_and_links_keeps_answe
     assert isinstance(found, dict), found
     outcomes: dict[str, str | None] = {}
 
+    started = threading.Semaphore(0)
+
     def attempt(f: File) -> None:
+        started.release()
         try:
             outcomes[f.name] = right_or_clean_error(found[f.name], f, "planted in the snapshot")
         except AssertionError as exc:
@@ -756,7 +779,8 @@ def test_an_offline_mount_of_a_snapshot_with_planted_fifos_and_links_keeps_answe
     threads = [threading.Thread(target=attempt, args=(f,), daemon=True) for f in files[1:]]
     for thread in threads:
         thread.start()
-    time.sleep(0.5)
+    for _ in threads:  # the affected reads are under way before the other paths are tried
+        assert started.acquire(timeout=ANSWER_DEADLINE)
     listing = within(
         ANSWER_DEADLINE, "a listing of the offline root", lambda: os.listdir(offline.path)
     )

@@ -161,6 +161,7 @@ def one(op, args):
         os.close(fd)
     elif op == "mkdir":
         os.mkdir(args[0], 0o2770)
+        os.chmod(args[0], 0o2770)  # whatever the umask: the group must be able to write
     elif op == "unlink":
         os.unlink(args[0])
     elif op == "rename":
