@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import runtime
+from . import inject, runtime
 from .errors import GcfsError, UserError
 
 if TYPE_CHECKING:
@@ -115,6 +115,7 @@ async def _dispatch(request: Any, fs: GcFilesystem, invalidate: Invalidate) -> d
     if not isinstance(path, str):
         raise ValueError("path must be a string")
     if op == "refresh":
+        inject.maybe_fail("refresh")
         parent, node = await fs.resolve(path)
         entries, inodes = fs.forget(parent, node, recursive=bool(request.get("recursive")))
         await invalidate(entries, inodes)
@@ -128,6 +129,8 @@ async def _dispatch(request: Any, fs: GcFilesystem, invalidate: Invalidate) -> d
         paths = request.get("paths")
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise ValueError("paths must be a list of strings")
+        if request.get("cached"):
+            inject.maybe_fail("prefetch")  # what `gcfs prefetch` asks (prefetch.make_plan)
         files = []
         for each in paths:
             _, node = await fs.resolve(each)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from cachetools import TTLCache
 
-from . import __version__, layout, render, tree
+from . import __version__, inject, layout, render, tree
 from .api import JSON, Existence, GcApiClient
 from .apitree import API_DIR, api_root
 from .cache import MetadataCache
@@ -511,6 +511,7 @@ class GcFilesystem:
 
         async def probe(name: str, url: str) -> None:
             async with limiter:
+                inject.maybe_fail("size-probe")
                 try:
                     sizes[name] = await self.content.size(url)
                 except (NotFound, PermissionDenied) as exc:

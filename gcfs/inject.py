@@ -11,6 +11,9 @@ Points (a task kind each; `gcfs/content.py` and `gcfs/reader.py` name them):
 - `store-stall`: the first block store call in a worker thread blocks for STALL_SECONDS (a
   hostile file: a FIFO, a hung network filesystem); later calls do not.
 - `store-slow-write`: each block store write first waits SLOW_WRITE_SECONDS (a slow disk).
+- `size-probe`: raise in each file's size probe (the tasks a listing starts, fs.py).
+- `refresh`, `prefetch`: raise in the daemon's side of `gcfs refresh` and of `gcfs prefetch`
+  (the control requests `refresh`, and `files` with `cached`: control.py).
 """
 
 from __future__ import annotations
@@ -20,7 +23,17 @@ import threading
 import time
 
 ENVIRONMENT = "GCFS_TEST_INJECT"
-POINTS = frozenset({"read-ahead", "write-behind", "store-stall", "store-slow-write"})
+POINTS = frozenset(
+    {
+        "read-ahead",
+        "write-behind",
+        "store-stall",
+        "store-slow-write",
+        "size-probe",
+        "refresh",
+        "prefetch",
+    }
+)
 # Far beyond any request's deadline (60 s by default): the thread is abandoned, never awaited.
 STALL_SECONDS = 3600.0
 # A slow disk: 0.2 s per write call, ~20 MB/s at 4 MiB per call, while storage on loopback

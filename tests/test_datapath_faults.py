@@ -10,7 +10,9 @@ answering with the server's bytes or EIO, never wrong bytes.
 from __future__ import annotations
 
 import errno
+import json
 import os
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +25,7 @@ import trio
 from gcfs import control, inject
 from gcfs.blockstore import BlockStore
 from gcfs.fakegc import DEMO_TOKEN, FakeGC
-from tests.conftest import Mount
+from tests.conftest import Mount, gcfs_command
 from tests.test_content import (
     BS,
     LARGE_BYTES,
@@ -202,3 +204,37 @@ def test_a_hung_store_call_answers_eio_within_the_deadline(
         assert path.read_bytes() == served_bytes(mount, path)
     assert mount.process.poll() is None
     assert "did not finish within 3 s; answering EIO" in mount.log_text()
+
+
+@pytest.mark.parametrize("point", ["size-probe", "refresh", "prefetch"])
+def test_a_bug_in_a_probe_refresh_or_prefetch_leaves_the_mount_answering(
+    mount_gcfs: Callable[..., Mount],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    point: str,
+) -> None:
+    """The other kinds of work the daemon starts for a request (each file's size probe in a
+    listing, `gcfs refresh`, `gcfs prefetch`) raise an unexpected exception: the request
+    fails cleanly (EIO, or one line and exit 1), and the mount goes on answering."""
+    monkeypatch.setenv(inject.ENVIRONMENT, point)
+    mount = mount_gcfs("--cache-dir", str(tmp_path / "cache"))
+    mount.allowed_errors += ["unexpected error", "control request failed", "Traceback"]
+    archive = mount.path / "archives" / "prostate-mri-picai"
+    items = archive / "items"
+    if point == "size-probe":
+        with pytest.raises(OSError) as caught:
+            remote_files(items)  # a listing of files probes their sizes
+        assert caught.value.errno == errno.EIO
+    else:
+        command = ["refresh", str(archive)] if point == "refresh" else ["prefetch", str(items)]
+        done = subprocess.run(
+            gcfs_command(*command), capture_output=True, text=True, timeout=120, check=False
+        )
+        assert done.returncode == 1, done
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+        assert "internal error" in done.stderr
+    assert mount.process.poll() is None
+    assert "archives" in os.listdir(mount.path)
+    described = json.loads((archive / "archive.json").read_bytes())
+    assert described["url"].rstrip("/").endswith("prostate-mri-picai")
+    assert f"injected fault at {point}" in mount.log_text()
