@@ -233,6 +233,37 @@ def writes_done(daemon: Daemon) -> None:
         time.sleep(0.05)
 
 
+def start_reads(
+    found: dict[str, Path], files: list[File], planted: str
+) -> tuple[list[threading.Thread], dict[str, str | None]]:
+    """Read each of `files` in a thread of its own (a read may hang: that is what is tested);
+    returns once every read is under way, with the threads and where their outcomes go
+    (None: right bytes or a clean error; else what went wrong)."""
+    outcomes: dict[str, str | None] = {}
+    started = threading.Semaphore(0)
+
+    def attempt(f: File) -> None:
+        started.release()
+        try:
+            outcomes[f.name] = right_or_clean_error(found[f.name], f, planted)
+        except AssertionError as exc:
+            outcomes[f.name] = str(exc)
+
+    threads = [threading.Thread(target=attempt, args=(f,), daemon=True) for f in files]
+    for thread in threads:
+        thread.start()
+    for _ in threads:
+        assert started.acquire(timeout=ANSWER_DEADLINE), "a read did not start"
+    return threads, outcomes
+
+
+def join_reads(threads: list[threading.Thread]) -> None:
+    """Wait for the reads of `start_reads` up to the daemon's deadline (and a margin)."""
+    end = time.monotonic() + READ_DEADLINE + 2
+    for thread in threads:
+        thread.join(max(0.0, end - time.monotonic()))
+
+
 def still_answers(daemon: Daemon, untouched: Path, f: File) -> None:
     """The mount answers promptly after the attack: a listing of its root, a read of an
     untouched file; the daemon is alive."""
@@ -448,26 +479,9 @@ def test_planted_fifos_never_hang_the_mount(scene: Scene, who: str) -> None:
     assert results == ["ok"] * 5, results
     daemon = scene.daemon(who, "--cache-dir", str(cache))
     found = files_in(daemon, "fifos") | files_in(daemon, "fifos-later")
-    outcomes: dict[str, str | None] = {}
-
-    started = threading.Semaphore(0)
-
-    def attempt(f: File) -> None:
-        started.release()
-        try:
-            outcomes[f.name] = right_or_clean_error(found[f.name], f, "FIFO planted")
-        except AssertionError as exc:
-            outcomes[f.name] = str(exc)
-
-    threads = [threading.Thread(target=attempt, args=(f,), daemon=True) for f in files[1:]]
-    for thread in threads:
-        thread.start()
-    for _ in threads:  # the affected reads are under way before the other paths are tried
-        assert started.acquire(timeout=ANSWER_DEADLINE)
+    threads, outcomes = start_reads(found, files[1:], "FIFO planted")
     still_answers(daemon, found[untouched.name], untouched)
-    end = time.monotonic() + READ_DEADLINE + 2
-    for thread in threads:
-        thread.join(max(0.0, end - time.monotonic()))
+    join_reads(threads)
     assert all(not t.is_alive() for t in threads), "reads of files with a planted FIFO never ended"
     problems = [f"{name}: {what}" for name, what in outcomes.items() if what]
     stuck = stuck_tasks([os.getpid(), daemon.process.pid])
@@ -765,30 +779,13 @@ def test_an_offline_mount_of_a_snapshot_with_planted_fifos_and_links_keeps_answe
         lambda: {p.name: p for p in (offline.path / "archives" / "offsnap").rglob("*.mha")},
     )
     assert isinstance(found, dict), found
-    outcomes: dict[str, str | None] = {}
-
-    started = threading.Semaphore(0)
-
-    def attempt(f: File) -> None:
-        started.release()
-        try:
-            outcomes[f.name] = right_or_clean_error(found[f.name], f, "planted in the snapshot")
-        except AssertionError as exc:
-            outcomes[f.name] = str(exc)
-
-    threads = [threading.Thread(target=attempt, args=(f,), daemon=True) for f in files[1:]]
-    for thread in threads:
-        thread.start()
-    for _ in threads:  # the affected reads are under way before the other paths are tried
-        assert started.acquire(timeout=ANSWER_DEADLINE)
+    threads, outcomes = start_reads(found, files[1:], "planted in the snapshot")
     listing = within(
         ANSWER_DEADLINE, "a listing of the offline root", lambda: os.listdir(offline.path)
     )
     assert isinstance(listing, list), listing
     assert read(found[untouched.name], len(untouched.data) + 1, ANSWER_DEADLINE) == untouched.data
-    end = time.monotonic() + READ_DEADLINE + 2
-    for thread in threads:
-        thread.join(max(0.0, end - time.monotonic()))
+    join_reads(threads)
     hung = [t.name for t in threads if t.is_alive()]
     problems = [f"{n}: {w}" for n, w in outcomes.items() if w] + c.check()
     assert not hung and not problems, f"reads never ended: {hung}\n" + "\n".join(problems)
