@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from gcfs import blockstore, marker
+from gcfs import blockread, blockstore, marker
 from gcfs.blockindex import KIND_BLOCK, KIND_SIZE, record
 from gcfs.blockstore import BlockStore, key_digest
 from tests.test_blockstore import BS, DATA, KEY, SIZE, blocks, paths, read
@@ -238,8 +238,8 @@ def test_an_oversized_index_is_read_only_up_to_its_limit(
 ) -> None:
     """Every parser is bounded by what it reads: an index larger than the limit is read up
     to the limit (here 64 records), in pieces, and the rest ignored."""
-    monkeypatch.setattr(blockstore, "INDEX_LIMIT", 64 * 48)
-    monkeypatch.setattr(blockstore, "_INDEX_CHUNK", 10 * 48 + 7)  # pieces split records
+    monkeypatch.setattr(blockread, "INDEX_LIMIT", 64 * 48)
+    monkeypatch.setattr(blockread, "_INDEX_CHUNK", 10 * 48 + 7)  # pieces split records
     store = store_at(tmp_path / "c")
     digest = key_digest(KEY)
     size = 1000 * BS
