@@ -13,6 +13,11 @@ An eviction the filesystem refuses (EPERM: another member's file in a sticky gro
 is skipped: the file stays counted, is remembered (at most MAX_REFUSED of them) and not tried
 again, and other files are evicted instead.
 
+Bounded: at most `max_entries` files are tracked in memory (MAX_ENTRIES); the others are
+counted (`untracked`, with their bytes, so that the limit still holds) and found on disk when
+used. Eviction sees the least recently used ones, so it evicts in the right order; a rescan
+after it tracks more.
+
 A scan looks only at gcfs's own names (`store/<hh>/<digest>.data|.index` with the digest in
 its own `<hh>`, and temporary names), never follows a link, and at start removes only those
 of them a crash left behind (STALE_AGE).
@@ -53,6 +58,15 @@ RESCAN_MAX_AGE = 30.0
 # A data file without an index, or a temporary file, this old is left over by a crash; younger
 # ones may belong to another daemon that is creating them right now.
 STALE_AGE = 3600.0
+# Files tracked in memory (`_entries`): one `_Entry` per remote file in the directory costs
+# ~750 bytes before its index is read (measured with tracemalloc: 100,000 entries in their
+# OrderedDict, digest strings included), so 131,072 files cost at most ~94 MiB. That is six times
+# the files the default 10 GiB cache holds at DICOM sizes (~512 KiB per instance), and what a
+# hostile member who creates millions of empty index files can make a daemon hold. Beyond it a
+# rescan tracks the least recently used files (eviction's order) and counts the rest as
+# `untracked` (their bytes still count); a file this process uses is looked up on disk, tracked,
+# and pushes the most recently used idle one out of the table (not off the disk).
+MAX_ENTRIES = 1 << 17
 # Digests whose eviction the filesystem refused (a member's file in a sticky group directory):
 # remembered so that they are not tried again on every eviction; bounded, oldest forgotten.
 MAX_REFUSED = 65536
@@ -154,11 +168,15 @@ class StoreAccounting(StoreFiles):
                 self._refused.popitem(last=False)
         for digest in digests:
             on_disk = self._measure_paths(digest)
+            dropped = 0
             with self._lock:
                 if digest not in self._entries:
                     self._entries[digest] = _Entry(digest, on_disk, time.time())
                     self._entries.move_to_end(digest, last=False)
                     self._total += on_disk
+                    dropped = self._bound_locked(keep=None)
+            if dropped:
+                self._tell_untracked()
 
     # -- rescans --------------------------------------------------------------------------------
 
@@ -168,6 +186,7 @@ class StoreAccounting(StoreFiles):
         orders the LRU. At start, also remove what a crash left (old enough: STALE_AGE)."""
         used: dict[str, float] = {}  # digest -> mtime of its index
         sizes: dict[str, int] = {}  # digest -> bytes on disk of both files
+        untracked = [0, 0]  # files and bytes left out of the maps so far (_thin)
         clean = start and not self.readonly
         now = time.time()
         for folder, names in self._folders():
@@ -191,35 +210,104 @@ class StoreAccounting(StoreFiles):
                 if clean and now - mtime > STALE_AGE:
                     with contextlib.suppress(OSError):
                         os.unlink(name, dir_fd=folder)
-        self._recount(used, sizes, start=start)
+            if len(used) > 2 * self.max_entries:
+                self._thin(used, sizes, untracked)
+        self._recount(used, sizes, untracked, start=start)
 
-    def _recount(self, used: dict[str, float], sizes: dict[str, int], *, start: bool) -> None:
-        """The rescan's findings into the accounting and the LRU order."""
+    def _recount(
+        self, used: dict[str, float], sizes: dict[str, int], untracked: list[int], *, start: bool
+    ) -> None:
+        """The rescan's findings into the accounting and the LRU order: at most `max_entries`
+        files tracked, the least recently used first; `untracked`: files and bytes the scan
+        left out already."""
         with self._lock:
-            for digest, entry in list(self._entries.items()):
-                in_use = entry.files is not None and entry.files.users > 0
-                if digest not in used and not in_use:  # evicted by another daemon
-                    del self._entries[digest]
-                    self._total -= entry.bytes
-                    files = entry.files
-                    entry.files = None
-                    if files is not None:
-                        self._retire_locked(files)
-                        self._open.pop(digest, None)
-            for digest, mtime in used.items():
-                known = self._entries.get(digest)
-                if known is None:
-                    self._entries[digest] = _Entry(digest, sizes[digest], mtime)
-                    self._total += sizes[digest]
-                else:
-                    self._total += sizes[digest] - known.bytes
-                    known.bytes = sizes[digest]
-                    known.used = max(known.used, mtime)
-            ordered = sorted(self._entries.values(), key=lambda e: e.used)
-            self._entries = OrderedDict((e.digest, e) for e in ordered)
+            self._forget_gone_locked(used)
+            for digest, entry in self._entries.items():
+                if digest in used:
+                    entry.bytes = sizes[digest]
+                    entry.used = max(entry.used, used[digest])
+            new = [digest for digest in used if digest not in self._entries]
+            pinned = [e for e in self._entries.values() if e.files is not None]
+            others = [(e.used, e.digest) for e in self._entries.values() if e.files is None]
+            others += [(used[digest], digest) for digest in new]
+            others.sort()
+            room = max(0, self.max_entries - len(pinned))
+            tracked = pinned + [
+                self._entries.get(digest) or _Entry(digest, sizes[digest], mtime)
+                for mtime, digest in others[:room]
+            ]
+            left = others[room:]
+            self._untracked = untracked[0] + len(left)
+            self._untracked_bytes = untracked[1] + sum(sizes.get(digest, 0) for _, digest in left)
+            tracked.sort(key=lambda e: e.used)
+            self._entries = OrderedDict((e.digest, e) for e in tracked)
+            self._total = sum(e.bytes for e in tracked) + self._untracked_bytes
             self._rescanned = time.monotonic()
             if not start:
                 self._rescans += 1
+        if left:
+            self._tell_untracked()
+
+    def _forget_gone_locked(self, used: dict[str, float]) -> None:
+        """Forget the files the rescan did not find (evicted by another daemon), unless a
+        thread is using them. Lock held."""
+        for digest, entry in list(self._entries.items()):
+            in_use = entry.files is not None and entry.files.users > 0
+            if digest not in used and not in_use:
+                del self._entries[digest]
+                files = entry.files
+                entry.files = None
+                if files is not None:
+                    self._retire_locked(files)
+                    self._open.pop(digest, None)
+
+    def _thin(self, used: dict[str, float], sizes: dict[str, int], untracked: list[int]) -> None:
+        """Keep a scan's maps at most `max_entries` long (and the files held open): the least
+        recently used ones, those eviction wants; count the others in `untracked`. So that a
+        scan of millions of files holds at most twice the bound between two folders."""
+        with self._lock:
+            held = set(self._open)
+        ordered = sorted(used, key=lambda digest: used[digest])
+        for digest in ordered[self.max_entries :]:
+            if digest not in held:
+                untracked[0] += 1
+                untracked[1] += sizes.pop(digest)
+                del used[digest]
+
+    def _bound_locked(self, *, keep: _Entry | None) -> int:
+        """Keep `_entries` at most `max_entries` long after an entry was added: the most
+        recently used files go out of the table first (eviction wants the oldest ones), those
+        without open descriptors before those with (closed once idle), never `keep` nor a
+        file a thread is using. Their bytes stay counted, as untracked. How many went. Lock
+        held."""
+        dropped = 0
+        for idle_only in (True, False):
+            for digest in list(reversed(self._entries)):
+                if len(self._entries) <= self.max_entries:
+                    return dropped
+                entry = self._entries[digest]
+                files = entry.files
+                if entry is keep or (files is not None and (idle_only or files.users > 0)):
+                    continue
+                del self._entries[digest]
+                if files is not None:
+                    entry.files = None
+                    self._retire_locked(files)
+                    self._open.pop(digest, None)
+                self._untracked += 1
+                self._untracked_bytes += entry.bytes
+                dropped += 1
+        return dropped
+
+    def _tell_untracked(self) -> None:
+        self._tell_once(
+            logging.WARNING,
+            "entries",
+            "block store %s: more than %d files in it; the most recently used ones beyond "
+            "that are counted but not tracked (found on disk when used)",
+            self.directory,
+            self.max_entries,
+        )
 
     def _folders(self) -> Iterator[tuple[int, list[tuple[str, os.stat_result]]]]:
         """Each `store/<hh>/` directory (opened without following a link; the descriptor is

@@ -174,7 +174,10 @@ class StoreFiles:
     _entries: OrderedDict[str, _Entry]  # LRU order, oldest first
     _open: OrderedDict[str, _Entry]  # entries with open descriptors
     _refused: OrderedDict[str, None]  # evictions refused (EPERM)
-    _total: int  # bytes on disk, as far as this process knows
+    _total: int  # bytes on disk, as far as this process knows (untracked files' too)
+    max_entries: int  # files tracked in `_entries` at most (blockaccount.MAX_ENTRIES)
+    _untracked: int  # files on disk not in `_entries` (beyond max_entries), at the last count
+    _untracked_bytes: int  # their bytes
     _hits: int
     _misses: int
     _evictions: int

@@ -36,10 +36,10 @@ class StoreMaintenance(StoreReads):
     """The whole directory's maintenance (this module's docstring)."""
 
     def usage(self) -> tuple[int, int]:
-        """(remote files, bytes) on disk now, whoever wrote them."""
+        """(remote files, bytes) on disk now, whoever wrote them (tracked or not)."""
         self._rescan()
         with self._lock:
-            return len(self._entries), self._total
+            return len(self._entries) + self._untracked, self._total
 
     def evict_to(self, limit: int) -> int:
         """Evict whole files, least recently used first (by every daemon's use), until at
@@ -47,11 +47,17 @@ class StoreMaintenance(StoreReads):
         (another member's, in a sticky group directory) stay, and count."""
         if self.readonly:
             raise ValueError("a read-only block store evicts nothing")
-        self._rescan()
-        with self._lock:
-            victims = self._evict_until(limit, keep=None)
-        refused = self._unlink(victims)
-        return len(victims) - len(refused)
+        evicted = 0
+        while True:
+            self._rescan()
+            with self._lock:
+                victims = self._evict_until(limit, keep=None)
+                more = self._untracked > 0 and self._total > limit
+            refused = self._unlink(victims)
+            evicted += len(victims) - len(refused)
+            # More files than the table tracks: the next rescan tracks the ones left.
+            if not more or len(victims) == len(refused):
+                return evicted
 
     def verify(self) -> VerifyReport:
         """Read every stored block and check its length and crc32; damaged blocks are dropped
@@ -117,6 +123,8 @@ class StoreMaintenance(StoreReads):
         with self._lock:
             for entry in list(self._entries.values()):
                 self._evict_entry(entry)
+            self._total -= self._untracked_bytes
+            self._untracked = self._untracked_bytes = 0
         self._remove_old_format()
         return removed
 

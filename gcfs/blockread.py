@@ -370,10 +370,21 @@ class StoreReads(StoreAccounting):
                 return entry
             found.bytes = on_disk
             self._entries[digest] = found
-            self._total += on_disk
-            # Not there when we scanned or last looked: another daemon stored these.
-            self._found_later += len(found.blocks)
-            return found
+            if exists and self._untracked:
+                # Most likely one of the files the table had no room for: its bytes are
+                # counted already (the next rescan counts exactly).
+                self._untracked -= 1
+                moved = min(on_disk, self._untracked_bytes)
+                self._untracked_bytes -= moved
+                self._total += on_disk - moved
+            else:
+                self._total += on_disk
+                # Not there when we scanned or last looked: another daemon stored these.
+                self._found_later += len(found.blocks)
+            dropped = self._bound_locked(keep=found)
+        if dropped:
+            self._tell_untracked()
+        return found
 
     def _expect(self, entry: _Entry, size: int) -> None:
         """The caller learned the file's size from the server: records that say otherwise are

@@ -101,7 +101,9 @@ read-only store (an offline snapshot) never writes, chmods, touches or unlinks a
 store opens only a directory of its kind (marker.py) and refuses anything else before touching
 it; a directory left by the old one-file-per-block cache (`blocks/`, `sizes/`) is removed at
 start only when it carries gcfs's marker; `sync()` makes everything written durable (fsync of
-every file and directory: a snapshot calls it before writing the tree that names it).
+every file and directory: a snapshot calls it before writing the tree that names it); at most
+`max_entries` files are tracked in memory (besides any a thread is using at that moment),
+the rest counted as `untracked` (blockaccount.py).
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cachedir, marker, safeio
-from .blockaccount import MAX_REFUSED, RESCAN_INTERVAL, RESCAN_MAX_AGE, STALE_AGE
+from .blockaccount import MAX_ENTRIES, MAX_REFUSED, RESCAN_INTERVAL, RESCAN_MAX_AGE, STALE_AGE
 from .blockfiles import (
     _SWEEPER,
     LINK_CHECK_INTERVAL,
@@ -147,6 +149,7 @@ class BlockStoreStatistics:
     bytes: int  # on disk, as the filesystem counts it
     found_later: int  # blocks found by re-reading an index (another daemon stored them)
     rescans: int  # times the accounting was brought back to what is on disk
+    untracked: int  # of `files`, those beyond the in-memory table's bound (max_entries)
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -165,7 +168,8 @@ class BlockStore(StoreWrites, StoreMaintenance):
     nothing in it is touched. `readonly`: only read (an offline mount of a snapshot, `gcfs
     cache status`: never a write, chmod, touch or unlink); any gcfs directory, or an empty
     one, is accepted. `network`: treat the directory as on a network filesystem (None: from
-    its type, see cachedir.py)."""
+    its type, see cachedir.py). `max_entries`: files tracked in memory at most (MAX_ENTRIES,
+    blockaccount.py); the others are counted as `untracked`."""
 
     def __init__(
         self,
@@ -176,9 +180,12 @@ class BlockStore(StoreWrites, StoreMaintenance):
         readonly: bool = False,
         network: bool | None = None,
         kind: str = marker.BLOCK_CACHE,
+        max_entries: int = MAX_ENTRIES,
     ) -> None:
         if block_size <= 0 or max_bytes < 0:
             raise ValueError("block_size must be positive and max_bytes not negative")
+        if max_entries < 1:
+            raise ValueError("max_entries must be positive")
         if kind not in marker.FORMATS:
             raise ValueError(f"unknown kind of directory {kind!r}")
         self.directory = Path(directory)
@@ -191,6 +198,8 @@ class BlockStore(StoreWrites, StoreMaintenance):
         self._open = OrderedDict()  # entries with open descriptors
         self._refused = OrderedDict()  # evictions refused (EPERM)
         self._total = 0
+        self.max_entries = max_entries
+        self._untracked = self._untracked_bytes = 0
         self._hits = self._misses = self._evictions = self._damaged = 0
         self._found_later = self._rescans = self._damaged_blocks = 0
         self._rescanned = 0.0  # time.monotonic() of the last rescan
@@ -288,10 +297,11 @@ class BlockStore(StoreWrites, StoreMaintenance):
                 self._misses,
                 self._evictions,
                 self._damaged,
-                len(self._entries),
+                len(self._entries) + self._untracked,
                 self._total,
                 self._found_later,
                 self._rescans,
+                self._untracked,
             )
 
     def close(self) -> None:
@@ -310,6 +320,7 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "INDEX_LIMIT",
     "LINK_CHECK_INTERVAL",
+    "MAX_ENTRIES",
     "MAX_OPEN_FILES",
     "MAX_REFUSED",
     "RECORD_SIZE",

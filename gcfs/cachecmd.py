@@ -60,6 +60,9 @@ def describe(directory: Path) -> dict[str, Any]:
         "filesystem": store.dir.fstype or "unknown",
         "network": store.network,
         "files": files,
+        # Of those, the files beyond what a daemon tracks in memory (blockaccount.MAX_ENTRIES):
+        # counted, evicted least recently used first, found on disk when read.
+        "untracked": store.statistics().untracked,
         "bytes": used,
     }
 
@@ -83,7 +86,9 @@ def status_command(directory: Path, *, as_json: bool) -> int:
     print(f"cache:        {shown['path']}")
     print(f"mode:         {shown['permissions']}, {sharing}")
     print(f"filesystem:   {shown['filesystem']} ({kind})")
-    print(f"files:        {shown['files']} remote files")
+    untracked = shown["untracked"]
+    beyond = f" ({untracked} beyond what a daemon tracks in memory)" if untracked else ""
+    print(f"files:        {shown['files']} remote files{beyond}")
     print(f"size:         {human(shown['bytes'])} on disk ({shown['bytes']} bytes)")
     return 0
 
