@@ -14,6 +14,7 @@ import mmap
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import safeio
@@ -61,40 +62,56 @@ class StoreMaintenance(StoreReads):
 
     def verify(self) -> VerifyReport:
         """Read every stored block and check its length and crc32; damaged blocks are dropped
-        (a "dropped" record, as a reader would). A fresh store checks everything. Not a use:
-        the LRU order stays as it was."""
+        (a "dropped" record, as a reader would). A fresh store checks everything: every file
+        with an index on disk, whether the table tracks it or not (blockaccount.py). Not a
+        use: the LRU order stays as it was."""
         self._rescan()
         with self._lock:
-            digests = list(self._entries)
             damaged_before = self._damaged
             blocks_before = self._damaged_blocks
-        blocks = 0
+        files = blocks = 0
         span = 64  # blocks read per call: 64 MiB of buffer at the default block size
         buffer = mmap.mmap(-1, span * self.block_size)  # page-aligned, for O_DIRECT
         try:
-            for digest in digests:
-                entry = self._lookup(digest)
-                if entry is None:
-                    continue
-                with self._lock:
-                    indices = sorted(entry.blocks)  # the records: never a count from one
-                for start in range(0, len(indices), span):
-                    chunk = indices[start : start + span]
-                    first = chunk[0]
-                    count = chunk[-1] - first + 1
-                    if count > span:  # sparse: one call per block
-                        for i in chunk:
-                            self._read(digest, i, 1, memoryview(buffer), use=False)
-                            blocks += 1
-                        continue
-                    self._read(digest, first, count, memoryview(buffer), use=False)
-                    blocks += len(chunk)
+            for digest in self._stored():
+                files += 1
+                blocks += self._verify_file(digest, buffer, span)
         finally:
             buffer.close()
         with self._lock:
             damaged = self._damaged_blocks - blocks_before
             records = self._damaged - damaged_before - damaged
-        return VerifyReport(len(digests), blocks, damaged, records)
+        return VerifyReport(files, blocks, damaged, records)
+
+    def _stored(self) -> Iterator[str]:
+        """The digest of every file with an index on disk, folder by folder (never a list of
+        them all: the directory may hold more files than the table tracks)."""
+        for _, names in self._folders():
+            for name, _ in names:
+                digest, _, suffix = name.partition(".")
+                if suffix == "index" and not _TEMP.fullmatch(name):
+                    yield digest
+
+    def _verify_file(self, digest: str, buffer: mmap.mmap, span: int) -> int:
+        """Read and check one file's blocks, `span` at a time; how many were read."""
+        entry = self._lookup(digest)
+        if entry is None:
+            return 0
+        with self._lock:
+            indices = sorted(entry.blocks)  # the records: never a count from one
+        blocks = 0
+        for start in range(0, len(indices), span):
+            chunk = indices[start : start + span]
+            first = chunk[0]
+            count = chunk[-1] - first + 1
+            if count > span:  # sparse: one call per block
+                for i in chunk:
+                    self._read(digest, i, 1, memoryview(buffer), use=False)
+                    blocks += 1
+                continue
+            self._read(digest, first, count, memoryview(buffer), use=False)
+            blocks += len(chunk)
+        return blocks
 
     def clear(self) -> int:
         """Unlink every file of the store (gcfs's names only; a running daemon keeps reading

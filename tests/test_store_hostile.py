@@ -511,6 +511,9 @@ def test_the_table_of_files_is_bounded(tmp_path: Path, caplog: pytest.LogCapture
         assert store.usage()[0] == 121
         assert len(store._entries) <= cap
         assert store.statistics().untracked == 121 - len(store._entries)
+        report = store.verify()  # every file on disk, tracked or not
+        assert (report.files, report.blocks, report.damaged) == (121, 11 + 20 * 2, 0)
+        assert len(store._entries) <= cap
     bound = [r for r in caplog.records if "not tracked" in r.getMessage()]
     assert len(bound) == 1  # once, naming the directory and no file
     assert str(directory) in bound[0].getMessage()
