@@ -120,6 +120,9 @@ def describe(target: CacheTarget) -> dict[str, Any]:
         "filesystem": store.dir.fstype or "unknown",
         "network": store.network,
         "files": files,
+        # Of those, the files beyond what a daemon tracks in memory (blockaccount.MAX_ENTRIES):
+        # counted, evicted least recently used first, found on disk when read.
+        "untracked": store.statistics().untracked,
         "bytes": used,
     }
 
@@ -147,7 +150,9 @@ def status_command(target: CacheTarget, *, as_json: bool) -> int:
     print(f"cache:        {shown['path']}")
     print(f"mode:         {shown['permissions']}, {sharing}")
     print(f"filesystem:   {shown['filesystem']} ({kind})")
-    print(f"files:        {shown['files']} remote files")
+    untracked = shown["untracked"]
+    beyond = f" ({untracked} beyond what a daemon tracks in memory)" if untracked else ""
+    print(f"files:        {shown['files']} remote files{beyond}")
     print(f"size:         {human(shown['bytes'])} on disk ({shown['bytes']} bytes)")
     return 0
 

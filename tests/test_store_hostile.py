@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from gcfs import blockstore, marker
+from gcfs import blockread, blockstore, marker
 from gcfs.blockindex import KIND_BLOCK, KIND_SIZE, record
 from gcfs.blockstore import BlockStore, key_digest
 from tests.test_blockstore import BS, DATA, KEY, SIZE, blocks, paths, read
@@ -238,8 +238,8 @@ def test_an_oversized_index_is_read_only_up_to_its_limit(
 ) -> None:
     """Every parser is bounded by what it reads: an index larger than the limit is read up
     to the limit (here 64 records), in pieces, and the rest ignored."""
-    monkeypatch.setattr(blockstore, "INDEX_LIMIT", 64 * 48)
-    monkeypatch.setattr(blockstore, "_INDEX_CHUNK", 10 * 48 + 7)  # pieces split records
+    monkeypatch.setattr(blockread, "INDEX_LIMIT", 64 * 48)
+    monkeypatch.setattr(blockread, "_INDEX_CHUNK", 10 * 48 + 7)  # pieces split records
     store = store_at(tmp_path / "c")
     digest = key_digest(KEY)
     size = 1000 * BS
@@ -479,3 +479,45 @@ def test_a_group_cache_without_the_sticky_bit_is_reported_once(
     warned = [r for r in caplog.records if "chmod +t" in r.getMessage()]
     assert len(warned) == 1
     assert marker.classify(directory) is marker.Kind.BLOCK_CACHE
+
+
+# -- every map is bounded: the table of tracked files ---------------------------------------------
+
+
+def test_the_table_of_files_is_bounded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A member who fills the directory with empty index files grows no daemon's table beyond
+    its bound: the others are counted as untracked, and the store still reads, writes and
+    prunes everything."""
+    directory = tmp_path / "c"
+    first = store_at(directory)
+    assert first.write(KEY, 0, blocks(DATA, 0, 11), SIZE) == 11
+    for n in range(100):  # what a hostile member plants: empty index files of made-up keys
+        digest = key_digest(f"planted-{n}")
+        folder = directory / "store" / digest[:2]
+        folder.mkdir(exist_ok=True)
+        (folder / f"{digest}.index").touch()
+    cap = 8
+    with caplog.at_level(logging.WARNING, logger="gcfs.blockstore"):
+        store = BlockStore(directory, 1 << 30, block_size=BS, max_entries=cap)
+        assert len(store._entries) <= cap
+        statistics = store.statistics()
+        assert (statistics.files, statistics.untracked) == (101, 101 - len(store._entries))
+        assert read(store, KEY, 0, 11) == {i: DATA[i * BS : (i + 1) * BS] for i in range(11)}
+        for n in range(20):  # files this process writes are tracked, within the bound
+            key = f"new-{n}"
+            assert store.write(key, 0, blocks(DATA, 0, 2), SIZE) == 2
+            assert read(store, key, 0, 2) == {0: DATA[:BS], 1: DATA[BS : 2 * BS]}
+            assert len(store._entries) <= cap
+        assert store.usage()[0] == 121
+        assert len(store._entries) <= cap
+        assert store.statistics().untracked == 121 - len(store._entries)
+        report = store.verify()  # every file on disk, tracked or not
+        assert (report.files, report.blocks, report.damaged) == (121, 11 + 20 * 2, 0)
+        assert len(store._entries) <= cap
+    bound = [r for r in caplog.records if "not tracked" in r.getMessage()]
+    assert len(bound) == 1  # once, naming the directory and no file
+    assert str(directory) in bound[0].getMessage()
+    assert "planted" not in bound[0].getMessage() and ".index" not in bound[0].getMessage()
+    assert store.evict_to(0) == 121  # a prune reaches the files beyond the bound too
+    assert store.usage() == (0, 0)
+    assert store.statistics().untracked == 0
