@@ -54,6 +54,25 @@ def gcfs_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "gcfs", *args]
 
 
+def run_gcfs(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """`gcfs ARGS...` as a user runs it (no terminal on stdin), its output captured."""
+    return subprocess.run(
+        gcfs_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+        env=env,
+    )
+
+
 @dataclass
 class Mount:
     path: Path

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gcfs import cli
-from tests.conftest import Mount, gcfs_command
+from tests.conftest import Mount, run_gcfs
 
 SENTINEL = "S3nt1nel-q7Zx"
 WORKTREE = Path(__file__).resolve().parent.parent
@@ -22,16 +22,7 @@ WORKTREE = Path(__file__).resolve().parent.parent
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(WORKTREE)}  # this gcfs, whatever the cwd
-    return subprocess.run(
-        gcfs_command(*args),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        stdin=subprocess.DEVNULL,
-        cwd=cwd,
-        env=env,
-    )
+    return run_gcfs(*args, cwd=cwd, env=env, timeout=60)
 
 
 def closed_port() -> int:

@@ -15,19 +15,7 @@ import gcfs
 from gcfs import cli, mount_helper, runtime
 from gcfs.errors import UserError
 from gcfs.fakegc import DEMO_TOKEN, FakeGC, demo_world
-from tests.conftest import gcfs_command, poll
-
-
-def run_gcfs(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        gcfs_command(*args),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+from tests.conftest import poll, run_gcfs
 
 
 @pytest.fixture

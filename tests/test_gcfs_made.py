@@ -15,19 +15,9 @@ import pytest
 
 from gcfs import marker, snapshot
 from gcfs.errors import UserError
-from tests.conftest import Mount, gcfs_command
+from tests.conftest import Mount, run_gcfs
 
-
-def gcfs(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        gcfs_command(*args),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        stdin=subprocess.DEVNULL,
-        cwd=cwd,
-    )
+gcfs = run_gcfs
 
 
 def one_line(result: subprocess.CompletedProcess[str], *needles: str, status: int = 1) -> str:
