@@ -120,37 +120,28 @@ def scratch() -> Path:
 
 _PLANTER = r"""
 import errno, json, os, sys
+def replace(make, target):
+    # made under another name, then renamed over the target: what an attacker does
+    tmp = target + ".planted"
+    make(tmp)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        os.unlink(tmp)
+        raise
 def one(op, args):
     if op == "symlink":
         os.symlink(args[0], args[1])
     elif op == "replace_symlink":
-        tmp = args[1] + ".planted"
-        os.symlink(args[0], tmp)
-        try:
-            os.rename(tmp, args[1])
-        except OSError:
-            os.unlink(tmp)
-            raise
+        replace(lambda tmp: os.symlink(args[0], tmp), args[1])
     elif op == "link":
         os.link(args[0], args[1])
     elif op == "replace_link":
-        tmp = args[1] + ".planted"
-        os.link(args[0], tmp)
-        try:
-            os.rename(tmp, args[1])
-        except OSError:
-            os.unlink(tmp)
-            raise
+        replace(lambda tmp: os.link(args[0], tmp), args[1])
     elif op == "fifo":
         os.mkfifo(args[0], 0o660)
     elif op == "replace_fifo":
-        tmp = args[0] + ".planted"
-        os.mkfifo(tmp, 0o660)
-        try:
-            os.rename(tmp, args[0])
-        except OSError:
-            os.unlink(tmp)
-            raise
+        replace(lambda tmp: os.mkfifo(tmp, 0o660), args[0])
     elif op == "create":
         fd = os.open(args[0], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o660)
         os.write(fd, bytes.fromhex(args[1]))
