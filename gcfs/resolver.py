@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Mapping
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote_plus, urljoin, urlsplit
 
 import httpx
 import trio
@@ -37,6 +37,7 @@ from .errors import BadResponse, NotFound, PermissionDenied, Unavailable
 from .health import EndpointHealth
 from .retry import OutageLog, RetryPolicy, retrying
 from .storage_http import (
+    REDIRECTS,
     Expired,
     StorageClient,
     parse_size,
@@ -214,14 +215,21 @@ class Resolver:
         raise AssertionError("unreachable")
 
     async def _probe_signed(self, signed: str) -> int:
-        self.probes += 1
-        where = f"GET {redact(signed)}"
         headers = self.storage_headers(signed, {"Range": "bytes=0-0"})
-        async with self._storage.request(signed, headers, where=where) as response:
-            # Left unread: after a 200 (Range ignored) the body is the whole file, and the
-            # connection is closed rather than drained.
-            status, answer = response.status, response.headers
-        log.debug("probe %s -> %d", where, status)
+        target = signed
+        for hop in range(2):  # a redirect is followed once, as a ranged read follows it
+            self.probes += 1
+            where = f"GET {redact(target)}"
+            async with self._storage.request(target, headers, where=where) as response:
+                # Left unread: after a 200 (Range ignored) the body is the whole file, and
+                # the connection is closed rather than drained.
+                status, answer = response.status, response.headers
+            log.debug("probe %s -> %d", where, status)
+            location = answer.get("location")
+            if status in REDIRECTS and location and hop == 0:
+                target = urljoin(target, location)
+                continue
+            break
         if status not in (200, 206, 416):
             raise_for_status(status, where, answer)
         try:

@@ -19,9 +19,10 @@ BODY = bytes(range(256)) * 8192  # 2 MiB
 SIZE = 300 * 1024  # above RANDOM_READ_MAX: the block path
 
 
-def storage(block_answer: str) -> tuple[RawServer, list[str]]:
-    """/media/x -> 302 /obj?sig=N; /obj answers the size probe, and block ranges as
-    `block_answer` says: "redirect" (307 to /real), "loop" (302 to itself), or a status."""
+def storage(block_answer: str, *, probe_redirect: bool = False) -> tuple[RawServer, list[str]]:
+    """/media/x -> 302 /obj?sig=N; /obj answers the size probe (or, `probe_redirect`, sends
+    it to /real with a 307), and block ranges as `block_answer` says: "ok" (the bytes), "redirect"
+    (307 to /real), "loop" (302 to itself), or a status."""
     targets: list[str] = []
     resolutions = 0
 
@@ -36,7 +37,12 @@ def storage(block_answer: str) -> tuple[RawServer, list[str]]:
         if request.target.startswith("/media/"):
             resolutions += 1
             return response(302, headers={"Location": f"/obj?sig={resolutions}"})
-        if request.target.startswith("/real") or request.headers["range"] == "bytes=0-0":
+        probe = request.headers["range"] == "bytes=0-0"
+        if probe and probe_redirect and request.target.startswith("/obj"):
+            return response(307, headers={"Location": "/real?sig=p"})
+        if request.target.startswith("/real") or probe:
+            return ranged(request)
+        if block_answer == "ok":
             return ranged(request)
         if block_answer == "redirect":
             return response(307, headers={"Location": "/real?sig=r"})
@@ -72,6 +78,13 @@ async def test_a_redirect_is_followed_once() -> None:
     with server:
         assert await read(server) == BODY[BS_OFFSET : BS_OFFSET + SIZE]
     assert targets == ["/media/x", "/obj", "/obj", "/real"]  # resolve, probe, 307, the bytes
+
+
+async def test_a_redirected_size_probe_is_followed_once() -> None:
+    server, targets = storage("ok", probe_redirect=True)
+    with server:
+        assert await read(server) == BODY[BS_OFFSET : BS_OFFSET + SIZE]
+    assert targets[:3] == ["/media/x", "/obj", "/real"]  # resolve, probe, its one redirect
 
 
 async def test_a_redirect_loop_is_eio_after_one_hop() -> None:
