@@ -40,6 +40,20 @@ def paths(store: BlockStore, key: str) -> tuple[Path, Path]:
     return folder / f"{digest}.data", folder / f"{digest}.index"
 
 
+def damaged_store(directory: Path, data: bytes) -> tuple[Path, Path]:
+    """A store in `directory` holding `data` (8 whole blocks) under key "k", block 3 damaged
+    on disk (its record intact); the data and index paths."""
+    assert len(data) == 8 * BS
+    writer = BlockStore(directory, 1 << 30, block_size=BS)
+    writer.write("k", 0, blocks(data, 0, 8), len(data))
+    writer.close()
+    data_path, index_path = paths(writer, "k")
+    with open(data_path, "r+b") as f:
+        f.seek(3 * BS)
+        f.write(b"\xff" * 8)
+    return data_path, index_path
+
+
 def test_write_read_and_statistics(tmp_path: Path) -> None:
     store = BlockStore(tmp_path / "c", max_bytes=1 << 20, block_size=BS)
     assert read(store, KEY, 0, 3) == {}

@@ -17,7 +17,7 @@ from gcfs import blockstore, cachedir
 from gcfs.blockstore import RECORD_SIZE, STORE_DIR, BlockStore
 from tests.conftest import gcfs_command
 from tests.test_blockstore import blocks as view
-from tests.test_blockstore import paths, read
+from tests.test_blockstore import damaged_store, paths, read
 
 BS = 4096
 SIZE = 8 * BS
@@ -203,14 +203,8 @@ def test_a_readonly_store_never_writes(tmp_path: Path) -> None:
     the LRU time, no dropped record for a damaged block. (This runs as root, whom no mode
     stops: it tests the store's own restraint. test_other_uid.py reads as another uid, where
     the kernel refuses writes too.)"""
-    writer = BlockStore(tmp_path / "s", 1 << 30, block_size=BS)
     data = content(7)
-    writer.write("k", 0, view(data, 0, 8), SIZE)
-    writer.close()
-    data_path, index_path = paths(writer, "k")
-    with open(data_path, "r+b") as f:
-        f.seek(3 * BS)
-        f.write(b"\xff" * 8)  # damage block 3
+    data_path, index_path = damaged_store(tmp_path / "s", data)
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in (data_path, index_path)}
     reader = BlockStore(tmp_path / "s", 1 << 30, block_size=BS, readonly=True)
     got = read(reader, "k")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gcfs.blockstore import BlockStore
 from tests.test_blockstore import blocks as view
-from tests.test_blockstore import paths, read
+from tests.test_blockstore import damaged_store, read
 
 BS = 4096
 SIZE = 8 * BS
@@ -52,14 +52,8 @@ def test_another_user_reads_a_snapshot_store_and_can_change_nothing(tmp_path: Pa
         if parent.stat().st_mode & 0o001 == 0:
             os.chmod(parent, parent.stat().st_mode | 0o001)
     directory = tmp_path / "s"
-    writer = BlockStore(directory, 1 << 30, block_size=BS)
     data = bytes((i * 7) % 251 for i in range(SIZE))
-    writer.write("k", 0, view(data, 0, 8), SIZE)
-    writer.close()
-    data_path, index_path = paths(writer, "k")
-    with open(data_path, "r+b") as f:
-        f.seek(3 * BS)
-        f.write(b"\xff" * 8)  # damage block 3
+    data_path, index_path = damaged_store(directory, data)
     for path in [directory, *directory.rglob("*")]:
         os.chown(path, 0, OTHER_GID)
         os.chmod(path, 0o750 if path.is_dir() else 0o640)
