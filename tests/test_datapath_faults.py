@@ -9,6 +9,7 @@ answering with the server's bytes or EIO, never wrong bytes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -25,7 +26,7 @@ import trio
 from gcfs import control, inject
 from gcfs.blockstore import BlockStore
 from gcfs.fakegc import DEMO_TOKEN, FakeGC
-from tests.conftest import Mount, gcfs_command
+from tests.conftest import Mount, gcfs_command, poll
 from tests.test_content import (
     BS,
     LARGE_BYTES,
@@ -238,3 +239,52 @@ def test_a_bug_in_a_probe_refresh_or_prefetch_leaves_the_mount_answering(
     described = json.loads((archive / "archive.json").read_bytes())
     assert described["url"].rstrip("/").endswith("prostate-mri-picai")
     assert f"injected fault at {point}" in mount.log_text()
+
+
+def test_a_cache_cleared_under_a_mount_frees_the_disk_and_is_fetched_again(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC, tmp_path: Path
+) -> None:
+    """Issue 14 #7 over a real mount: a daemon holds a cached file's descriptors open;
+    `gcfs cache clear` from outside unlinks the files; within a poll the daemon has closed
+    them (no deleted file left among its descriptors), its block cache counts nothing, and
+    the next read of the file (page cache dropped) fetches from storage again, byte for
+    byte."""
+    cache = tmp_path / "cache"
+    mount = mount_gcfs("--cache-dir", str(cache))
+    assert mount.process is not None
+    items = mount.path / "archives" / "prostate-mri-picai" / "items"
+    path = remote_files(items)[0]
+    expected = served_bytes(mount, path, 0, -1)
+    with open(path, "rb") as held:  # the daemon keeps its descriptors while the file is open
+        assert held.read() == expected
+        status = mount.path / ".gcfs" / "status.json"
+
+        def block_cache() -> dict[str, Any]:
+            return dict(json.loads(status.read_bytes())["block_cache"])
+
+        poll(lambda: block_cache()["bytes"] > 0, 20, "the block writes")
+        fd_dir = Path(f"/proc/{mount.process.pid}/fd")
+
+        def deleted() -> list[str]:
+            found = []
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith(str(cache)) and target.endswith(" (deleted)"):
+                        found.append(target)
+            return found
+
+        cleared = subprocess.run(
+            gcfs_command("cache", "clear", "--cache-dir", str(cache)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert cleared.returncode == 0, cleared.stderr
+        poll(lambda: not deleted(), 20, "the daemon to let go of the cleared files")
+        poll(lambda: block_cache()["bytes"] == 0, 20, "the block cache to count nothing")
+    sent = fake.storage_bytes_sent
+    drop_page_cache()
+    assert path.read_bytes() == expected
+    assert fake.storage_bytes_sent - sent >= len(expected)  # from storage, not from a ghost
