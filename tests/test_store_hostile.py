@@ -26,6 +26,7 @@ from gcfs import blockread, blockstore, marker
 from gcfs.blockindex import KIND_BLOCK, KIND_SIZE, record
 from gcfs.blockstore import BlockStore, key_digest
 from tests.test_blockstore import BS, DATA, KEY, SIZE, blocks, paths, read
+from tests.users import MEMBER_PYTHON, member_code
 
 ROOT = Path(__file__).resolve().parent.parent
 # A join deadline for work that must not block: generous for a loaded machine, and far
@@ -390,13 +391,13 @@ def as_member(script: str, *args: str) -> dict[str, object]:
             f"--reuid={MEMBER_UID}",
             f"--regid={MEMBER_GID}",
             "--clear-groups",
-            sys.executable,
+            MEMBER_PYTHON,
             "-c",
             script,
             *args,
         ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"},
+        cwd=member_code(),  # the checkout may be unreadable to the member
+        env={**os.environ, "PYTHONPATH": str(member_code()), "PYTHONDONTWRITEBYTECODE": "1"},
         capture_output=True,
         text=True,
         timeout=120,

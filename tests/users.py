@@ -13,19 +13,24 @@ fuse.conf with `user_allow_other` over /etc/fuse.conf (as on a cluster node wher
 FUSE themselves); nothing leaks to the host. The daemon then drops to the member's uid and gid
 (`setpriv --reuid --regid --clear-groups`) and mounts with fusermount3 like any user, with
 `--allow-other` so that the tests (root) may read the mount, through
-`/proc/<daemon pid>/root/<mountpoint>` (the mount exists only in its namespace). The venv's
-interpreter lives under /root (0700), so members run the system's python3.11 with the
-worktree and the venv's site-packages on PYTHONPATH.
+`/proc/<daemon pid>/root/<mountpoint>` (the mount exists only in its namespace).
+
+Members cannot be assumed to read the checkout or its venv (a clone under /root or in a 0700
+`mktemp -d`), so they run the system's python3.11 on a copy of gcfs and of the packages it
+imports, made once per test run in a directory every user can read (`member_code`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import grp
 import hashlib
 import json
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
@@ -43,11 +48,44 @@ GROUP = "gcfslab"
 MEMBER_A = "gcfs-a"
 MEMBER_B = "gcfs-b"
 WORKTREE = Path(__file__).resolve().parents[1]
-MEMBER_PYTHON = "/usr/bin/python3.11"  # the venv's own interpreter is under /root (0700)
+MEMBER_PYTHON = "/usr/bin/python3.11"  # the venv's own interpreter may be unreadable to members
 SITE_PACKAGES = sysconfig.get_path("purelib")
 MOUNT_DEADLINE = 20.0
 UNMOUNT_DEADLINE = 10.0
 FUSE_DEVICE = os.stat("/dev/fuse").st_rdev if os.path.exists("/dev/fuse") else 0
+
+
+@functools.cache
+def member_code() -> Path:
+    """gcfs and every package of site-packages that it imports, copied into a directory any
+    user can read (0755/0644), removed when the test run ends: what members run."""
+    import gcfs.cli
+    import gcfs.daemon
+    import gcfs.fuse_ops
+    import gcfs.snapshot
+
+    del gcfs
+    target = Path(tempfile.mkdtemp(prefix="gcfs-member-code-", dir="/tmp"))
+    atexit.register(shutil.rmtree, target, True)
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(WORKTREE / "gcfs", target / "gcfs", ignore=ignore)
+    site = Path(SITE_PACKAGES)
+    tops = set()
+    for module in list(sys.modules.values()):
+        where = getattr(module, "__file__", None)
+        if where and Path(where).is_relative_to(site):
+            tops.add(Path(where).relative_to(site).parts[0])
+    for top in sorted(tops):
+        source = site / top
+        if source.is_dir():
+            shutil.copytree(source, target / top, ignore=ignore)
+        else:
+            shutil.copy2(source, target / top)
+    for directory, _, names in os.walk(target):
+        os.chmod(directory, 0o755)
+        for name in names:
+            os.chmod(os.path.join(directory, name), 0o644)
+    return target
 
 
 @dataclass(frozen=True)
@@ -62,7 +100,7 @@ class Lab:
     def member_env(self, home: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "PYTEST"))}
         env.update(
-            PYTHONPATH=f"{WORKTREE}:{SITE_PACKAGES}",
+            PYTHONPATH=str(member_code()),
             HOME=str(home),
             XDG_RUNTIME_DIR=str(home / "run"),
             XDG_CACHE_HOME=str(home / "cache"),
@@ -370,7 +408,12 @@ def start_daemon(
         env = lab.member_env(home)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=WORKTREE
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=member_code() if uid is not None else WORKTREE,
         )
     path = Path(f"/proc/{process.pid}/root{mountpoint}") if uid is not None else mountpoint
     daemon = Daemon(mountpoint, path, process, log_path, uid is not None)
