@@ -27,9 +27,11 @@ import contextlib
 import functools
 import grp
 import hashlib
+import importlib.metadata
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import stat
@@ -55,10 +57,32 @@ UNMOUNT_DEADLINE = 10.0
 FUSE_DEVICE = os.stat("/dev/fuse").st_rdev if os.path.exists("/dev/fuse") else 0
 
 
+def _requirements_closure(names: list[str]) -> list[importlib.metadata.Distribution]:
+    """The installed distributions `names` and, recursively, what they require (extras
+    left out; a requirement that is not installed is one its marker excludes here)."""
+    found: dict[str, importlib.metadata.Distribution] = {}
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        try:
+            distribution = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        key = distribution.metadata["Name"].lower()
+        if key in found:
+            continue
+        found[key] = distribution
+        for requirement in distribution.requires or []:
+            if "extra ==" not in requirement:
+                todo.append(re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0])
+    return list(found.values())
+
+
 @functools.cache
 def member_code() -> Path:
-    """gcfs and every package of site-packages that it imports, copied into a directory any
-    user can read (0755/0644), removed when the test run ends: what members run."""
+    """gcfs (and these tests) and every package of site-packages they import, copied into a
+    directory any user can read (0755/0644), removed when the test run ends: what members
+    run."""
     import gcfs.cli
     import gcfs.daemon
     import gcfs.fuse_ops
@@ -68,13 +92,21 @@ def member_code() -> Path:
     target = Path(tempfile.mkdtemp(prefix="gcfs-member-code-", dir="/tmp"))
     atexit.register(shutil.rmtree, target, True)
     ignore = shutil.ignore_patterns("__pycache__")
-    shutil.copytree(WORKTREE / "gcfs", target / "gcfs", ignore=ignore)
+    for package in ("gcfs", "tests"):  # tests: helpers that member scripts import
+        shutil.copytree(WORKTREE / package, target / package, ignore=ignore)
     site = Path(SITE_PACKAGES)
+    # What the test process imported (pytest for the helpers), and every distribution gcfs
+    # needs at run time with its requirements: some are imported lazily (httpx's httpcore).
     tops = set()
     for module in list(sys.modules.values()):
         where = getattr(module, "__file__", None)
         if where and Path(where).is_relative_to(site):
             tops.add(Path(where).relative_to(site).parts[0])
+    for distribution in _requirements_closure(["pyfuse3", "trio", "httpx", "cachetools"]):
+        for name in distribution.files or []:
+            top = Path(name).parts[0]
+            if top not in ("..", "__pycache__") and not top.endswith(".dist-info"):
+                tops.add(top)
     for top in sorted(tops):
         source = site / top
         if source.is_dir():
