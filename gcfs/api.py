@@ -256,6 +256,19 @@ class GcApiClient:
         )
         return objects
 
+    async def first_page(
+        self, path: str, params: Params | None = None
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """`count` and the first FIRST_PAGE_SIZE objects of a listing (listing.py streams the
+        rest page by page into the metadata store)."""
+        return await self._page(path, dict(params or {}), offset=0, limit=FIRST_PAGE_SIZE)
+
+    async def page(
+        self, path: str, params: Params | None, *, offset: int
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """`count` and the PAGE_SIZE objects of a listing from `offset`."""
+        return await self._page(path, dict(params or {}), offset=offset)
+
     async def _page(
         self,
         path: str,

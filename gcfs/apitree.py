@@ -306,4 +306,3 @@ async def _image(fs: GcFilesystem, here: LookupDir, pk: str) -> Node:
     if isinstance(found, ImageDir):
         return here.link(fs, pk, f"images/{pk}")
     return _restub(fs, here, pk, found)
-

@@ -20,9 +20,10 @@ each of them is atomic with respect to other tasks.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 from cachetools import LRUCache, TTLCache
@@ -52,6 +53,18 @@ class CacheStatistics:
     remembered_errors: int = 0  # answers that raised a recent failure again, without a request
 
 
+class Backing(Protocol):
+    """Where answers outlive the daemon (fs._StoredAnswers over metastore.py)."""
+
+    def load(self, key: Hashable) -> tuple[Any, float] | None:
+        """The stored value of `key` and when it was fetched (wall clock), or None."""
+
+    def save(self, key: Hashable, value: Any, fetched_at: float) -> None: ...
+
+    def forget(self, key: Hashable) -> None:
+        """No longer fresh (`gcfs refresh`); may stay as the last good value."""
+
+
 class _Flight(Generic[T]):
     __slots__ = ("done", "error", "value")
 
@@ -69,9 +82,12 @@ class MetadataCache:
         ttl: float,
         *,
         maxsize: int = DEFAULT_MAXSIZE,
-        timer: Callable[[], float] = trio.current_time,
+        timer: Callable[[], float] = time.time,
         error_ttl: float = ERROR_TTL,
+        backing: Backing | None = None,
     ) -> None:
+        """`timer` is the wall clock by default: fetch times are compared with those kept in
+        `backing` by an earlier daemon."""
         self._entries: TTLCache[Hashable, Any] = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
         self._errors: TTLCache[Hashable, GcfsError] = TTLCache(
             maxsize=maxsize, ttl=min(error_ttl, ttl), timer=timer
@@ -84,6 +100,9 @@ class MetadataCache:
         # a node was built from (GcFilesystem.is_vouched_for).
         self._fetched_at: LRUCache[Hashable, float] = LRUCache(maxsize=maxsize)
         self._timer = timer
+        self._ttl = ttl
+        self._backing = backing
+        self.loaded = 0  # answers served from the backing store without a request
         self._flights: dict[Hashable, _Flight[Any]] = {}
         self._hits = self._misses = self._shared = self._stale = self._remembered = 0
 
@@ -98,7 +117,13 @@ class MetadataCache:
     def put(self, key: Hashable, value: Any) -> None:
         self._entries[key] = value
 
+    def expire(self, key: Hashable) -> None:
+        """No longer fresh (a listing that failed half way); the last good value stays."""
+        self._entries.pop(key, None)
+
     def forget(self, key: Hashable) -> None:
+        if self._backing is not None:
+            self._backing.forget(key)
         self._entries.pop(key, None)
         self._last_good.pop(key, None)
         self._errors.pop(key, None)
@@ -122,11 +147,20 @@ class MetadataCache:
         """The value for `key`, from the cache or from one shared call of `fetch()`."""
         cached = self._entries.get(key)
         if cached is not None:
+            fetched = self._fetched_at.get(key)
+            # A value loaded from the store expires by its fetch time, not by when it was
+            # loaded (TTLCache counts from insertion).
+            if fetched is None or self._timer() - fetched < self._ttl:
+                self._hits += 1
+                return cached  # type: ignore[no-any-return]
+            self._entries.pop(key, None)
+        stored = self._load_fresh(key)
+        if stored is not None:
             self._hits += 1
-            return cached  # type: ignore[no-any-return]
+            return stored  # type: ignore[no-any-return]
         error = self._errors.get(key)
         if error is not None:
-            stale = self._last_good.get(key) if isinstance(error, Unavailable) else None
+            stale = self._last_good_of(key) if isinstance(error, Unavailable) else None
             if stale is not None:
                 self._stale += 1
                 return stale  # type: ignore[no-any-return]
@@ -147,7 +181,7 @@ class MetadataCache:
             try:
                 value = await fetch()
             except Unavailable as exc:
-                stale_value = self._last_good.get(key)
+                stale_value = self._last_good_of(key)
                 if stale_value is None:
                     raise
                 self._stale += 1
@@ -165,13 +199,41 @@ class MetadataCache:
             if value is not None and value is not stale_value:
                 self._entries[key] = value
                 self._last_good[key] = value
-                self._fetched_at[key] = self._timer()
+                self._fetched_at[key] = fetched_at = self._timer()
+                if self._backing is not None:
+                    self._backing.save(key, value, fetched_at)
             elif value is not None:
                 self._entries[key] = value
             return value
         finally:
             del self._flights[key]
             flight.done.set()
+
+    def _load_fresh(self, key: Hashable) -> Any:
+        """A value the backing store holds that is younger than the TTL (an earlier daemon
+        fetched it): served with no request, and kept in memory for the rest of its TTL."""
+        if self._backing is None:
+            return None
+        found = self._backing.load(key)
+        if found is None:
+            return None
+        value, fetched_at = found
+        self._last_good[key] = value
+        self._fetched_at[key] = fetched_at
+        if self._timer() - fetched_at >= self._ttl:
+            return None  # the last good value, not an answer
+        self._entries[key] = value
+        self.loaded += 1
+        return value
+
+    def _last_good_of(self, key: Hashable) -> Any:
+        """The last good value of `key`, however old: memory, else the backing store."""
+        value = self._last_good.get(key)
+        if value is None and self._backing is not None:
+            found = self._backing.load(key)
+            if found is not None:
+                value = found[0]
+        return value
 
     def statistics(self) -> CacheStatistics:
         return CacheStatistics(

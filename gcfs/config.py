@@ -153,6 +153,8 @@ class Config:
     log_level: str = "INFO"
     cache_dir: Path | None = None  # None: default_cache_dir()
     cache_size: int = DEFAULT_CACHE_SIZE
+    # The metadata store's directory (metastore.py); None: $XDG_CACHE_HOME/gcfs-metadata.
+    metadata_dir: Path | None = None
     # Let other users (and root) into the mount; non-root users need `user_allow_other` in
     # /etc/fuse.conf for it. The kernel still applies the 0555/0444 modes.
     allow_other: bool = False

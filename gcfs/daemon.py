@@ -18,6 +18,7 @@ serve(cfg, on_ready)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -38,6 +39,7 @@ from .control import serve_control
 from .errors import GcfsError, PermissionDenied, Unavailable, UserError
 from .fs import GcFilesystem
 from .fuse_ops import GcfsOperations, invalidate
+from .metastore import StoreError, default_directory, open_store
 from .retry import RetryPolicy
 from .storage_http import StorageClient
 
@@ -169,11 +171,16 @@ async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
             site_outage=api.outage,
             health=api.health,
         )
+        metadata = open_store(cfg.metadata_dir or default_directory(), cfg.base_url, username)
+        if token.token is not None:
+            with contextlib.suppress(StoreError):
+                metadata.remember_token(token.token.reveal(), username)
         try:
             async with store as content:
-                fs = GcFilesystem(api, content, username=username, ttl=cfg.ttl)
+                fs = GcFilesystem(api, content, username=username, ttl=cfg.ttl, store=metadata)
                 await _mount_and_serve(cfg, fs, username, on_ready)
         finally:
+            metadata.close()
             if block_store is not None:
                 block_store.close()
 
@@ -235,6 +242,7 @@ async def _mount_and_serve(
     fs.mountpoint = str(cfg.mountpoint)
     try:
         async with trio.open_nursery() as nursery:
+            fs.attach(nursery)
             nursery.start_soon(_handle_signals, fs)
             await nursery.start(serve_control, fs, cfg.mountpoint, invalidate)
             nursery.start_soon(_when_initialized, operations, canonical, on_ready)

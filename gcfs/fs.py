@@ -20,10 +20,12 @@ Everything here raises `GcfsError`, never `FUSEError`: the adapter in `fuse_ops.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,6 +46,8 @@ from .errors import (
     one_error,
 )
 from .health import endpoint_family
+from .listing import Listing, Listings
+from .metastore import MetadataStore, StoreError, encode, key_text
 from .names import could_be_identifier, is_slug, is_uuid, slug_from_url
 from .nodes import (
     DirNode,
@@ -322,6 +326,7 @@ class GcFilesystem:
         ttl: float,
         root: DirNode | None = None,
         offline: str | None = None,
+        store: MetadataStore | None = None,
     ) -> None:
         """`root`: the tree's root directory (default: the live tree of the API, RootDir);
         an offline mount gives the recorded one, with `offline` the snapshot's directory."""
@@ -331,7 +336,10 @@ class GcFilesystem:
         self.base_url = api.base_url
         self.username = username
         self.ttl = ttl
-        self.cache = MetadataCache(ttl)
+        # Answers on disk (metastore.py); in memory for this run when there is none.
+        self.store = store if store is not None else MetadataStore(None)
+        self.listings = Listings(api, self.store)
+        self.cache = MetadataCache(ttl, backing=_StoredAnswers(self.store, self.listings))
         self.inodes = InodeTable()
         self._absent: TTLCache[tuple[str, str], bool] = TTLCache(NEGATIVE_CACHE_SIZE, ttl)
         # Batch listings (by endpoint family) that failed while asking for each object worked:
@@ -348,14 +356,23 @@ class GcFilesystem:
 
     # -- the API, cached --------------------------------------------------------------------
 
+    async def listing(self, api_path: str, params: Mapping[str, str] | None = None) -> Listing:
+        """The listing of `api_path` with `params`: cached for the TTL (in memory, and in the
+        store across restarts), possibly still filling (listing.py)."""
+        key = tree.list_key(api_path, dict(params or {}))
+        listing: Listing = await self.cache.get(
+            key, lambda: self.listings.fetch(key, api_path, params or {})
+        )
+        return listing
+
     async def list_objects(
         self, api_path: str, params: Mapping[str, str] | None = None
     ) -> list[dict[str, Any]]:
-        key = ("list", api_path, tuple(sorted((params or {}).items())))
-        objects: list[dict[str, Any]] = await self.cache.get(
-            key, lambda: self.api.list_all(api_path, params)
-        )
-        return objects
+        """Every object of a listing, parsed: for listings rendered whole (collections,
+        answers, container images), never for item listings that may be huge."""
+        listing = await self.listing(api_path, params)
+        await listing.wait_complete()
+        return listing.all_objects()
 
     async def images_for(self, listing: tuple[str, str], wanted: Set[str]) -> Among:
         """The images `wanted` (pks) that the token may see, by pk.
@@ -392,13 +409,12 @@ class GcFilesystem:
         family = endpoint_family(self.api.api_url + path, params, self.api.api_url)
         if family not in self._failing_batches:
             try:
-                listed = await self.list_objects(path, params)
+                listing = await self.listing(path, params)
+                await listing.wait_complete()
             except (Unavailable, BadResponse) as exc:
                 log.debug("%s %s failed (%s); asking for each object", path, dict(params), exc)
             else:
-                by_pk = {pk: obj for obj in listed if isinstance(pk := obj.get("pk"), str)}
-                found = {pk: by_pk[pk] for pk in wanted if pk in by_pk}
-                return Among(found, self.cache.fetched_at(tree.list_key(path, dict(params))))
+                return Among(listing.objects_among(sorted(wanted)), listing.started_at)
         found = await self._each_object(sorted(wanted), detail)
         if family not in self._failing_batches:
             # The objects answer where the batch did not: skip it for the TTL.
@@ -452,7 +468,7 @@ class GcFilesystem:
         return found
 
     async def _dicom_instances(self, pk: str) -> list[layout.DicomInstance]:
-        body = await self.api.get_json(f"cases/images/{pk}/dicom/instances/")
+        body = await self.api_object(f"cases/images/{pk}/dicom/instances/")
         instances = body.get("instances") if isinstance(body, dict) else None
         if not isinstance(instances, list):
             raise BadResponse(f"cases/images/{pk}/dicom/instances/: no instances list")
@@ -523,6 +539,13 @@ class GcFilesystem:
         return sizes
 
     async def children(self, directory: DirNode) -> Children:
+        if isinstance(directory, tree.ObjectListDir):
+            # Its listing is the cache entry: a map of children built from an older
+            # generation would outlive it (and the store deletes superseded generations).
+            listed = await directory.build(self)
+            self._children_of[directory.inode] = listed
+            return listed
+
         async def build() -> Children:
             built = await directory.build(self)
             for node in built.values():
@@ -538,7 +561,7 @@ class GcFilesystem:
         token may read it as surely as it may see its name, and opening its cached bytes
         needs no request. After the TTL an open asks the server again (a /media/
         resolution), so a revoked permission ends access within one TTL."""
-        return node.vouched_at is not None and trio.current_time() - node.vouched_at < self.ttl
+        return node.vouched_at is not None and time.time() - node.vouched_at < self.ttl
 
     def oldest(self, keys: Iterable[Hashable]) -> float | None:
         """When the oldest of these cached answers was fetched; None if one is unknown."""
@@ -546,6 +569,10 @@ class GcFilesystem:
         if not times or any(t is None for t in times):
             return None
         return min(t for t in times if t is not None)
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """The daemon's nursery: listings fill in it after their first page was served."""
+        self.listings.nursery = nursery
 
     def is_known_absent(self, directory: DirNode, name: str) -> bool:
         return (directory.identity, name) in self._absent
@@ -659,6 +686,9 @@ class GcFilesystem:
         ]
         inodes = list(self._children_of)
         self.cache.clear()
+        # What the store holds stays as the last good answers, no longer fresh ones.
+        with contextlib.suppress(StoreError):
+            self.store.make_everything_stale()
         self._absent.clear()
         self._failing_batches.clear()
         self._children_of.clear()
@@ -702,3 +732,42 @@ class GcFilesystem:
 
     async def listdir(self, inode: int) -> list[Node]:
         return list((await self.children(self.directory(inode))).values())
+
+
+class _StoredAnswers:
+    """What the metadata cache keeps on disk (MetadataCache's backing): API answers by path
+    (`("object", path)`) as JSON, and listings, which listing.py writes as they arrive.
+    Everything derived from them (children maps, stubs, lookups) is made again from them."""
+
+    def __init__(self, store: MetadataStore, listings: Listings) -> None:
+        self.store = store
+        self.listings = listings
+
+    def load(self, key: Hashable) -> tuple[Any, float] | None:
+        kind = key[0] if isinstance(key, tuple) and key else None
+        try:
+            if kind == "list":
+                listing = self.listings.stored(key)
+                return None if listing is None else (listing, listing.started_at)
+            if kind == "object":
+                found = self.store.get_answer(key_text(key))
+                return None if found is None else (json.loads(found[0]), found[1])
+        except (StoreError, ValueError):
+            return None
+        return None
+
+    def save(self, key: Hashable, value: Any, fetched_at: float) -> None:
+        if isinstance(key, tuple) and key and key[0] == "object":
+            # A failure is logged once by the store; memory still has the value.
+            with contextlib.suppress(StoreError):
+                self.store.put_answer(key_text(key), encode(value), fetched_at)
+
+    def forget(self, key: Hashable) -> None:
+        kind = key[0] if isinstance(key, tuple) and key else None
+        try:
+            if kind == "list":
+                self.store.forget_listing(key_text(key))
+            elif kind == "object":
+                self.store.forget_answer(key_text(key))
+        except StoreError:
+            pass

@@ -26,7 +26,9 @@ from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
 from .errors import GcfsError, NotFound, ReadOnly
 from .fs import GcFilesystem
+from .listing import Listing, ListingChildren
 from .nodes import FileNode, GeneratedFileNode, Node, NodeKind, RemoteFileNode, SymlinkNode
+from .tree import ObjectListDir
 
 if TYPE_CHECKING:
     from .content import RemoteFile
@@ -64,6 +66,9 @@ class GcfsOperations(pyfuse3.Operations):
         self._open_files: dict[int, bytes] = {}
         self._open_remote: dict[int, RemoteFile] = {}
         self._open_dirs: dict[int, list[Node]] = {}
+        # Handles of directories of a listing that may be huge: the generation they read
+        # (pinned, so a refresh cannot delete it under them) and the directory.
+        self._open_streams: dict[int, tuple[ObjectListDir, Listing]] = {}
         self._next_fh = 1
         # Set once the kernel's INIT has been answered (see init()).
         self.initialized = trio.Event()
@@ -215,17 +220,30 @@ class GcfsOperations(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         async def run() -> int:
+            directory = self.fs.directory(inode)
+            fh = self._new_fh()
+            if isinstance(directory, ObjectListDir):
+                # A listing that may be huge is read from the store as its pages arrive;
+                # offsets are positions in the generation the handle pinned.
+                children = await self.fs.children(directory)  # `gcfs refresh` walks it
+                assert isinstance(children, ListingChildren)
+                listing = children.listing
+                self.fs.listings.pin(listing)
+                self._open_streams[fh] = (directory, listing)
+                return fh
             # A snapshot per handle: readdir offsets then index a list that cannot change
             # between two readdir calls, so no entry is skipped or repeated.
-            entries = await self.fs.listdir(inode)
-            fh = self._new_fh()
-            self._open_dirs[fh] = entries
+            self._open_dirs[fh] = await self.fs.listdir(inode)
             return fh
 
         return await self._guard(f"opendir {inode}", run)
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         async def run() -> None:
+            stream = self._open_streams.get(fh)
+            if stream is not None:
+                await self._readdir_listing(*stream, start_id, token)
+                return
             entries = self._open_dirs.get(fh)
             if entries is None:
                 raise pyfuse3.FUSEError(errno.EBADF)
@@ -239,8 +257,28 @@ class GcfsOperations(pyfuse3.Operations):
 
         await self._guard(f"readdir {fh}", run)
 
+    async def _readdir_listing(
+        self, directory: ObjectListDir, listing: Listing, start: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        """Entries from position `start`: waits for the page that holds it (an empty reply
+        would end the listing), then answers what is filled until the kernel's buffer is
+        full."""
+        rows = await listing.names_from(start)
+        while rows:
+            for position, pk in rows:
+                node = self.fs.inodes.add(directory.child(pk, listing))
+                if not pyfuse3.readdir_reply(
+                    token, os.fsencode(pk), self._attributes(node), position + 1
+                ):
+                    return
+                self.fs.inodes.remember(node)
+            rows = listing.names(rows[-1][0] + 1)
+
     async def releasedir(self, fh: int) -> None:
         self._open_dirs.pop(fh, None)
+        stream = self._open_streams.pop(fh, None)
+        if stream is not None:
+            self.fs.listings.unpin(stream[1])
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Plain dictionary work that cannot fail: no deadline needed.
@@ -253,16 +291,26 @@ class GcfsOperations(pyfuse3.Operations):
     # that cannot block or raise anything but FUSEError.
 
     async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: Ctx) -> bytes:
-        node = self.fs.inodes.get(inode)
-        value = node.xattrs.get(os.fsdecode(name)) if node is not None and node.xattrs else None
+        # Ours are all user.gc.*: the ACL and SELinux names `ls -l` asks of every entry are
+        # answered without computing a listed node's attributes from its stored object.
+        if not name.startswith(b"user.gc."):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        value = self._xattrs(inode).get(os.fsdecode(name))
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value.encode("utf-8")
 
     async def listxattr(self, inode: InodeT, ctx: Ctx) -> list[XAttrNameT]:
+        return [XAttrNameT(os.fsencode(name)) for name in self._xattrs(inode)]
+
+    def _xattrs(self, inode: int) -> dict[str, str]:
         node = self.fs.inodes.get(inode)
-        names = node.xattrs if node is not None and node.xattrs else {}
-        return [XAttrNameT(os.fsencode(name)) for name in names]
+        try:
+            # A listed node computes them from its stored object (tree.ListedValuesDir).
+            return (node.xattrs if node is not None else None) or {}
+        except Exception:
+            log.exception("extended attributes of inode %d; answering none", inode)
+            return {}
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()

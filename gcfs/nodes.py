@@ -133,7 +133,7 @@ class DirNode(Node):
 
     __slots__ = ()
 
-    async def build(self, fs: GcFilesystem) -> dict[str, Node]:
+    async def build(self, fs: GcFilesystem) -> Mapping[str, Node]:
         raise NotImplementedError
 
     def cache_keys(self) -> list[Hashable]:

@@ -20,7 +20,7 @@ sizes concurrently (one ranged GET each, remembered forever: files are immutable
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -28,6 +28,7 @@ import trio
 from . import layout, render
 from .answers_csv import render_answers_csv
 from .errors import NotFound, one_error
+from .listing import Listing, ListingChildren
 from .names import is_uuid
 from .nodes import (
     DirNode,
@@ -56,9 +57,11 @@ def _pk(obj: dict[str, Any]) -> str | None:
 
 
 class ObjectListDir(DirNode):
-    """A directory of API objects named by pk, from one paged listing."""
+    """A directory of API objects named by pk, from one paged listing that may be huge: it
+    streams (listing.py) and its children are made from the store when asked for, never all
+    at once (`ListingChildren`)."""
 
-    __slots__ = ("api_path", "api_root", "params", "web_url")
+    __slots__ = ("api_path", "api_root", "current", "params", "web_url")
     gc_kind = "listing"  # user.gc.kind of the directory itself
 
     def __init__(
@@ -77,27 +80,96 @@ class ObjectListDir(DirNode):
         self.params = params
         self.api_root = api_root  # .../api/v1/, for objects whose JSON lacks api_url
         self.web_url = web_url  # the parent object's page, for its children's pages
+        self.current: Listing | None = None  # the generation last asked for
         query = "&".join(f"{k}={v}" for k, v in sorted(params.items()))
         describe(self, self.gc_kind, api_url=f"{api_root}{api_path}?{query}", url=page)
 
-    def child(self, pk: str, obj: dict[str, Any], fetched_at: float | None) -> Node:
-        """The node of one object; `fetched_at`: when the listing was fetched."""
+    def child(self, pk: str, listing: Listing) -> Node:
+        """The node of one listed object (its object stays in the store until needed)."""
+        raise NotImplementedError
+
+    def child_xattrs(self, pk: str, obj: Callable[[], dict[str, Any] | None]) -> dict[str, str]:
+        """The extended attributes of a child, asked for when the kernel asks."""
         raise NotImplementedError
 
     def cache_keys(self) -> list[Hashable]:
         return [*super().cache_keys(), list_key(self.api_path, self.params)]
 
+    async def listing(self, fs: GcFilesystem) -> Listing:
+        self.current = await fs.listing(self.api_path, self.params)
+        return self.current
+
+    async def build(self, fs: GcFilesystem) -> Mapping[str, Node]:
+        listing = await self.listing(fs)
+        return ListingChildren(listing, lambda pk: fs.inodes.add(self.child(pk, listing)))
+
+    async def find(self, fs: GcFilesystem, name: str) -> Node:
+        if not is_uuid(name):
+            raise NotFound(f"{self.identity}: no entry {name!r}")
+        listing = await self.listing(fs)
+        if await listing.find(name) is None:
+            raise NotFound(f"{self.identity}: no entry {name!r}")
+        return fs.inodes.add(self.child(name, listing))
+
+    def object_of(self, pk: str, listing: Listing) -> dict[str, Any] | None:
+        """A child's object from its generation, or from the newest one when a refresh
+        replaced its own."""
+        found = listing.object(pk)
+        if found is None and self.current is not None and self.current is not listing:
+            found = self.current.object(pk)
+        return found
+
+
+class ListedValuesDir(DirNode):
+    """An archive item or a display set of a listing: a ValuesDir whose object stays in the
+    metadata store until its directory is built. Small on purpose (~100 bytes plus its two
+    strings): the kernel may hold a million of them after `ls -l` of a large archive."""
+
+    __slots__ = ("listing", "parent")
+
+    def __init__(
+        self, identity: str, name: str, parent: ItemsDir | DisplaySetsDir, listing: Listing
+    ):
+        super().__init__(identity, name)
+        self.parent = parent
+        self.listing = listing
+
+    @property
+    def xattrs(self) -> dict[str, str] | None:
+        return self.parent.child_xattrs(self.name, self._object)
+
+    @xattrs.setter
+    def xattrs(self, value: dict[str, str] | None) -> None:
+        pass  # computed (Node.__init__ sets None)
+
+    def _object(self) -> dict[str, Any] | None:
+        return self.parent.object_of(self.name, self.listing)
+
+    def values_dir(self) -> ValuesDir:
+        obj = self._object()
+        if obj is None:
+            raise NotFound(f"{self.identity}: no longer listed")
+        parent = self.parent
+        values = ValuesDir(
+            self.identity,
+            self.name,
+            obj,
+            values_key="values",
+            images_filter=parent.images_filter(),
+            metadata=parent.metadata_name,
+            fetched_at=self.listing.started_at,
+        )
+        values.xattrs = self.xattrs
+        return values
+
     async def build(self, fs: GcFilesystem) -> dict[str, Node]:
-        children: dict[str, Node] = {}
-        listed = await fs.list_objects(self.api_path, self.params)
-        fetched_at = fs.cache.fetched_at(list_key(self.api_path, self.params))
-        for obj in listed:
-            pk = _pk(obj)
-            if pk is None:
-                log.warning("%s: skipping an object without a valid pk", self.api_path)
-                continue
-            children[pk] = self.child(pk, obj, fetched_at)
-        return children
+        return await self.values_dir().build(fs)
+
+    def cache_keys(self) -> list[Hashable]:
+        try:
+            return self.values_dir().cache_keys()
+        except NotFound:
+            return super().cache_keys()
 
 
 def _older(first: float | None, second: float | None) -> float | None:
@@ -194,20 +266,23 @@ class EntriesDir(DirNode):
 class ItemsDir(ObjectListDir):
     __slots__ = ()
     gc_kind = "archive-items"
+    metadata_name = "item.json"
 
-    def child(self, pk: str, obj: dict[str, Any], fetched_at: float | None) -> Node:
-        item = ValuesDir(
-            f"item:{pk}",
-            pk,
-            obj,
-            values_key="values",
-            images_filter=("archive", self.params["archive"]),
-            metadata="item.json",
-            fetched_at=fetched_at,
-        )
-        # Items have no api_url or url field (gc-api.md §3.2): both are built.
+    def child(self, pk: str, listing: Listing) -> Node:
+        return ListedValuesDir(f"item:{pk}", pk, self, listing)
+
+    def images_filter(self) -> tuple[str, str]:
+        return ("archive", self.params["archive"])
+
+    def child_xattrs(self, pk: str, obj: Callable[[], dict[str, Any] | None]) -> dict[str, str]:
+        # Items have no api_url or url field (gc-api.md §3.2): both are built, and the
+        # object is not needed (`ls -l` of 200,000 items must not parse 200,000 objects).
         api_url = f"{self.api_root}archives/items/{pk}/"
-        return describe(item, "archive-item", obj, api_url=api_url, url=self._page(pk))
+        attrs = describe(_Attrs("", ""), "archive-item", {"pk": pk}, api_url=api_url)
+        page = self._page(pk)
+        if page and attrs.xattrs is not None:
+            attrs.xattrs["user.gc.url"] = page
+        return attrs.xattrs or {}
 
     def _page(self, pk: str) -> str:
         return f"{self.web_url}items/{pk}/" if self.web_url.endswith("/") else ""
@@ -274,8 +349,40 @@ class JobsDir(ObjectListDir):
     __slots__ = ()
     gc_kind = "jobs"
 
-    def child(self, pk: str, obj: dict[str, Any], fetched_at: float | None) -> Node:
-        return job_dir(f"job:{pk}", pk, obj, fetched_at=fetched_at)
+    def child(self, pk: str, listing: Listing) -> Node:
+        return ListedJobDir(f"job:{pk}", pk, self, listing)
+
+    def child_xattrs(self, pk: str, obj: Callable[[], dict[str, Any] | None]) -> dict[str, str]:
+        return describe(_Attrs("", ""), "job", obj()).xattrs or {}
+
+
+class ListedJobDir(DirNode):
+    """A job of a listing; what it holds (job_dir) is made when it is listed or looked in."""
+
+    __slots__ = ("listing", "parent")
+
+    def __init__(self, identity: str, name: str, parent: JobsDir, listing: Listing):
+        super().__init__(identity, name)
+        self.parent = parent
+        self.listing = listing
+
+    @property
+    def xattrs(self) -> dict[str, str] | None:
+        return self.parent.child_xattrs(self.name, self._object)
+
+    @xattrs.setter
+    def xattrs(self, value: dict[str, str] | None) -> None:
+        pass  # computed (Node.__init__ sets None)
+
+    def _object(self) -> dict[str, Any] | None:
+        return self.parent.object_of(self.name, self.listing)
+
+    async def build(self, fs: GcFilesystem) -> dict[str, Node]:
+        job = self._object()
+        if job is None:
+            raise NotFound(f"{self.identity}: no longer listed")
+        made = job_dir(self.identity, self.name, job, fetched_at=self.listing.started_at)
+        return made.entries
 
 
 def job_dir(
@@ -321,19 +428,23 @@ async def algorithm_contents(fs: GcFilesystem, identity: str, obj: dict[str, Any
 class DisplaySetsDir(ObjectListDir):
     __slots__ = ()
     gc_kind = "display-sets"
+    metadata_name = "display-set.json"
 
-    def child(self, pk: str, obj: dict[str, Any], fetched_at: float | None) -> Node:
-        display_set = ValuesDir(
-            f"display-set:{pk}",
-            pk,
-            obj,
-            values_key="values",
-            images_filter=("reader_study", self.params["reader_study"]),
-            metadata="display-set.json",
-            fetched_at=fetched_at,
-        )
+    def child(self, pk: str, listing: Listing) -> Node:
+        return ListedValuesDir(f"display-set:{pk}", pk, self, listing)
+
+    def images_filter(self) -> tuple[str, str]:
+        return ("reader_study", self.params["reader_study"])
+
+    def child_xattrs(self, pk: str, obj: Callable[[], dict[str, Any] | None]) -> dict[str, str]:
         page = f"{self.web_url}display-sets/{pk}/" if self.web_url.endswith("/") else ""
-        return describe(display_set, "display-set", obj, url=page)
+        return describe(_Attrs("", ""), "display-set", obj(), url=page).xattrs or {}
+
+
+class _Attrs(Node):
+    """A throwaway node for `describe` to fill in, for xattrs computed when asked."""
+
+    __slots__ = ()
 
 
 async def reader_study_contents(fs: GcFilesystem, identity: str, obj: dict[str, Any]) -> list[Node]:

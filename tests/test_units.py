@@ -147,7 +147,7 @@ def test_inode_table_follows_the_kernels_lookup_counts() -> None:
 
 async def test_cache_single_flight(autojump_clock: trio.testing.MockClock) -> None:
     """Concurrent askers share one fetch; the value is kept for the TTL, then fetched again."""
-    cache = MetadataCache(ttl=60)
+    cache = MetadataCache(ttl=60, timer=trio.current_time)
     calls = 0
 
     async def fetch() -> str:

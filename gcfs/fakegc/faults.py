@@ -34,6 +34,9 @@ once under the lock with `configure(**knobs)`; `clear()` switches every fault of
   keep-alive connection resets it without an answer. A real "connection refused" would need
   the port unbound (and could then be lost to another process); a reset on accept is what a
   client sees from a crashed or restarting backend behind a load balancer, close enough.
+- `hold_pages_from: int | None` -- list requests of the site whose `offset` is at least this
+  wait, unanswered, until the knob is set back to None (or higher), then get their real answer:
+  a listing's later pages held while a test reads what the first page gave.
 - `revoked_tokens: set[str]` -- API requests with these Bearer tokens answer 401
   `{"detail":"Invalid token."}` like an unknown token; `/media/` then serves them as anonymous,
   as the real server does for a bad token. Not restricted by `only`/`spare`.
@@ -102,6 +105,7 @@ _KNOBS = (
     "blackhole_storage",
     "down",
     "down_storage",
+    "hold_pages_from",
     "revoked_tokens",
     "only",
     "spare",
@@ -148,6 +152,7 @@ class Faults:
     blackhole_storage: bool = False
     down: bool = False
     down_storage: bool = False
+    hold_pages_from: int | None = None
     revoked_tokens: set[str] = field(default_factory=set)
     only: set[str] | None = None
     spare: set[str] = field(default_factory=set)
@@ -212,6 +217,10 @@ class Faults:
 
     def is_down(self, storage: bool) -> bool:
         return self.down or (storage and self.down_storage)
+
+    def holds_page(self, offset: int) -> bool:
+        held = self.hold_pages_from
+        return held is not None and offset >= held
 
     def is_blackholed(self, storage: bool) -> bool:
         return self.blackhole or (storage and self.blackhole_storage)

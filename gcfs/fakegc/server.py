@@ -85,6 +85,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -233,6 +234,9 @@ class _Handler(BaseHTTPRequestHandler):
             )
             _hold(self, lambda: faults.is_blackholed(False))
             return
+        offset = _offset_of(request.target)
+        if offset is not None and faults.holds_page(offset):
+            _wait_while(self, lambda: faults.holds_page(offset))
         fake._delay(reply)
         decision = faults.decide(reply.endpoint)
         fake._stall(decision)
@@ -542,6 +546,21 @@ def _cut_head(handler: BaseHTTPRequestHandler, status: int, how: str) -> None:
 
 def _reason(status: int) -> str:
     return BaseHTTPRequestHandler.responses.get(status, ("Error", ""))[0]
+
+
+def _offset_of(target: str) -> int | None:
+    """The `offset` of a request-target's query, if it has a numeric one."""
+    values = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query).get("offset")
+    return int(values[0]) if values and values[0].isdigit() else None
+
+
+def _wait_while(handler: BaseHTTPRequestHandler, held: Callable[[], bool]) -> None:
+    """faults.hold_pages_from: wait while `held()` and the fake runs."""
+    server = handler.server
+    assert isinstance(server, _Server)
+    stopping = server.fake._stopping
+    while held() and not stopping.is_set():
+        stopping.wait(0.02)
 
 
 def _hold(handler: BaseHTTPRequestHandler, held: Callable[[], bool]) -> None:

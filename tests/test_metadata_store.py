@@ -1,0 +1,204 @@
+"""Issue 15: metadata on disk. Listings stream into a SQLite store per server and user, readdir
+answers from it as pages arrive, and a daemon started again within the TTL asks nothing.
+
+Real mounts against the fake on 127.0.0.1; the store is found where a user's is
+($XDG_CACHE_HOME/gcfs-metadata, per test through the conftest's XDG_CACHE_HOME).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gcfs import metastore
+from gcfs.fakegc import DEMO_TOKEN, FakeGC
+from tests.conftest import Mount, poll
+
+ITEMS = 3000  # a first page of 100 and three pages of 1000
+
+
+def big_archive(world: Any, count: int = ITEMS, slug: str = "big") -> Any:
+    archive = world.add_archive(slug, viewers={"demo"})
+    for index in range(count):
+        world.add_archive_item(archive, title=f"item {index}")
+    return archive
+
+
+def items_requests(fake: FakeGC) -> list[int]:
+    """The offsets of the item listing requests the fake answered, in order."""
+    return [int(r.query["offset"]) for r in fake.requests if r.endpoint == "archives-items-list"]
+
+
+def store_dir() -> Path:
+    return Path(os.environ["XDG_CACHE_HOME"]) / "gcfs-metadata"
+
+
+def store_files() -> list[Path]:
+    return sorted(store_dir().glob(f"*{metastore.SUFFIX}"))
+
+
+def test_first_entry_is_read_while_later_pages_are_held(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC, world: Any
+) -> None:
+    """`readdir` answers the first page's entries before the other pages arrived: the first
+    entry is read while the fake holds every page but the first (so the request log shows the
+    first page only), and once they are released the listing ends with every item once."""
+    archive = big_archive(world)
+    mount = mount_gcfs()
+    items = mount.path / "archives" / "big" / "items"
+    os.stat(items.parent)
+    fake.reset_counts()
+    fake.faults.hold_pages_from = 100
+    first: list[str] = []
+    names: list[str] = []
+    failure: list[BaseException] = []
+
+    def walk() -> None:
+        try:
+            with os.scandir(items) as entries:
+                for entry in entries:
+                    if not first:
+                        first.append(entry.name)
+                    names.append(entry.name)
+        except BaseException as exc:
+            failure.append(exc)
+
+    reader = threading.Thread(target=walk)
+    reader.start()
+    try:
+        poll(lambda: bool(first) or bool(failure), 20, "the first entry")
+        assert not failure, failure
+        assert items_requests(fake) == [0]
+    finally:
+        fake.faults.hold_pages_from = None
+    reader.join(60)
+    assert not reader.is_alive() and not failure, failure
+    assert sorted(names) == sorted(item.pk for item in archive.items)
+    assert len(names) == len(set(names)) == ITEMS
+    assert sorted(items_requests(fake)) == [0, 100, 1100, 2100]
+
+
+def test_remount_within_ttl_lists_and_opens_with_no_request(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC
+) -> None:
+    """A daemon started again within the TTL serves what the first one stored: `ls -lR` of
+    the whole tree and reading every file it had read make no request beyond the mount's
+    token check, and give the same bytes."""
+    first = mount_gcfs()
+    before = _tree(first.path)
+    first.unmount()
+    assert store_files(), "no metadata store was written"
+    fake.reset_counts()
+    second = mount_gcfs()
+    assert [r.endpoint for r in fake.requests] == ["profiles-self"]
+    fake.reset_counts()
+    assert _tree(second.path) == before
+    assert fake.requests == []
+
+
+def _tree(root: Path) -> dict[str, Any]:
+    """Every path below the archives: its type, size, link target, and the bytes of files."""
+    found: dict[str, Any] = {}
+    for directory, dirs, files in os.walk(root / "archives"):
+        for name in sorted(dirs + files):
+            path = Path(directory) / name
+            info = os.lstat(path)
+            relative = str(path.relative_to(root))
+            if stat.S_ISLNK(info.st_mode):
+                found[relative] = ("link", os.readlink(path))
+            elif stat.S_ISREG(info.st_mode):
+                found[relative] = ("file", info.st_size, path.read_bytes())
+            else:
+                found[relative] = ("dir", info.st_ino)
+    return found
+
+
+def test_kill_in_the_middle_of_a_listing_never_leaves_half_a_listing(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC, world: Any
+) -> None:
+    """A daemon killed (-9) while a listing is half stored: the next daemon does not take the
+    half for the listing; it fetches it again and lists every item."""
+    archive = big_archive(world)
+    first = mount_gcfs()
+    items = first.path / "archives" / "big" / "items"
+    os.stat(items.parent)
+    fake.faults.hold_pages_from = 1100  # the first two pages (1,100 items) get stored
+    fake.reset_counts()
+    seen: list[str] = []
+
+    def partial() -> None:
+        try:
+            with os.scandir(items) as entries:
+                for entry in entries:
+                    seen.append(entry.name)
+        except OSError:
+            pass  # the daemon is killed under it
+
+    reader = threading.Thread(target=partial, daemon=True)
+    reader.start()
+    poll(lambda: len(seen) >= 1100, 20, "the first two pages to be read")
+    assert first.process is not None
+    first.process.kill()
+    first.process.wait(10)
+    first.unmount()
+    fake.faults.hold_pages_from = None
+    reader.join(20)
+    [path] = store_files()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM listings WHERE complete=0").fetchone()[0] >= 1
+    fake.reset_counts()
+    second = mount_gcfs()
+    names = os.listdir(second.path / "archives" / "big" / "items")
+    assert sorted(names) == sorted(item.pk for item in archive.items)
+    assert 0 in items_requests(fake)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM listings WHERE complete=0").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("damage", ["garbage", "other-version", "truncated"])
+def test_damaged_or_foreign_store_is_set_aside(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC, damage: str
+) -> None:
+    """A store file that is not one gcfs can trust is renamed `*.set-aside` and a new one is
+    made; the mount lists as usual and asks the server (nothing of the old file is served)."""
+    first = mount_gcfs()
+    expected = sorted(os.listdir(first.path / "archives"))
+    first.unmount()
+    [path] = store_files()
+    if damage == "garbage":
+        path.write_bytes(b"not a database at all\n" * 100)
+    elif damage == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[:4096] + b"\0" * (len(data) - 4096))  # the schema page only
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    else:
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE meta SET value='999' WHERE name='format'")
+    fake.reset_counts()
+    second = mount_gcfs()
+    assert sorted(os.listdir(second.path / "archives")) == expected
+    assert fake.count("archives-list") >= 1
+    assert Path(f"{path}{metastore.SET_ASIDE}").exists()
+    assert "set aside" in second.log_text()
+    info = os.stat(path)
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(store_dir()).st_mode) == 0o700
+
+
+def test_store_is_private(mount_gcfs: Callable[..., Mount]) -> None:
+    """0600 files in a 0700 directory; the token appears nowhere in them."""
+    mount = mount_gcfs()
+    os.listdir(mount.path / "archives")
+    mount.unmount()
+    assert stat.S_IMODE(os.stat(store_dir()).st_mode) == 0o700
+    for path in store_dir().iterdir():
+        assert stat.S_IMODE(os.lstat(path).st_mode) & 0o077 == 0, path
+        assert DEMO_TOKEN.encode() not in path.read_bytes(), path
