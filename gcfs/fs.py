@@ -138,6 +138,7 @@ class RootDir(DirNode):
                 username=fs.username,
                 ttl=fs.ttl,
                 token_rejected=fs.api.token_rejected,
+                offline_since=fs.api.outage.down_since,
             )
 
         nodes: list[Node] = [
@@ -570,6 +571,7 @@ class GcFilesystem:
             # Endpoint families the server fails now, and directories filled object by object
             # because a batch listing failed (objects_among).
             "failing_endpoints": self.api.health.snapshot(),
+            "outage": self.api.outage.snapshot(),  # down, down_since, last_outage_seconds
             "fallbacks": self.fallbacks,
             "metadata_cache": dataclasses.asdict(self.cache.statistics()),
             "content": dataclasses.asdict(self.content.statistics()),
