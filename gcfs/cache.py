@@ -12,7 +12,8 @@ served instead, however old: an outage should not empty directories the user has
 With a nursery attached (`attach`, the daemon), an expired key that has a last good value is
 refreshed by a task in that nursery: its callers wait at most STALE_GRACE, then get the stale
 value while the refresh finishes in the background (and later callers share it). A slow
-server thus costs a second, not a deadline; a silent one costs a second once, and while the
+server thus costs a second once (for SLOW_MEMORY, stale values are served at once while they
+refresh), not a deadline per directory; a silent one likewise, and while the
 server is known to be down (`origin.is_down()`) nothing waits at all: the last good value, or
 Unavailable (EIO) for what was never fetched.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -68,6 +70,10 @@ class CacheStatistics:
 # several directories, but only the first waits (then the server is `stuck`, below), and the
 # kernel round trips take milliseconds. A working server answers a listing in 0.1-0.5 s.
 STALE_GRACE = 1.0
+# After a refresh outlasted the grace, the server is slow (loaded, a slow link) or silent: for
+# this long, callers with a stale value get it at once and the refresh runs in the background,
+# so a path of several expired directories waits for the grace once, not once per level.
+SLOW_MEMORY = 10.0
 # Refreshes running in the background at once. A directory walk over expired entries refreshes
 # this many at a time; beyond it, callers wait for their fetch as without a nursery (or, when
 # the server seems stuck, get the stale value without a refresh). Each holds a flight (a few
@@ -130,9 +136,9 @@ class MetadataCache:
         self._origin: Origin | None = None
         self._recoveries = 0
         self._background = 0
-        # Set when a caller's grace ran out before its refresh ended: later callers with a
-        # stale value get it at once (the server seems stuck) until a fetch ends well.
-        self._stuck = False
+        # Until when (trio's clock) the server counts as slow: a caller's grace ran out
+        # before its refresh ended (SLOW_MEMORY).
+        self._slow_until = -math.inf
 
     def attach(
         self, nursery: trio.Nursery, *, deadline: float, origin: Origin | None = None
@@ -192,7 +198,7 @@ class MetadataCache:
             return False
         if origin.recoveries != self._recoveries:
             self._recoveries = origin.recoveries
-            self._stuck = False
+            self._slow_until = -math.inf
             for key, error in list(self._errors.items()):
                 if isinstance(error, Unavailable):
                     self._errors.pop(key, None)
@@ -234,21 +240,24 @@ class MetadataCache:
                 self._background += 1
                 self._nursery.start_soon(self._refresh, key, fetch, flight)
                 return await self._wait(flight, last)  # type: ignore[no-any-return]
-            if self._stuck:
-                self._stale += 1  # no refresh: it would queue behind the stuck ones
+            if self._slow():
+                self._stale += 1  # no refresh: it would queue behind the slow ones
                 return last[0]  # type: ignore[no-any-return]
         return await self._lead(key, fetch)
+
+    def _slow(self) -> bool:
+        return trio.current_time() < self._slow_until
 
     async def _wait(self, flight: _Flight[Any], last: tuple[Any, float] | None) -> Any:
         """The flight's answer; with a stale value and a nursery (not in a refresh), at most
         until STALE_GRACE after the flight started, then the stale value."""
         if last is None or self._nursery is None or _IN_REFRESH.get():
             await flight.done.wait()
-        elif not self._stuck:
+        elif not self._slow():
             with trio.move_on_at(flight.started + STALE_GRACE):
                 await flight.done.wait()
             if not flight.done.is_set():
-                self._stuck = True
+                self._slow_until = trio.current_time() + SLOW_MEMORY
                 log.debug("no answer within %g s; serving the last good value", STALE_GRACE)
         if not flight.done.is_set():
             assert last is not None
@@ -298,7 +307,6 @@ class MetadataCache:
         if fresh:
             self._last_good[key] = value
             self._fetched_at[key] = self._timer()
-            self._stuck = False
 
     async def _refresh(
         self, key: Hashable, fetch: Callable[[], Awaitable[Any]], flight: _Flight[Any]
