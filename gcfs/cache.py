@@ -15,7 +15,7 @@ value while the refresh finishes in the background (and later callers share it).
 server thus costs a second once (for SLOW_MEMORY, stale values are served at once while they
 refresh), not a deadline per directory; a silent one likewise, and while the
 server is known to be down (`origin.is_down()`) nothing waits at all: the last good value, or
-Unavailable (EIO) for what was never fetched.
+a fetch that fails at once (EIO) where it needs the server (retry.retrying asks nothing).
 
 A failure is remembered for `ERROR_TTL` seconds (the same error is raised again without a
 request): a shell loop or a file manager stat-ing a directory that cannot be listed must not
@@ -61,7 +61,7 @@ class CacheStatistics:
     stale: int  # answers served from the last good value because the server failed
     size: int
     remembered_errors: int = 0  # answers that raised a recent failure again, without a request
-    refused_while_down: int = 0  # never-fetched keys answered Unavailable at once (server down)
+    refused_while_down: int = 0  # fetches of never-fetched keys that failed while down
 
 
 # How long a caller that has a stale value waits for its refresh before it is served the stale
@@ -208,19 +208,19 @@ class MetadataCache:
         """The value for `key`, from the cache or from one shared call of `fetch()`.
 
         While the server is down (attach's `origin`): the last good value at once, however
-        old, or Unavailable at once. An expired key with a last good value waits at most
+        old; a key never fetched is fetched, which fails at once where it needs the server
+        (retrying asks nothing while it is down) and works where it does not (a directory
+        built from an object fetched before). An expired key with a last good value waits at most
         STALE_GRACE for its refresh, which goes on in the background (attach)."""
         cached = self._entries.get(key)
         if cached is not None:
             self._hits += 1
             return cached  # type: ignore[no-any-return]
         last = self._last_good_of(key)
-        if self._down():
-            if last is not None:
-                self._stale += 1
-                return last[0]  # type: ignore[no-any-return]
-            self._refused += 1
-            raise Unavailable(f"{key!r}: the server is down, and this was never fetched")
+        down = self._down()
+        if down and last is not None:
+            self._stale += 1
+            return last[0]  # type: ignore[no-any-return]
         error = self._errors.get(key)
         if error is not None:
             if isinstance(error, Unavailable) and last is not None:
@@ -230,6 +230,10 @@ class MetadataCache:
             raise error.with_traceback(None)
         flight = self._flights.get(key)
         if flight is not None:
+            if down:
+                # A fetch that began before the outage may hang until its own timeout.
+                self._refused += 1
+                raise Unavailable(f"{key!r}: the server is down, and this was never fetched")
             self._shared += 1
             return await self._wait(flight, last)  # type: ignore[no-any-return]
         self._misses += 1
@@ -284,6 +288,8 @@ class MetadataCache:
                 log.debug("%r: serving the last good value (%s)", key, exc)
                 value = stale_value
         except BaseException as exc:
+            if isinstance(exc, Unavailable) and self._origin is not None:
+                self._refused += self._origin.is_down()
             # Followers see the leader's error; Cancelled (the leader's own deadline) becomes
             # a plain error for them rather than a cancellation they did not ask for.
             flight.error = exc if isinstance(exc, Exception) else _LeaderCancelled(key)

@@ -144,22 +144,36 @@ async def test_down_answers_from_the_last_good_value_or_eio_at_once(
     fetches = 0
 
     async def fetch() -> str:
-        nonlocal fetches
-        fetches += 1
-        return "v1"
+        async def attempt() -> str:
+            nonlocal fetches
+            fetches += 1
+            return "v1"
+
+        return await retrying(attempt, policy=POLICY, what="t", outage=outage)
+
+    async def local() -> str:
+        return "built from what was fetched before"
+
+    async def probe() -> None:
+        await retrying(refused, policy=POLICY, what="probe", outage=outage)
 
     async with trio.open_nursery() as nursery:
         cache.attach(nursery, deadline=60, origin=outage)
+        outage.watch(nursery, probe)
         assert await cache.get("seen", fetch) == "v1"
         with pytest.raises(Unavailable):
             await retrying(refused, policy=POLICY, what="t", outage=outage)
         await trio.sleep(3600)  # far past the TTL
         start = trio.current_time()
         assert await cache.get("seen", fetch) == "v1"
-        with pytest.raises(Unavailable, match="server is down"):
+        with pytest.raises(Unavailable, match="is down"):
             await cache.get("unseen", fetch)
+        assert await cache.get("local", local) == "built from what was fetched before"
         assert trio.current_time() == start and fetches == 1
         assert cache.statistics().refused_while_down == 1
+        with pytest.raises(Unavailable, match="is down"):
+            await cache.get("unseen", fetch)  # remembered, still no request
+        assert fetches == 1
         outage.succeeded()
         assert await cache.get("unseen", fetch) == "v1"  # asked at once when back
         nursery.cancel_scope.cancel()
