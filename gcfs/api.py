@@ -22,7 +22,15 @@ import trio
 from .config import TokenSource
 from .errors import BadResponse, GcfsError, NotFound, PermissionDenied, Unavailable, one_error
 from .health import EndpointHealth, endpoint_family
-from .retry import OutageLog, RetryPolicy, is_transient_status, parse_retry_after, retrying
+from .retry import (
+    PROBE_BUDGET,
+    OutageLog,
+    RetryPolicy,
+    Unreachable,
+    is_transient_status,
+    parse_retry_after,
+    retrying,
+)
 from .stats import Statistics, endpoint_of
 
 log = logging.getLogger(__name__)
@@ -43,6 +51,10 @@ PAGE_CONCURRENCY = 16
 # Connections to the API origin. pyfuse3 runs up to 99 handlers at once; beyond ~16 parallel
 # requests a Django server only queues them.
 MAX_CONNECTIONS = 16
+
+
+# The probe of a down site: a few quick tries within PROBE_BUDGET (retry.py).
+PROBE_RETRY = RetryPolicy(budget=PROBE_BUDGET)
 
 
 class Existence(enum.Enum):
@@ -73,7 +85,9 @@ class GcApiClient:
         # Set while the server rejects our token (401); the root README says so.
         self.token_rejected = False
         self._accepted_once = False
-        self.outage = OutageLog(self.base_url)
+        # Connections refused for a moment, or a timed-out attempt, mark the site down: what
+        # was seen is served from the cache at once, the rest fails at once (retry.OutageLog).
+        self.outage = OutageLog(self.base_url, fail_fast=True)
         self.health = EndpointHealth()
         self.stats = Statistics()
         self._limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
@@ -113,7 +127,11 @@ class GcApiClient:
                     response = await self._http.get(url, params=params, headers=headers)
             except httpx.TimeoutException as exc:
                 self.stats.record_request(endpoint, 0)
-                raise Unavailable(f"GET {url}: timed out") from exc
+                raise Unreachable(f"GET {url}: timed out", timed_out=True) from exc
+            except httpx.TransportError as exc:
+                # Refused, reset, DNS, a connection closed without an answer.
+                self.stats.record_request(endpoint, 0)
+                raise Unreachable(f"GET {url}: {type(exc).__name__}") from exc
             except httpx.HTTPError as exc:
                 self.stats.record_request(endpoint, 0)
                 raise Unavailable(f"GET {url}: {type(exc).__name__}") from exc
@@ -211,6 +229,12 @@ class GcApiClient:
         if not isinstance(username, str):
             raise BadResponse("profiles/users/self/ answered without user.username")
         return username
+
+    async def probe(self) -> None:
+        """Whether the site answers, for the background probe of an outage (OutageLog.watch):
+        one authenticated GET of `profiles/users/self/` (small, the one request every token
+        may make). Any answer ends the outage, whatever its status (`retrying` notices)."""
+        await self._send(self.api_url + "profiles/users/self/", None, auth=True, retry=PROBE_RETRY)
 
     # -- listings --------------------------------------------------------------------------
 

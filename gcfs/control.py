@@ -263,6 +263,16 @@ def format_status(status: dict[str, Any]) -> list[str]:
         ),
         f"errors:       {status.get('errors_last_hour')} in the last hour",
     ]
+    outage = status.get("outage") or {}
+    if outage.get("down"):
+        since = outage.get("down_since") or 0
+        lines.append(
+            f"DOWN:         the server has not answered since "
+            f"{time.strftime('%H:%M:%S', time.localtime(since))} "
+            f"({time.time() - since:.0f} s); serving what was seen, EIO for the rest"
+        )
+    elif outage.get("last_outage_seconds") is not None:
+        lines.append(f"last outage:  {outage['last_outage_seconds']} s (back now)")
     failing = status.get("failing_endpoints") or {}
     for family, failure in sorted(failing.items()):
         since = time.strftime("%H:%M:%S", time.localtime(failure.get("since", 0)))

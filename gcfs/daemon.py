@@ -244,6 +244,9 @@ async def _mount_and_serve(
         async with trio.open_nursery() as nursery:
             fs.attach(nursery)
             nursery.start_soon(_handle_signals, fs)
+            if not fs.offline:  # issue 15: a down server answers at once; one task probes it
+                fs.api.outage.watch(nursery, fs.api.probe)
+                fs.cache.attach(nursery, deadline=cfg.op_timeout, origin=fs.api.outage)
             await nursery.start(serve_control, fs, cfg.mountpoint, invalidate)
             nursery.start_soon(_when_initialized, operations, canonical, on_ready)
             if fs.offline:

@@ -142,6 +142,7 @@ class RootDir(DirNode):
                 username=fs.username,
                 ttl=fs.ttl,
                 token_rejected=fs.api.token_rejected,
+                offline_since=fs.api.outage.down_since,
             )
 
         nodes: list[Node] = [
@@ -340,6 +341,7 @@ class GcFilesystem:
         self.store = store if store is not None else MetadataStore(None)
         self.listings = Listings(api, self.store)
         self.cache = MetadataCache(ttl, backing=_StoredAnswers(self.store, self.listings))
+        self.listings.on_failed = self.cache.expire
         self.inodes = InodeTable()
         self._absent: TTLCache[tuple[str, str], bool] = TTLCache(NEGATIVE_CACHE_SIZE, ttl)
         # Batch listings (by endpoint family) that failed while asking for each object worked:
@@ -597,6 +599,7 @@ class GcFilesystem:
             # Endpoint families the server fails now, and directories filled object by object
             # because a batch listing failed (objects_among).
             "failing_endpoints": self.api.health.snapshot(),
+            "outage": self.api.outage.snapshot(),  # down, down_since, last_outage_seconds
             "fallbacks": self.fallbacks,
             "metadata_cache": dataclasses.asdict(self.cache.statistics()),
             "content": dataclasses.asdict(self.content.statistics()),

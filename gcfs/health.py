@@ -3,8 +3,8 @@ it ends.
 
 A real server can fail one endpoint while the rest works: the platform's own image listing
 answers 500 to `cases/images/?job_input=<pk>` (gc-api.md §3.11), whatever the pk. The origin
-as a whole is healthy then, so `retry.OutageLog` (one origin, "is failing" / "answers again")
-says nothing; this says which endpoint family fails and with which status.
+as a whole is healthy then, so `retry.OutageLog` (one origin, "is down" / "is back") says
+nothing; this says which endpoint family fails and with which status.
 
 An endpoint family is the endpoint's path template plus the names of its filters
 (`cases/images/?job_input`, `algorithms/jobs/{pk}/`): every job's image listing fails the same

@@ -202,6 +202,9 @@ class Listings:
         # handles (the kernel's and the adapter's limits on open directories).
         self._pinned: dict[int, Listing] = {}
         self.pages_stored = 0
+        # Told the cache key of a listing that failed half way (GcFilesystem: the cache entry
+        # expires, so the next reader asks again instead of getting the error for a TTL).
+        self.on_failed: Callable[[object], None] | None = None
 
     def parsed(self, generation: int, pk: str) -> JSONObject | None:
         cached = self._parsed.get((generation, pk))
@@ -252,16 +255,26 @@ class Listings:
         elif self.nursery is None:
             await self._fill(listing, path, params, rest, count)
         else:
-            self.nursery.start_soon(self._fill_in_background, listing, path, params, rest, count)
+            self.nursery.start_soon(
+                self._fill_in_background, key, listing, path, params, rest, count
+            )
         return listing
 
     async def _fill_in_background(
-        self, listing: Listing, path: str, params: Params, offsets: list[int], count: int
+        self,
+        key: object,
+        listing: Listing,
+        path: str,
+        params: Params,
+        offsets: list[int],
+        count: int,
     ) -> None:
         try:
             await self._fill(listing, path, params, offsets, count)
         except GcfsError as exc:
             log.info("%s: listing failed after %d entries (%s)", path, listing.filled, exc)
+            if self.on_failed is not None:
+                self.on_failed(key)
         except Exception as exc:  # a bug: report it, keep the mount
             listing.error = listing.error or Unavailable(f"{path}: listing failed ({exc!r})")
             listing._notify()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from . import __version__
@@ -20,10 +21,25 @@ def metadata_json(obj: Any) -> bytes:
         return (json.dumps(obj, indent=2, ensure_ascii=True) + "\n").encode("ascii")
 
 
-def root_readme(*, base_url: str, username: str, ttl: float, token_rejected: bool = False) -> bytes:
+def root_readme(
+    *,
+    base_url: str,
+    username: str,
+    ttl: float,
+    token_rejected: bool = False,
+    offline_since: float | None = None,
+) -> bytes:
+    """`offline_since`: when the server stopped answering (epoch seconds), while it is down."""
     warning = ""
+    if offline_since is not None:
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(offline_since))
+        warning += f"""
+WARNING: {base_url} is offline since {since}. What you have seen is shown as it was
+last fetched, however old; anything else fails with "Input/output error". gcfs asks the
+server again in the background and says in its log when it is back.
+"""
     if token_rejected:
-        warning = f"""
+        warning += f"""
 WARNING: {base_url} now rejects the API token (revoked or expired). Reads that need the
 server fail with "Permission denied"; what was seen before is still shown. Create a new
 token at {base_url}/settings/api-tokens/ and put it in the token file: gcfs picks it up

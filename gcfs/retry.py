@@ -5,21 +5,29 @@ transient and retried with exponential backoff and full jitter; `Retry-After` (s
 HTTP-date) is honoured; 500 and every 4xx are answers, not accidents, and are not retried. All
 retrying of one request ends within `budget` seconds, which the daemon sets below the FUSE
 operation's deadline, so a caller always gets an errno (or cached data) in time.
+
+An origin that stops answering is down (`OutageLog`): said once in the log, requests to it
+fail at once instead of each spending the budget, and (with a watcher) one background probe
+notices when it is back. On the site, "down" means no answer at all (connections refused or
+reset, timeouts) or 502/503/504 after the retries; a 500 or a 429 is an answer.
 """
 
 from __future__ import annotations
 
+import contextvars
 import email.utils
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
-from .errors import Unavailable
+from .background import report_bug
+from .errors import GcfsError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -64,51 +72,173 @@ class RetryPolicy:
         return max(backoff, retry_after or 0.0)
 
 
+class Unreachable(Unavailable):
+    """No answer at all from the origin: the connection failed (refused, reset, DNS) or,
+    with `timed_out`, an attempt ran out of time. Retrying will not fix either soon, so an
+    origin with `OutageLog(fail_fast=True)` is marked down by it (see `retrying`)."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
 # After a request gave up on an origin, others do not wait on it for this long: they fail at
 # once (and are served what is cached). Then one request may try again, for at most
 # OUTAGE_PROBE_BUDGET. Without it, each step of a path lookup would wait a whole retry budget
 # and `ls ~/gc/archives/x/items` would take several deadlines while the server is silent.
+# (An origin with a watcher, `OutageLog.watch`, is instead probed by one background task.)
 OUTAGE_HOLD_OFF = 2.0
 OUTAGE_PROBE_BUDGET = 1.0
+# Connection refused or reset for this long within one request, on a fail-fast origin: the
+# origin is down. Backoff (0.1 s doubling, full jitter) fits ~5 attempts in it, enough to ride
+# out a load balancer swapping a backend; a refused port answers in under a millisecond, so
+# spending the 45 s retry budget on it would only make every caller wait.
+CONFIRM_DOWN = 1.5
+# The background probe of a down origin: first after 1 s (a restart of the server takes
+# seconds), then 2, 4, 8, 16, 30, 30 ... s, so a long outage costs one request per 30 s.
+PROBE_FIRST_DELAY = 1.0
+PROBE_MAX_DELAY = 30.0
+# One probe may take this long (all its attempts): a server that answers in 10 s is slow but
+# back, and the probe waits on nobody.
+PROBE_BUDGET = 10.0
+
+# Set in the probe task of an origin: the only task whose requests go out while it is down.
+_PROBING: contextvars.ContextVar[OutageLog | None] = contextvars.ContextVar(
+    "gcfs_probing", default=None
+)
 
 
 class OutageLog:
-    """An origin's health: says once that it stopped answering, and once that it is back.
+    """An origin's health: says once that it is down, and once that it is back (and after how
+    long).
 
     A failed attempt that a retry then fixes is a blip, not an outage; an outage starts when a
-    request gives up, and ends at the next success.
+    request gives up, and ends at the next answer (any status: a 500 is an answer).
+
+    `fail_fast` (the site): an attempt that timed out, or connections refused for
+    CONFIRM_DOWN seconds, end the request at once and mark the origin down, and a request that
+    gave up after 429s does not (the server answers; it asks us to slow down). Without a
+    watcher, requests during an outage fail at once for OUTAGE_HOLD_OFF seconds, then one
+    probes with a short budget. With one (`watch`, the daemon's nursery), every request fails
+    at once while the origin is down and one background task probes with backoff.
     """
 
-    def __init__(self, origin: str) -> None:
+    def __init__(self, origin: str, *, fail_fast: bool = False) -> None:
         self.origin = origin
+        self.fail_fast = fail_fast
+        # Wall-clock time (epoch seconds) the outage started, for `gcfs status` and the root
+        # README; None while the origin answers.
         self.down_since: float | None = None
+        self._down_at = 0.0  # the same moment on trio's clock, for the duration
         self.gave_up_at = 0.0
         self.failures = 0
+        self.outages = 0  # how many times the origin went down
+        self.recoveries = 0  # how many times it came back (caches forget their errors)
+        self.last_outage: float | None = None  # seconds the previous outage lasted
+        self.probes = 0
+        self.last_answer_at = -math.inf  # trio's clock: the last answer of the origin
+        self._nursery: trio.Nursery | None = None
+        self._probe: Callable[[], Awaitable[object]] | None = None
+        self._probing = False
+
+    def is_down(self) -> bool:
+        return self.down_since is not None
+
+    @property
+    def watched(self) -> bool:
+        """A background probe notices the end of an outage (`watch`)."""
+        return self._probe is not None
+
+    def watch(self, nursery: trio.Nursery, probe: Callable[[], Awaitable[object]]) -> None:
+        """From now on, while the origin is down no request goes out but `probe()`, called by
+        one task in `nursery` with backoff until the origin answers. `probe` must send its
+        request through `retrying` with this OutageLog (that is how an answer is noticed)."""
+        self._nursery = nursery
+        self._probe = probe
+        if self.is_down():
+            self._start_probe()
 
     def failed(self, error: Exception) -> None:
         self.failures += 1
 
     def gave_up(self, error: Exception) -> None:
+        if self.fail_fast and isinstance(error, Unavailable) and error.status == 429:
+            log.debug("%s: %s (rate limited, not down)", self.origin, error)
+            return
         self.gave_up_at = trio.current_time()
         if self.down_since is None:
-            self.down_since = self.gave_up_at
-            log.warning("%s is failing (%s); serving what is cached", self.origin, error)
+            self.down_since = time.time()
+            self._down_at = self.gave_up_at
+            self.outages += 1
+            log.warning(
+                "%s is down (%s); serving what was seen, EIO for the rest", self.origin, error
+            )
+            self._start_probe()
 
     def hold_off(self) -> bool:
-        """True while requests should not even try (an outage, recently confirmed)."""
-        return (
-            self.down_since is not None and trio.current_time() - self.gave_up_at < OUTAGE_HOLD_OFF
-        )
+        """True while requests should not even try: the origin is down and this is not its
+        probe (with a watcher), or it gave up less than OUTAGE_HOLD_OFF s ago (without)."""
+        if self.down_since is None:
+            return False
+        if self.watched:
+            return _PROBING.get() is not self
+        return trio.current_time() - self.gave_up_at < OUTAGE_HOLD_OFF
 
     def succeeded(self) -> None:
+        self.last_answer_at = trio.current_time()
         if self.down_since is not None:
+            self.last_outage = trio.current_time() - self._down_at
             log.warning(
-                "%s answers again after %.1f s",
+                "%s is back after %.1f s (down since %s)",
                 self.origin,
-                trio.current_time() - self.down_since,
+                self.last_outage,
+                _utc(self.down_since),
             )
             self.down_since = None
+            self.recoveries += 1
         self.failures = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        """For `gcfs status`: down (bool), down_since (epoch seconds, None), outages,
+        last_outage_seconds, probes."""
+        return {
+            "down": self.is_down(),
+            "down_since": None if self.down_since is None else round(self.down_since, 1),
+            "outages": self.outages,
+            "last_outage_seconds": None if self.last_outage is None else round(self.last_outage, 1),
+            "probes": self.probes,
+        }
+
+    def _start_probe(self) -> None:
+        if self._nursery is None or self._probing:
+            return
+        self._probing = True
+        self._nursery.start_soon(self._probe_until_back)
+
+    async def _probe_until_back(self) -> None:
+        """The one task that asks a down origin, with backoff, until it answers. Raises
+        nothing: it runs in the daemon's nursery, where an exception would end the mount."""
+        _PROBING.set(self)  # this task's context only: its requests go out
+        delay = PROBE_FIRST_DELAY
+        try:
+            while self.down_since is not None and self._probe is not None:
+                await trio.sleep(delay)
+                delay = min(delay * 2, PROBE_MAX_DELAY)
+                self.probes += 1
+                try:
+                    # retrying bounds it too; this covers a probe that is not one request.
+                    with trio.move_on_after(PROBE_BUDGET * 2):
+                        await self._probe()
+                except GcfsError as exc:
+                    log.debug("%s: probe %d: %s", self.origin, self.probes, exc)
+                except Exception as exc:
+                    report_bug("the probe of a down server", exc)
+        finally:
+            self._probing = False
+
+
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
 async def retrying(
@@ -122,17 +252,24 @@ async def retrying(
 ) -> T:
     """`await attempt()`, again after transient failures (`Unavailable` with `transient`),
     until it succeeds or the policy's budget is spent. The budget also bounds a single
-    attempt that hangs (a black-holed server). During an outage, requests fail at once for
-    OUTAGE_HOLD_OFF seconds, then probe with a short budget."""
+    attempt that hangs (a black-holed server). During an outage, requests fail at once (see
+    OutageLog); on a fail-fast origin a timed-out attempt or CONFIRM_DOWN s of refused
+    connections end the request and mark the origin down."""
     rng = rng or random.Random()
     budget = policy.budget
-    if outage is not None and outage.down_since is not None:
+    if outage is not None and outage.is_down():
         if outage.hold_off():
-            raise Unavailable(f"{what}: {outage.origin} is failing; not asking again yet")
-        budget = min(budget, OUTAGE_PROBE_BUDGET)
+            raise Unavailable(f"{what}: {outage.origin} is down; not asking again yet")
+        if not outage.watched:
+            budget = min(budget, OUTAGE_PROBE_BUDGET)
+    fail_fast = outage is not None and outage.fail_fast
     last: Unavailable | None = None
+    refused_since: float | None = None
+    down = False
+    start = trio.current_time()
     with trio.move_on_after(budget) as scope:
         for number in range(1_000):
+            began = trio.current_time()
             try:
                 result = await attempt()
             except Unavailable as exc:
@@ -141,20 +278,36 @@ async def retrying(
                 if not exc.transient:
                     raise
                 last = exc
+                if fail_fast and outage is not None and isinstance(exc, Unreachable):
+                    # Down only if nothing answered meanwhile: a server that answers other
+                    # requests is slow or flaky on this one, and that is worth the budget.
+                    if refused_since is None or outage.last_answer_at >= refused_since:
+                        refused_since = began
+                    silent = outage.last_answer_at < began
+                    waited = trio.current_time() - refused_since
+                    if silent and (exc.timed_out or waited >= CONFIRM_DOWN):
+                        down = True
+                        break
+                else:
+                    refused_since = None
                 delay = policy.delay(number, exc.retry_after, rng)
                 log.debug("%s: %s; retry %d in %.2f s", what, exc, number + 1, delay)
                 if on_retry is not None:
                     on_retry()
                 await trio.sleep(delay)
+                if outage is not None and outage.hold_off():
+                    # Another request found the origin down meanwhile.
+                    raise Unavailable(f"{what}: {outage.origin} is down ({exc})") from exc
             else:
                 if outage is not None:
                     outage.succeeded()
                 return result
     reason = f"{last}" if last is not None else "no answer"
     status = last.status if last is not None else None
-    error = Unavailable(f"{what}: gave up after {budget:g} s ({reason})", status=status)
+    took = trio.current_time() - start
+    error = Unavailable(f"{what}: gave up after {took:.3g} s ({reason})", status=status)
     if outage is not None:
         outage.gave_up(error)
-    if scope.cancelled_caught:
+    if scope.cancelled_caught or down:
         raise error from last
     raise Unavailable(f"{what}: too many retries", status=status) from last
