@@ -108,7 +108,8 @@ the token:
 files:
   $XDG_CONFIG_HOME/gcfs/config.toml  defaults for mount options (~/.config/gcfs/config.toml)
   $XDG_CACHE_HOME/gcfs/              the block cache of file contents (~/.cache/gcfs)
-  $XDG_RUNTIME_DIR/gcfs/             pid files and background logs (else /tmp/gcfs-UID)
+  $XDG_RUNTIME_DIR/gcfs/             pid files and background logs (else /tmp/gcfs-UID);
+                                     those of mounts ended over a week ago are removed
 
 {EXIT_STATUS}"""
 
@@ -290,8 +291,9 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
         "--log-file",
         type=Path,
         metavar="PATH",
-        help="where the daemon logs; default: stderr in the foreground (the journal under "
-        "systemd), $XDG_RUNTIME_DIR/gcfs/<id>.log in the background",
+        help="where the daemon logs, rotated at 10 MiB into PATH.1 .. PATH.3; default: stderr "
+        "in the foreground (the journal under systemd), $XDG_RUNTIME_DIR/gcfs/<id>.log in the "
+        "background",
     )
     parser.add_argument(
         "--allow-other",
@@ -763,16 +765,19 @@ def mount(args: argparse.Namespace, *, dry_run: bool = False) -> int:
     cfg, demo = plan.cfg, plan.demo
     if dry_run:
         return 0
-
-    def daemon(on_ready: Callable[[], None]) -> None:
-        run_daemon(cfg, demo=demo, on_ready=on_ready)
-
     if cfg.foreground:
         setup_logging(cfg.log_level, plan.log_file)
-        daemon(notify.ready)  # a Type=notify unit becomes active once the mount answers
+        cfg = replace(cfg, log_file=plan.log_file)  # for gcfs status
+        # A Type=notify unit becomes active once the mount answers.
+        run_daemon(cfg, demo=demo, on_ready=notify.ready)
         return 0
     log_file = plan.log_file or runtime.default_log_file(cfg.mountpoint)
     shown = plan.log_label or str(log_file)
+    background = replace(cfg, log_file=log_file)
+
+    def daemon(on_ready: Callable[[], None]) -> None:
+        run_daemon(background, demo=demo, on_ready=on_ready)
+
     return _run_in_background(daemon, log_file=log_file, log_level=cfg.log_level, shown=shown)
 
 
@@ -789,6 +794,14 @@ def run_daemon(cfg: Config, *, demo: bool, on_ready: Callable[[], None]) -> None
             log.info("demo server listening on %s", fake.base_url)
         pid_path = runtime.write_pid(cfg.mountpoint)
         stack.callback(pid_path.unlink, missing_ok=True)
+        # After the pid file: this mount's own files are those of a live pid, never stale.
+        removed = runtime.remove_stale()
+        if removed:
+            log.info(
+                "removed %d log and pid files of mounts that ended over a week ago from %s",
+                len(removed),
+                runtime.runtime_dir(),
+            )
         trio.run(serve, cfg, on_ready)
 
 

@@ -163,6 +163,9 @@ class Config:
     offline: Path | None = None
     # How messages name cache_dir when --cache-dir gave it (never by the value typed).
     cache_dir_label: str | None = None
+    # Where the daemon logs (the default log in the background, or --log-file); None: stderr.
+    # Only shown (gcfs status): the command sets logging up before the daemon runs.
+    log_file: Path | None = None
 
     @property
     def api_url(self) -> str:

@@ -248,6 +248,7 @@ def format_status(status: dict[str, Any]) -> list[str]:
         f"server:       {server}",
         f"user:         {status.get('user')}",
         f"mount:        {status.get('mountpoint')} (pid {status.get('pid')})",
+        f"log:          {status.get('log_file') or 'stderr (the journal under systemd)'}",
         f"uptime:       {status.get('uptime_seconds')} s",
         f"requests:     {status.get('requests_total')} ({status.get('retries')} retries, "
         f"{status.get('in_flight_requests')} in flight)",

@@ -240,6 +240,7 @@ async def _mount_and_serve(
     except RuntimeError as exc:
         raise UserError(f"cannot mount on {cfg.mountpoint}: {exc}") from None
     fs.mountpoint = str(cfg.mountpoint)
+    fs.log_file = str(cfg.log_file) if cfg.log_file is not None else None
     try:
         async with trio.open_nursery() as nursery:
             fs.attach(nursery)

@@ -334,6 +334,7 @@ class GcFilesystem:
         self.api = api
         self.content = content
         self.mountpoint = ""  # set by the daemon once mounted, for status
+        self.log_file: str | None = None  # set by the daemon (None: stderr), for status
         self.base_url = api.base_url
         self.username = username
         self.ttl = ttl
@@ -592,6 +593,7 @@ class GcFilesystem:
             "user": self.username,
             "mountpoint": self.mountpoint,
             "pid": os.getpid(),
+            "log_file": self.log_file,
             "version": __version__,
             "token_rejected": self.api.token_rejected,
             "inodes": len(self.inodes),

@@ -8,14 +8,26 @@ Three destinations:
   with its sd-daemon(3) priority (`<3>` error, `<4>` warning, `<6>` info, `<7>` debug) and
   carries no timestamp: the journal records the time, and shows the priority in colour and
   filters on it (`journalctl --user -u gcfs@gc -p warning`).
+
+A log file, the default one or a `--log-file`, is rotated by size (ROTATE_BYTES, BACKUP_COUNT):
+`<file>` is renamed `<file>.1` (and `.1` to `.2`, ...) once it would pass the size, so one mount
+keeps at most (1 + BACKUP_COUNT) x ROTATE_BYTES of log. Not stderr: the journal rotates its own
+files, and a terminal keeps nothing. The tests make the size small with `GCFS_TEST_LOG_ROTATE_BYTES`
+(read once, at import, and only when set: the daemon is a real process they cannot patch, as
+with inject.py); unset, always outside the tests, ROTATE_BYTES holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import logging
+import logging.handlers
 import os
+import stat
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
@@ -23,6 +35,44 @@ from .errors import UserError
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(name)s: %(message)s"
+
+# 10 MiB per file: at INFO a mount logs a few lines per event (mounted, an outage begins or
+# ends, a refresh), so 10 MiB holds months of it; at DEBUG a request logs a line of 100 to 250
+# bytes (and a listing one more), so 10 MiB holds the last ~40,000 requests: a listing of 40
+# million objects at 1000 per page, or the whole session that led up to a failure. Three
+# backups: ~40 MiB in all, kept to be read after a failure, and all a daemon left at DEBUG for
+# weeks ever holds (the default log is in $XDG_RUNTIME_DIR, often memory) rather than gigabytes.
+ROTATE_BYTES = 10 * 1024 * 1024
+BACKUP_COUNT = 3
+TEST_ROTATE_ENV = "GCFS_TEST_LOG_ROTATE_BYTES"
+
+
+def _rotate_bytes(environ: Mapping[str, str]) -> int:
+    """ROTATE_BYTES, or the tests' smaller size when they set TEST_ROTATE_ENV to a positive
+    integer (anything else is ignored: a log that never rotates is what the test sees)."""
+    value = environ.get(TEST_ROTATE_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else ROTATE_BYTES
+
+
+_rotate_at = _rotate_bytes(os.environ)
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """RotatingFileHandler whose files are created 0600, like the first one (check_log_file):
+    the stock handler opens each new file after a rollover with open(), which gives the umask's
+    mode (0644 for most users), and a log names the mounting user's paths and objects. A file
+    that is not a regular one (a FIFO, /dev/stderr) is never rotated (the stock handler's
+    rule since bpo-45401)."""
+
+    def _open(self) -> io.TextIOWrapper:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(self.baseFilename, flags, 0o600)
+        # Marked in use from now on: runtime.remove_stale removes a default log that nothing
+        # has written for a week, and a mount that reopens an old one has written nothing yet.
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.utime(fd)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
 def journal_priority(levelno: int) -> int:
@@ -88,7 +138,9 @@ def setup_logging(level: str, log_file: Path | None = None) -> None:
     formatter: logging.Formatter = logging.Formatter(FORMAT)
     if log_file is not None:
         check_log_file(log_file, str(log_file))
-        new = logging.FileHandler(log_file, encoding="utf-8")
+        new = PrivateRotatingFileHandler(
+            log_file, maxBytes=_rotate_at, backupCount=BACKUP_COUNT, encoding="utf-8"
+        )
     else:
         new = logging.StreamHandler(sys.stderr)
         if stderr_is_journal(sys.stderr):

@@ -4,13 +4,26 @@
 demo server), instead of returning while it is still shutting down. Files live in
 `$XDG_RUNTIME_DIR/gcfs` (per user, tmpfs, removed at logout) or, without it,
 `/tmp/gcfs-<uid>`; the directory is 0700.
+
+Each mount's files there are named by a key, 16 hex digits of a hash of its mount point:
+`<key>.pid`, `<key>.sock` and, in the background, `<key>.log` with its rotated backups
+`<key>.log.1` to `<key>.log.3` (logsetup.BACKUP_COUNT). A mount on a new mount point (a batch
+job's `$TMPDIR/gc`) leaves a new log behind, and a killed daemon its pid file too, and
+`/tmp/gcfs-<uid>` is not emptied at logout: so every mount, as it starts, removes the logs and
+pid files that no running mount owns and nothing has written for a week (`remove_stale`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import stat
+import time
 from pathlib import Path
+
+from . import safeio
+from .logsetup import BACKUP_COUNT
 
 
 def runtime_dir() -> Path:
@@ -66,3 +79,82 @@ def is_alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+# A week: long enough to read the log of last week's failed job (a weekend included), short
+# enough that a user mounting on a new mount point for each of 100 jobs a day keeps at most
+# ~700 ended mounts' files rather than every one since the machine was installed.
+STALE_AFTER = 7 * 24 * 3600.0
+# What remove_stale may remove: the pid file and the logs of a key, exactly as named above.
+# Not the socket: the daemon removes it as it stops, and a killed one's is replaced by the
+# next mount on that mount point (control.serve_control).
+_BACKUPS = "|".join(str(n) for n in range(1, BACKUP_COUNT + 1))
+_STALE_NAME = re.compile(rf"([0-9a-f]{{16}})\.(?:pid|log(?:\.(?:{_BACKUPS}))?)")
+_PID_LIMIT = 4096  # a pid file holds a pid and a mount point (PATH_MAX is 4096)
+
+
+def remove_stale(now: float | None = None) -> list[str]:
+    """Remove the pid files and logs of mounts that no longer run and that nothing has changed
+    for STALE_AFTER seconds; the names removed. Only names that match gcfs's own exactly,
+    only regular files with one link that the user owns (lstat: a link is never followed,
+    and is left alone), only in a runtime directory that is not a link and that only the
+    user may write. A key whose pid file holds a live pid keeps all its files (the mount's
+    own too: it writes its pid file first); one whose pid file cannot be read (a link, a
+    FIFO) also does. Never raises OSError: cleaning up is no reason for a mount to fail."""
+    now = time.time() if now is None else now
+    try:
+        fd = safeio.open_directory(runtime_dir())
+    except OSError:
+        return []
+    removed: list[str] = []
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            return []
+        alive: dict[str, bool] = {}
+        for name in sorted(os.listdir(fd)):
+            match = _STALE_NAME.fullmatch(name)
+            if match is None:
+                continue
+            try:
+                found = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if (
+                not stat.S_ISREG(found.st_mode)
+                or found.st_uid != os.getuid()
+                or found.st_nlink != 1
+                or now - found.st_mtime < STALE_AFTER
+            ):
+                continue
+            key = match.group(1)
+            if key not in alive:
+                alive[key] = _key_alive(key, fd)
+            if alive[key]:
+                continue
+            try:
+                os.unlink(name, dir_fd=fd)
+            except OSError:  # gone already (another mount starting removed it first)
+                continue
+            removed.append(name)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return removed
+
+
+def _key_alive(key: str, dir_fd: int) -> bool:
+    """Whether the pid file of `key` names a running process (or cannot be read: then what it
+    stands for is kept). No pid file, or none gcfs could have written, is a mount that ended."""
+    try:
+        data = safeio.read_small(f"{key}.pid", _PID_LIMIT, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        pid = int(data.split(b"\n", 1)[0])
+    except ValueError:
+        return False
+    return pid > 0 and is_alive(pid)
