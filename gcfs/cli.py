@@ -817,7 +817,10 @@ def _run_in_background(
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         message = pipe.read().decode("utf-8", errors="replace").strip()
-    if message == "ready":
+    lines = message.splitlines()
+    if lines and lines[0] == "ready":
+        for notice in lines[1:]:  # what the daemon told the user (daemon.serve)
+            print(f"gcfs: {notice}", file=sys.stderr)
         return 0
     os.waitpid(pid, 0)
     print(
@@ -849,9 +852,11 @@ def _daemon_child(
                 pipe.write(text.encode("utf-8"))
                 pipe.close()
 
+    told = _TellUser()
     try:
         setup_logging(log_level, log_file)
-        daemon(lambda: report("ready"))
+        logging.getLogger("gcfs").addHandler(told)
+        daemon(lambda: report("\n".join(["ready", *told.messages])))
     except UserError as exc:
         log.error("%s", exc)
         report(str(exc))
@@ -863,6 +868,19 @@ def _daemon_child(
     finally:
         report("")
     return 0
+
+
+class _TellUser(logging.Handler):
+    """Keeps the log messages marked `tell_user` before the mount is ready: `gcfs mount`
+    prints them (a mount that starts from its store while the server is down says so)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "tell_user", False) and len(self.messages) < 8:
+            self.messages.append(record.getMessage())
 
 
 # -- umount -------------------------------------------------------------------------------

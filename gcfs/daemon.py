@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,8 +40,14 @@ from .control import serve_control
 from .errors import GcfsError, PermissionDenied, Unavailable, UserError
 from .fs import GcFilesystem
 from .fuse_ops import GcfsOperations, invalidate
-from .metastore import StoreError, default_directory, open_store
-from .retry import RetryPolicy
+from .metastore import (
+    MetadataStore,
+    StoreError,
+    default_directory,
+    find_store_for_token,
+    open_store,
+)
+from .retry import RetryPolicy, Unreachable
 from .storage_http import StorageClient
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,10 @@ MOUNT_OPTIONS = frozenset(
 MOUNT_CHECK_RETRY = RetryPolicy(budget=5.0)
 
 
+class ServerUnreachable(UserError):
+    """The server did not answer the mount's token check."""
+
+
 async def check_token(api: GcApiClient, cfg: Config) -> str:
     """The username behind the token, or a UserError that says what to do."""
     try:
@@ -74,11 +85,55 @@ async def check_token(api: GcApiClient, cfg: Config) -> str:
             f"{exc}; create a new token at {cfg.base_url}/settings/api-tokens/"
         ) from None
     except Unavailable as exc:
-        raise UserError(f"cannot reach {cfg.base_url}: {exc}") from None
+        raise ServerUnreachable(f"cannot reach {cfg.base_url}: {exc}") from None
     except trio.TooSlowError:
-        raise UserError(f"{cfg.base_url} did not answer within {cfg.op_timeout:g} s") from None
+        raise ServerUnreachable(
+            f"{cfg.base_url} did not answer within {cfg.op_timeout:g} s"
+        ) from None
     except GcfsError as exc:
         raise UserError(f"{cfg.base_url} does not look like Grand Challenge: {exc}") from None
+
+
+async def _user_and_store(
+    api: GcApiClient, cfg: Config, token: TokenSource
+) -> tuple[str, MetadataStore]:
+    """Who the token is and that user's metadata store. When the server does not answer
+    (a reboot during its maintenance), a store filled with this very token (its salted hash
+    matches) lets the mount start and serve what it saw, marked down until the server answers;
+    without one the mount fails as it always did."""
+    directory = cfg.metadata_dir or default_directory()
+    secret = token.token.reveal() if token.token is not None else None
+    try:
+        username = await check_token(api, cfg)
+    except ServerUnreachable:
+        found = None
+        if secret is not None:
+            found = await trio.to_thread.run_sync(
+                find_store_for_token, directory, cfg.base_url, secret
+            )
+        if found is None:
+            raise
+        metadata, username = found
+        newest = metadata.newest_answer()
+        as_of = "an unknown time" if newest is None else _utc(newest)
+        api.outage.gave_up(Unreachable(f"{cfg.base_url} did not answer the token check"))
+        log.warning(
+            "%s does not answer; serving what %s saw as of %s until it does",
+            cfg.base_url,
+            username,
+            as_of,
+            extra={"tell_user": True},
+        )
+        return username, metadata
+    metadata = open_store(directory, cfg.base_url, username)
+    if secret is not None:
+        with contextlib.suppress(StoreError):
+            metadata.remember_token(secret, username)
+    return username, metadata
+
+
+def _utc(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))
 
 
 # Connections for /media/ resolution on the site (one GET per opened file, no body read);
@@ -160,7 +215,7 @@ async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
     token = TokenSource(cfg.token, cfg.token_file)
     api = GcApiClient(cfg.base_url, token, http_timeout=cfg.request_timeout, retry=retry)
     async with api, content_http:
-        username = await check_token(api, cfg)
+        username, metadata = await _user_and_store(api, cfg, token)
         store = ContentStore(
             content_http,
             api.auth_headers,
@@ -171,10 +226,6 @@ async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
             site_outage=api.outage,
             health=api.health,
         )
-        metadata = open_store(cfg.metadata_dir or default_directory(), cfg.base_url, username)
-        if token.token is not None:
-            with contextlib.suppress(StoreError):
-                metadata.remember_token(token.token.reveal(), username)
         try:
             async with store as content:
                 fs = GcFilesystem(api, content, username=username, ttl=cfg.ttl, store=metadata)

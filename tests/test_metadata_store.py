@@ -7,6 +7,7 @@ Real mounts against the fake on 127.0.0.1; the store is found where a user's is
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import stat
@@ -19,7 +20,7 @@ import pytest
 
 from gcfs import metastore
 from gcfs.fakegc import DEMO_TOKEN, FakeGC
-from tests.conftest import Mount, poll
+from tests.conftest import Mount, poll, run_gcfs
 
 ITEMS = 3000  # a first page of 100 and three pages of 1000
 
@@ -202,3 +203,57 @@ def test_store_is_private(mount_gcfs: Callable[..., Mount]) -> None:
     for path in store_dir().iterdir():
         assert stat.S_IMODE(os.lstat(path).st_mode) & 0o077 == 0, path
         assert DEMO_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_a_mount_started_while_the_server_is_down_serves_its_store(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC, token_file: Path, tmp_path: Path
+) -> None:
+    """A reboot during the server's maintenance: `gcfs mount` finds a store filled with this
+    token, says in one line that it serves what it saw (as of when) and mounts; what was seen
+    answers, what was not fails with EIO, and once the server answers again the mount is
+    back to normal. With another token (or no store) the mount fails as it always did."""
+    first = mount_gcfs()
+    archives = sorted(os.listdir(first.path / "archives"))
+    some = archives[0]
+    item_names = sorted(os.listdir(first.path / "archives" / "lidc-lung-ct" / "items"))
+    first.unmount()
+    fake.faults.down = True
+    mountpoint = tmp_path / "background"
+    mountpoint.mkdir()
+    started = run_gcfs(
+        "mount", str(mountpoint), "--base-url", fake.base_url, "--token-file", str(token_file)
+    )
+    try:
+        assert started.returncode == 0, started.stderr
+        [notice] = started.stderr.strip().splitlines()
+        assert "does not answer" in notice and "as of" in notice and "UTC" in notice
+        assert DEMO_TOKEN not in started.stderr
+        assert sorted(os.listdir(mountpoint / "archives")) == archives
+        assert sorted(os.listdir(mountpoint / "archives" / "lidc-lung-ct" / "items")) == (
+            item_names
+        )
+        assert (mountpoint / "archives" / some).is_dir()
+        with pytest.raises(OSError) as unseen:
+            os.listdir(mountpoint / "reader-studies" / "never-seen-study-x")
+        assert unseen.value.errno == errno.EIO  # its collection was never listed
+        readme = (mountpoint / "README.md").read_text()
+        assert "offline since" in readme
+        fake.faults.down = False
+        poll(
+            lambda: "offline since" not in (mountpoint / "README.md").read_text(),
+            60,
+            "the probe to notice that the server is back",
+        )
+    finally:
+        run_gcfs("umount", str(mountpoint))
+    other = tmp_path / "other-token"
+    other.write_text("Bearer not-the-token-that-filled-the-store\n")
+    other.chmod(0o600)
+    fake.faults.down = True
+    refused = run_gcfs(
+        "mount", str(mountpoint), "--base-url", fake.base_url, "--token-file", str(other)
+    )
+    fake.faults.down = False
+    assert refused.returncode == 1
+    assert "cannot reach" in refused.stderr
+    assert not os.path.ismount(mountpoint)
