@@ -42,15 +42,16 @@ from typing import TYPE_CHECKING, Any
 from . import render
 from .api import Existence
 from .errors import NotFound, Unavailable
-from .names import is_uuid
+from .names import API_DIR, is_uuid
 from .nodes import DirNode, FileNode, Node, StaticDir, SymlinkNode, describe, stub_dir
+from .toplevel import ObjectDir
+from .tree import ImageDir, job_dir
 
 if TYPE_CHECKING:
     from .fs import GcFilesystem
 
 log = logging.getLogger(__name__)
 
-API_DIR = "api"
 
 Resolve = Callable[["GcFilesystem", "LookupDir", str], Awaitable[Node]]
 
@@ -174,8 +175,6 @@ async def _object_in(
 ) -> Node:
     """`name`: a link to `<collection>/<slug of parent_pk><rest>`; for a parent we may not
     see, the collection's stub (under our own identity); ENOENT when it does not exist."""
-    from .fs import ObjectDir  # fs imports this module
-
     directory = await _collection(fs, collection)
     try:
         found = await directory.find(fs, parent_pk)
@@ -245,8 +244,6 @@ async def _algorithm_image(fs: GcFilesystem, here: LookupDir, pk: str) -> Node:
 
 
 async def _job(fs: GcFilesystem, here: LookupDir, pk: str) -> Node:
-    from .tree import job_dir  # tree imports fs, which imports this module
-
     job = await _detail(fs, f"algorithms/jobs/{pk}/")
     if job is None:
         try:
@@ -296,8 +293,6 @@ def _detail_file(kind: str) -> Resolve:
 
 
 async def _image(fs: GcFilesystem, here: LookupDir, pk: str) -> Node:
-    from .tree import ImageDir
-
     images = await _collection(fs, "images")
     try:
         found = await images.find(fs, pk)

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from .apitree import API_DIR
 from .control import find_mount, gcfs_mounts, request
 from .errors import UserError
-from .names import is_slug, is_uuid
+from .names import API_DIR, is_slug, is_uuid
 
 COLLECTIONS = ("archives", "algorithms", "reader-studies")
 # The order a bare pk is tried in: the three collections (one cached listing each, plus an

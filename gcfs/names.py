@@ -48,3 +48,7 @@ def slug_from_url(url: str, collection: str) -> str | None:
     if len(parts) >= 2 and parts[-2] == collection and is_slug(parts[-1]):
         return parts[-1]
     return None
+
+
+# The directory of the API's URLs as paths (apitree.py): looked up at the root, never listed.
+API_DIR = "api"
