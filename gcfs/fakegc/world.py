@@ -10,6 +10,9 @@ creator and to the study's editors; display sets and questions to readers and ed
 
 Primary keys are deterministic (uuid5 of a name, or counters for the integer pks), so two worlds
 built by the same code are identical. Every builder is O(1): list endpoints sort at request time.
+`add_generated_items(archive, count, socket)` gives an archive items made on demand by index
+(GeneratedItems), for worlds of a million items: a block costs one object, a page its own items,
+and a generated pk carries its index in its low 48 bits, so a detail lookup needs no table.
 `demo_world()` builds the small realistic site that `python -m gcfs.fakegc` serves.
 """
 
