@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 RUN = Path(__file__).parent / "bench" / "run.py"
-SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11")
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15")
 ROWS = (
     "1",
     "2",
@@ -29,6 +29,14 @@ ROWS = (
     "10",
     "11",
     "11b",
+    "12a",
+    "12b",
+    "13",
+    "14",
+    "15a",
+    "15b",
+    "15c",
+    "15d",
 )
 
 
@@ -63,3 +71,21 @@ def test_quick_benchmark_completes(tmp_path: Path) -> None:
     peer = results["scenarios"]["4"]["uncapped"]["rclone"]
     assert ("missing" in peer) == (results["machine"]["rclone"] is None)
     assert ("rclone not installed" in rows["4c"]["baseline"]) == ("missing" in peer)
+    # Issue 15's rows ran at their quick sizes and listed every generated item.
+    config = results["config"]
+    twelve = results["scenarios"]["12"]["runs"]
+    assert sorted(twelve) == sorted(
+        str(n) for n in (config["scale_items"], config["scale_items_max"])
+    )
+    for count, run in twelve.items():
+        assert run["stopped"] is None, run
+        assert run["entries"] == int(count)
+        assert run["rss_peak_mib"] > 0
+    assert results["scenarios"]["13"]["all"][0]["entries"] == config["scale_items"]
+    assert results["scenarios"]["13"]["first"][0]["entries"] == 1
+    restart = results["scenarios"]["14"]["runs"][0]
+    assert restart["cold"]["entries"] == restart["restart"]["entries"] == config["scale_items"]
+    for mode in ("down", "blackhole"):
+        run = results["scenarios"]["15"]["modes"][mode]
+        assert run["first_listing"]["entries"] == config["down_items"], run
+        assert {"seen", "unseen", "unseen_again"} <= set(run["fault"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import html
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from gcfs.fakegc.world import (
     ComponentInterface,
     ComponentInterfaceValue,
     DisplaySet,
+    GeneratedItems,
     Image,
     ImageFile,
     Job,
@@ -31,6 +33,25 @@ from gcfs.fakegc.world import (
 )
 
 Obj = dict[str, Any]
+
+# Stand-ins for what differs between the items of a generated block (pk, title, the value and
+# its pk), put into one serialized item to turn it into a template: private-use characters,
+# which no real field holds and json.dumps(ensure_ascii=False) leaves as they are.
+_SLOTS = ("\ue000pk", "\ue000title", "\ue000value", "\ue000civ")
+
+
+# One encoder for every body: json.dumps with arguments builds a new one per call (~2 µs).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def json_text(data: Any) -> str:
+    """DRF's JSONRenderer as text: compact separators, non-ASCII kept as is."""
+    return _ENCODER.encode(data)
+
+
+def _value_text(value: Any) -> str:
+    # Most generated values are ints (an age): str() is what json.dumps writes for them.
+    return str(value) if type(value) is int else json_text(value)
 
 
 def iso_datetime(value: dt.datetime) -> str:
@@ -175,6 +196,41 @@ class Serializer:
             "optional_hanging_protocols": list(item.archive.optional_hanging_protocols),
             "view_content": item.archive.view_content,
         }
+
+    def generated_items_json(self, block: GeneratedItems, low: int, high: int) -> list[str]:
+        """json_text(self.archive_item(block[i])) for i in [low, high), from a template made
+        once per call: about 1 µs per item instead of the ~11 µs of building, serializing and
+        encoding each (measured on a page of 1,000). Falls back to that when a slot shows up
+        more than once in the template (an archive field holding a private-use character)."""
+        if low >= high:
+            return []
+        template = self.archive_item(block.item(low))
+        (civ,) = template["values"]
+        template["pk"], template["title"] = _SLOTS[0], _SLOTS[1]
+        civ["value"], civ["pk"] = _SLOTS[2], _SLOTS[3]
+        text = json_text(template)
+        quoted = [json_text(slot) for slot in _SLOTS]
+        if any(text.count(q) != 1 for q in quoted):
+            return [json_text(self.archive_item(block.item(i))) for i in range(low, high)]
+        order = sorted(range(len(_SLOTS)), key=lambda n: text.index(quoted[n]))
+        literals: list[str] = []
+        rest = text
+        for n in order:
+            before, _, rest = rest.partition(quoted[n])
+            literals.append(before)
+        l0, l1, l2, l3 = literals
+        o0, o1, o2, o3 = order
+        head, title, value, base = block.pk_head, block.title_format, block.value, block.civ_base
+        out = []
+        for i in range(low, high):
+            fills = (
+                f'"{head}{i:012x}"',
+                json_text(title.format(index=i)),
+                _value_text(value(i)),
+                str(base + i),
+            )
+            out.append(l0 + fills[o0] + l1 + fills[o1] + l2 + fills[o2] + l3 + fills[o3] + rest)
+        return out
 
     def algorithm(self, a: Algorithm) -> Obj:
         return {

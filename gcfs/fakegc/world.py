@@ -10,6 +10,9 @@ creator and to the study's editors; display sets and questions to readers and ed
 
 Primary keys are deterministic (uuid5 of a name, or counters for the integer pks), so two worlds
 built by the same code are identical. Every builder is O(1): list endpoints sort at request time.
+`add_generated_items(archive, count, socket)` gives an archive items made on demand by index
+(GeneratedItems), for worlds of a million items: a block costs one object, a page its own items,
+and a generated pk carries its index in its low 48 bits, so a detail lookup needs no table.
 `demo_world()` builds the small realistic site that `python -m gcfs.fakegc` serves.
 """
 
@@ -22,9 +25,9 @@ import struct
 import threading
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, overload
 
 JSON: TypeAlias = Any
 Username: TypeAlias = str | None  # None is the anonymous user
@@ -339,9 +342,15 @@ class Archive:
     optional_hanging_protocols: list[JSON] = field(default_factory=list)
     view_content: JSON = field(default_factory=dict)
     items: list[ArchiveItem] = field(default_factory=list, repr=False)
+    # Items made on demand by index (World.add_generated_items), after the built ones.
+    generated: list[GeneratedItems] = field(default_factory=list, repr=False)
 
     def visible_to(self, user: Username) -> bool:
         return self.public or self.items_visible_to(user)
+
+    def all_items(self) -> ItemChain:
+        """The built items, then each generated block: len() and slices without a copy."""
+        return ItemChain([self.items, *self.generated])
 
     def items_visible_to(self, user: Username) -> bool:
         # A public archive exposes its metadata only; items follow the archive's groups.
@@ -358,6 +367,131 @@ class ArchiveItem:
 
     def visible_to(self, user: Username) -> bool:
         return self.archive.items_visible_to(user)
+
+
+# A generated item's pk is a uuid5 of its block (archive pk and block number) whose low 48
+# bits, the UUID's `node` field, are replaced by the item's index: version and variant bits
+# stay those of a uuid5, the pk parses like any other, and pk -> index is a mask, not a table.
+# 48 bits allow 2.8e14 items per block, far beyond the 1,000,000 of issue 15.
+GENERATED_INDEX_BITS = 48
+GENERATED_INDEX_MASK = (1 << GENERATED_INDEX_BITS) - 1
+# Generated values get integer pks from here up, one range of `count` per block: far above
+# the pks add_value counts up from 1, so the two never meet (1e12 values would be needed).
+GENERATED_CIV_BASE = 1 << 40
+
+
+def _default_generated_value(index: int) -> JSON:
+    # What tests/bench/harness.py gives its built items: an age in 20..89.
+    return 20 + index % 70
+
+
+@dataclass(eq=False)
+class GeneratedItems(Sequence[ArchiveItem]):
+    """`total` archive items made on demand by index, never stored: World.add_generated_items.
+
+    Item i has pk `pk(i)` (uuid5 of the block with i in its low 48 bits), title
+    `title_format.format(index=i)` and one value of `socket` (a Value socket), `value(i)`, with
+    integer pk `civ_base + i`. Objects are built per call, so a page of 1,000 costs 1,000
+    small objects and a block of any size costs this object alone.
+    """
+
+    archive: Archive
+    total: int  # how many items (`count` is Sequence's method)
+    socket: ComponentInterface
+    seq: int
+    prefix: int  # the block's uuid5 as an int, with the index bits cleared
+    civ_base: int
+    title_format: str = "item-{index:07d}"
+    value: Callable[[int], JSON] = _default_generated_value
+    # "xxxxxxxx-xxxx-xxxx-xxxx-": every pk of the block starts so; the index is the rest.
+    pk_head: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.pk_head = str(uuid.UUID(int=self.prefix))[:24]
+
+    def __len__(self) -> int:
+        return self.total
+
+    @overload
+    def __getitem__(self, key: int) -> ArchiveItem: ...
+    @overload
+    def __getitem__(self, key: slice) -> list[ArchiveItem]: ...
+    def __getitem__(self, key: int | slice) -> ArchiveItem | list[ArchiveItem]:
+        if isinstance(key, slice):
+            return [self.item(i) for i in range(*key.indices(self.total))]
+        index = key + self.total if key < 0 else key
+        if not 0 <= index < self.total:
+            raise IndexError(key)
+        return self.item(index)
+
+    def pk(self, index: int) -> str:
+        # The node field is the last 12 hex digits: formatting them beats building a UUID.
+        return f"{self.pk_head}{index:012x}"
+
+    def index_of(self, pk: str) -> int | None:
+        """The index of the item with this (canonical) pk, None if it is not one of ours."""
+        try:
+            number = uuid.UUID(pk).int
+        except ValueError:
+            return None
+        index = number & GENERATED_INDEX_MASK
+        if number - index != self.prefix or index >= self.total:
+            return None
+        return index
+
+    def civ(self, index: int) -> ComponentInterfaceValue:
+        return ComponentInterfaceValue(
+            pk=self.civ_base + index, interface=self.socket, value=self.value(index)
+        )
+
+    def item(self, index: int) -> ArchiveItem:
+        return ArchiveItem(
+            pk=self.pk(index),
+            archive=self.archive,
+            seq=self.seq,
+            title=self.title_format.format(index=index),
+            values=[self.civ(index)],
+        )
+
+
+class ItemChain(Sequence[ArchiveItem]):
+    """Several sequences of items read as one, for len() and slices: a page of a generated
+    block costs its own items only. Indexing and slicing beyond the end behave as a list's."""
+
+    def __init__(self, parts: Sequence[Sequence[ArchiveItem]]) -> None:
+        self.parts = [p for p in parts if len(p)]
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    @overload
+    def __getitem__(self, key: int) -> ArchiveItem: ...
+    @overload
+    def __getitem__(self, key: slice) -> list[ArchiveItem]: ...
+    def __getitem__(self, key: int | slice) -> ArchiveItem | list[ArchiveItem]:
+        if isinstance(key, int):
+            found = self[key : key + 1] if key >= 0 else self[len(self) + key :][:1]
+            if not found:
+                raise IndexError(key)
+            return found[0]
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise ValueError("ItemChain slices take no step")
+        out: list[ArchiveItem] = []
+        for part, low, high in self.segments(start, stop):
+            out.extend(part[low:high])
+        return out
+
+    def segments(self, start: int, stop: int) -> Iterator[tuple[Sequence[ArchiveItem], int, int]]:
+        """(part, low, high) for each part that [start, stop) of the chain overlaps, with
+        the part's own bounds; 0 <= start, stop as slice.indices() gives them."""
+        for part in self.parts:
+            size = len(part)
+            if start < size and stop > 0:
+                yield part, max(start, 0), min(stop, size)
+            start, stop = start - size, stop - size
+            if stop <= 0:
+                break
 
 
 @dataclass(eq=False)
@@ -595,6 +729,9 @@ class World:
         self.answers: dict[str, Answer] = {}
         # SOP Instance UID -> (image, instance), for the storage origin's DICOMweb route
         self.dicom_instances: dict[str, tuple[Image, DicomInstance]] = {}
+        # Generated item blocks by their pk prefix (uuid int >> 48): pk -> block in O(1).
+        self.generated_items: dict[int, GeneratedItems] = {}
+        self._next_generated_civ = GENERATED_CIV_BASE
         self._seq = 0
         self._option_id = 900
         self._next_socket_pk = 1
@@ -816,6 +953,8 @@ class World:
         with self.lock:
             name = f"{archive.pk}/{title or len(archive.items)}"
             pk = self._claim(self.archive_items, pk or stable_pk("item", name), "archive item")
+            if self.generated_items and self.archive_item(pk) is not None:
+                raise ValueError(f"duplicate archive item pk {pk} (a generated one)")
             item = ArchiveItem(
                 pk=pk, archive=archive, seq=self._next_seq(), title=title, values=list(values)
             )
@@ -825,6 +964,72 @@ class World:
             archive.items.append(item)
             self.archive_items[pk] = item
             return item
+
+    def add_generated_items(
+        self,
+        archive: Archive,
+        count: int,
+        socket: str | ComponentInterface,
+        *,
+        value: Callable[[int], JSON] = _default_generated_value,
+        title_format: str = "item-{index:07d}",
+    ) -> GeneratedItems:
+        """Give `archive` `count` more items, made on demand by index (see GeneratedItems).
+
+        O(1) in time and memory whatever `count` is: a million items cost one object. They
+        list after the archive's built items (and earlier blocks), each with one value of
+        `socket`, which must be a Value socket (JSON in the database: no files, no images).
+        """
+        with self.lock:
+            ci = self.socket(socket)
+            if ci.super_kind != "Value":
+                raise ValueError(f"generated items need a Value socket, not {ci.super_kind}")
+            if not 0 <= count <= GENERATED_INDEX_MASK:
+                raise ValueError(f"count must be in 0..{GENERATED_INDEX_MASK}")
+            block = uuid.uuid5(
+                PK_NAMESPACE, f"generated-items:{archive.pk}:{len(archive.generated)}"
+            )
+            prefix = block.int & ~GENERATED_INDEX_MASK
+            if prefix in self.generated_items:
+                raise ValueError(f"generated item block {block} exists")
+            generated = GeneratedItems(
+                archive=archive,
+                total=count,
+                socket=ci,
+                seq=self._next_seq(),
+                prefix=prefix,
+                civ_base=self._next_generated_civ,
+                title_format=title_format,
+                value=value,
+            )
+            self._next_generated_civ += count
+            archive.generated.append(generated)
+            self.generated_items[prefix] = generated
+            return generated
+
+    def archive_item(self, pk: str) -> ArchiveItem | None:
+        """The built or generated item with this canonical pk, None if there is none."""
+        item = self.archive_items.get(pk)
+        if item is not None or not self.generated_items:
+            return item
+        try:
+            number = uuid.UUID(pk).int
+        except ValueError:
+            return None
+        generated = self.generated_items.get(number & ~GENERATED_INDEX_MASK)
+        if generated is None:
+            return None
+        index = generated.index_of(pk)
+        return None if index is None else generated.item(index)
+
+    def generated_civ(self, pk: int) -> tuple[ComponentInterfaceValue, ArchiveItem] | None:
+        """A generated item's value by its integer pk, with its item; None if not one."""
+        for generated in self.generated_items.values():
+            index = pk - generated.civ_base
+            if 0 <= index < generated.total:
+                item = generated.item(index)
+                return item.values[0], item
+        return None
 
     def add_algorithm(
         self,

@@ -8,6 +8,7 @@ the sampler thread stops with its event, and `Mounts.close_all()` unmounts whate
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -253,6 +254,33 @@ def bench_world(
     return w, spec
 
 
+@dataclass
+class ScaleFiles:
+    """The archives of generated items of scenarios 12-15, on a fake of their own."""
+
+    listing: dict[str, int]  # slug -> items: scenario 12 lists each, 13 and 14 the first
+    down: tuple[str, int]  # scenario 15's archive (slug, items)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {**self.listing, self.down[0]: self.down[1]}
+
+    def items_dir(self, mount: Path, slug: str) -> Path:
+        return mount / "archives" / slug / "items"
+
+
+def scale_world(counts: dict[str, int]) -> World:
+    """Archives of `counts[slug]` generated items each (World.add_generated_items: one Value
+    each, like bench_world's cheap items), all visible to demo; built in microseconds."""
+    w = World()
+    w.add_user("demo", DEMO_TOKEN, institution="Benchmark")
+    age = w.add_socket("patient-age", kind="Integer")
+    for slug, count in counts.items():
+        archive = w.add_archive(slug, f"{count} generated items", viewers={"demo"})
+        w.add_generated_items(archive, count, age)
+    return w
+
+
 @dataclass(frozen=True)
 class CostModel:
     latency: float
@@ -441,10 +469,11 @@ class RssSampler:
 
 
 def _is_stale(path: Path) -> bool:
+    """A FUSE mount whose daemon died: stat fails with ENOTCONN (Path.exists() would raise)."""
     try:
         os.stat(path)
-    except OSError:
-        return True
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
     return False
 
 
@@ -458,12 +487,14 @@ class Mount:
         cache_dir: Path,
         label: str,
         extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.mounts = mounts
         self.fake = fake
         self.cache_dir = cache_dir
         self.label = label
         self.extra_args = extra_args  # more `gcfs mount` flags, e.g. ("--ttl", "600")
+        self.env = env or {}  # more environment, e.g. a fresh XDG_CACHE_HOME
         self.index = mounts.next_index()
         self.path = mounts.work / f"mnt{self.index}"
         self.log_path = mounts.work / "logs" / f"daemon{self.index}-{label}.log"
@@ -488,7 +519,7 @@ class Mount:
             self.mounts.log_level,
             *self.extra_args,
         ]
-        env = self.mounts.environment()
+        env = {**self.mounts.environment(), **self.env}
         env["GCFS_BENCH_TRACE"] = str(self.trace_prefix)  # read by trace_ops.py only
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -509,6 +540,13 @@ class Mount:
             return self.log_path.read_text(encoding="utf-8", errors="replace")
         except OSError:
             return ""
+
+    def kill(self) -> None:
+        """SIGKILL the daemon: its pending FUSE requests fail (ENOTCONN), which frees a process
+        stuck in one; the mount stays stale until stop() unmounts it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=UNMOUNT_DEADLINE)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -543,7 +581,7 @@ def wait_for_mount(
 
 def unmount(path: Path, process: subprocess.Popen[bytes] | None) -> None:
     """`fusermount3 -u -z`, then wait for the server to exit (killed after the deadline)."""
-    if os.path.ismount(path) or (path.exists() and _is_stale(path)):
+    if os.path.ismount(path) or _is_stale(path):
         subprocess.run(
             ["fusermount3", "-u", "-z", str(path)], check=False, timeout=UNMOUNT_DEADLINE
         )
@@ -661,14 +699,23 @@ class Mounts:
         self._caches += 1
         return self.work / f"cache{self._caches}"
 
+    def fresh_xdg_cache(self) -> dict[str, str]:
+        """A new, empty $XDG_CACHE_HOME for one daemon: gcfs keeps its metadata under
+        $XDG_CACHE_HOME (gcfs-metadata, issue 15), so a cold mount needs a fresh one."""
+        self._caches += 1
+        home = self.work / f"xdg-cache{self._caches}"
+        home.mkdir(mode=0o700)
+        return {"XDG_CACHE_HOME": str(home)}
+
     def mount(
         self,
         fake: FakeGC,
         label: str,
         cache_dir: Path | None = None,
         extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> Mount:
-        return Mount(self, fake, cache_dir or self.fresh_cache(), label, extra_args)
+        return Mount(self, fake, cache_dir or self.fresh_cache(), label, extra_args, env)
 
     def environment(self) -> dict[str, str]:
         """For gcfs's processes: daemons, and `gcfs prefetch`, which finds its daemon's

@@ -10,6 +10,12 @@
                                     downloads each "<signed URL>\t<output path>" line of LIST,
                                     THREADS at once, each on its own keep-alive connection
                                     (the benchmark's fallback where curl is missing)
+    python reader.py scan DIR first|all              os.scandir(DIR): the time to its first
+                                    entry, and with "all" to its last; stops after the first
+                                    entry with "first" (closing the directory)
+    python reader.py probe ls|stat PATH              `ls -l` (scandir, then lstat of each entry)
+                                    or `stat` of PATH: the time taken and the outcome, "ok" or
+                                    the errno's name (EIO, ENOENT, ...)
 
 START_AT is a time.monotonic() value (CLOCK_MONOTONIC is system-wide): the reader sleeps
 until then, so that many readers start together however long their interpreters took to
@@ -18,6 +24,7 @@ start. Standard library only; the readers never touch the fake server's process.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import os
@@ -169,6 +176,41 @@ def download(list_file: str, threads: int, start_at: float) -> dict[str, object]
     return {**totals, "start": start, "end": end}
 
 
+def scan(path: str, until: str) -> dict[str, object]:
+    start = time.monotonic()
+    first = None
+    entries = 0
+    with os.scandir(path) as it:
+        for _ in it:
+            entries += 1
+            if first is None:
+                first = time.monotonic() - start
+                if until == "first":
+                    break
+    return {"first_s": first, "all_s": time.monotonic() - start, "entries": entries}
+
+
+def probe(op: str, path: str) -> dict[str, object]:
+    start = time.monotonic()
+    entries = 0
+    outcome = "ok"
+    try:
+        if op == "ls":
+            with os.scandir(path) as it:
+                for entry in it:
+                    entry.stat(follow_symlinks=False)
+                    entries += 1
+        else:
+            os.stat(path)
+    except OSError as exc:
+        outcome = errno_name(exc.errno)
+    return {"s": time.monotonic() - start, "outcome": outcome, "entries": entries}
+
+
+def errno_name(number: int | None) -> str:
+    return errno.errorcode.get(number or 0, f"errno {number}")
+
+
 def main(argv: list[str]) -> int:
     mode = argv[1]
     if mode == "seq":
@@ -183,6 +225,10 @@ def main(argv: list[str]) -> int:
         result = dict(read_epoch(argv[2], int(argv[3]), int(argv[4]), float(argv[5])))
     elif mode == "download":
         result = download(argv[2], int(argv[3]), float(argv[4]))
+    elif mode == "scan":
+        result = scan(argv[2], argv[3])
+    elif mode == "probe":
+        result = probe(argv[2], argv[3])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     json.dump(result, sys.stdout)

@@ -5,6 +5,7 @@
                               [--storage-latency-ms 20] [--bandwidth-mib 100]
                               [--scenarios 1,2,...] [--keep-work] [--daemon-log-level INFO]
                               [sizes: --items, --file-mib, --epoch-files, --prefetch-files, ...]
+                              [issue 15: --scale-items, --scale-items-max, --down-items, ...]
 
 It starts the fake Grand Challenge (gcfs.fakegc.FakeGC) in this process with a cost model:
 a fixed latency per API request and per /media/ redirect (both round trips to the site), a
@@ -47,6 +48,27 @@ Scenarios (targets from the issue):
      fetched one after another (curl, signed URLs): the ratio (reported); 11b the same for
      `gcfs snapshot` of those files into a fresh snapshot directory (issue 11)
 
+Scenarios 12-15 (issue 15, a million items) run on a fake of their own whose archives hold
+generated items (World.add_generated_items: one Value each, made per page), at the API latency
+and --scale-per-item-ms per result (default 0.05 ms: a page of 1000 then costs 100 ms, so that
+a million items take ~100 s of server time, not the ~17 min of scenario 1's 1 ms). Every mount
+there is cold unless said otherwise: a fresh --cache-dir and a fresh $XDG_CACHE_HOME (where the
+metadata store lives). Every command is bounded: --scale-timeout per listing, --probe-timeout
+per probe of 15, and a daemon past --rss-abort-mib is killed (its row says where it stopped).
+ 12  daemon VmRSS after `ls -l` of items/ of --scale-items (200,000) and --scale-items-max
+     (1,000,000; 0 leaves it out) items: before, after, peak (polled every 100 ms), and per
+     listed item ((after - before) / items); targets: peak <= 400 MiB and <= 600 MiB
+ 13  time to the first entry of the --scale-items directory (os.scandir, stopped there) vs
+     the time to all its entries, each on a cold mount: the ratio (reported)
+ 14  restart: `ls -l` of the --scale-items directory (--ttl 600), unmount, mount again on the
+     same cache dir and $XDG_CACHE_HOME, `ls -l` again: requests of the second listing
+     (target 0) and its time vs the cold listing's
+ 15  server down: a mount with --ttl --down-ttl (2 s) lists --down-items items; after the TTL
+     the fake refuses connections (15a/b: reset on accept) or black-holes them (15c/d: never
+     answers); `ls -l` of the seen directory and `stat` of an unseen images/<uuid>, each with
+     its outcome, vs the same probes with the server up after the TTL; targets: seen <= 2 s,
+     unseen EIO <= 5 s once the server is known down (the second unseen probe)
+
 Timings belong here only; tests/test_bench_smoke.py runs `--quick` and checks the output's
 shape, never a number.
 """
@@ -69,7 +91,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11")
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15")
+SCALE_SCENARIOS = ("12", "13", "14", "15")
 MiB = 1 << 20
 KiB = 1 << 10
 
@@ -115,6 +138,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--prefetch-repeat", type=int, help="scenario 11 repetitions (default 1: it is long)"
     )
+    p.add_argument(
+        "--scale-items", type=int, help="scenarios 12-14 items (default 200000, quick 300)"
+    )
+    p.add_argument(
+        "--scale-items-max",
+        type=int,
+        help="scenario 12's second size (default 1000000, quick 600; 0 = leave it out)",
+    )
+    p.add_argument(
+        "--scale-per-item-ms",
+        type=float,
+        default=0.05,
+        help="per serialized list result, scenarios 12-15 only",
+    )
+    p.add_argument(
+        "--scale-timeout", type=float, help="per listing of 12-14, s (default 900, quick 120)"
+    )
+    p.add_argument(
+        "--rss-abort-mib",
+        type=int,
+        default=4096,
+        help="12-15: kill a daemon whose VmRSS passes this (protects the machine)",
+    )
+    p.add_argument("--down-items", type=int, help="scenario 15 items (default 1000, quick 50)")
+    p.add_argument("--down-ttl", type=float, default=2.0, help="scenario 15 mounts' --ttl, s")
+    p.add_argument(
+        "--down-op-timeout",
+        type=float,
+        help="scenario 15 mounts' --timeout, s (default: the daemon's own; quick 5)",
+    )
+    p.add_argument("--probe-timeout", type=float, help="per probe of 15, s (default 90, quick 20)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="e.g. 1,2,4")
     p.add_argument("--keep-work", action="store_true", help="keep the work dir (daemon logs)")
     p.add_argument("--daemon-log-level", default="INFO")
@@ -143,6 +197,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "prefetch_files": (20, 2000),
         "prefetch_kib": (64, 1024),
         "prefetch_repeat": (1, 1),
+        "scale_items": (300, 200_000),
+        "scale_items_max": (600, 1_000_000),
+        "scale_timeout": (120.0, 900.0),
+        "down_items": (50, 1000),
+        "down_op_timeout": (5.0, None),
+        "probe_timeout": (20.0, 90.0),
     }
     for key, (small, full) in defaults.items():
         if getattr(args, key) is None:
@@ -281,6 +341,21 @@ def main(argv: list[str] | None = None) -> int:
         bench = scenarios.Bench(
             args, cost, fake, files, mounts, harness.Tracker(fake), sampler, work, fakes
         )
+        if any(n in args.scenarios for n in SCALE_SCENARIOS):
+            sizes = {f"bench-scale-{args.scale_items}": args.scale_items}
+            if args.scale_items_max:
+                sizes[f"bench-scale-{args.scale_items_max}"] = args.scale_items_max
+            scale = harness.ScaleFiles(sizes, ("bench-down", args.down_items))
+            scale_fake = FakeGC(harness.scale_world(scale.counts)).start()
+            fakes.append(scale_fake)
+            harness.CostModel(
+                cost.latency,
+                args.scale_per_item_ms / 1000,
+                cost.storage_latency,
+                cost.storage_bandwidth,
+                cost.media_latency,
+            ).apply(scale_fake)
+            bench.scale, bench.scale_fake = scale, scale_fake
 
         def attempt(names: tuple[str, ...], fn: Callable[[], list[Any]]) -> None:
             if not any(n in args.scenarios for n in names):
@@ -342,6 +417,22 @@ def main(argv: list[str] | None = None) -> int:
             results["11"] = scenarios.scenario_prefetch(bench)
             return scenarios.rows_prefetch(results["11"])
 
+        def rss_listing() -> list[Any]:
+            results["12"] = scenarios.scenario_rss_listing(bench)
+            return scenarios.rows_rss_listing(results["12"])
+
+        def first_entry() -> list[Any]:
+            results["13"] = scenarios.scenario_first_entry(bench)
+            return scenarios.rows_first_entry(results["13"])
+
+        def restart() -> list[Any]:
+            results["14"] = scenarios.scenario_restart(bench)
+            return scenarios.rows_restart(results["14"])
+
+        def down() -> list[Any]:
+            results["15"] = scenarios.scenario_down(bench)
+            return scenarios.rows_down(results["15"])
+
         attempt(("1", "2"), listing)
         attempt(("3",), find)
         attempt(("4",), sequential)
@@ -351,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         attempt(("9",), epoch)
         attempt(("10",), reopen)
         attempt(("11",), prefetch)
+        attempt(("12",), rss_listing)
+        attempt(("13",), first_entry)
+        attempt(("14",), restart)
+        attempt(("15",), down)
         attempt(("7",), memory)  # last: scenario 7 covers every other one
     finally:
         mounts.close_all()
@@ -389,6 +484,15 @@ def main(argv: list[str] | None = None) -> int:
             "prefetch_kib": args.prefetch_kib,
             "prefetch_storage_latency_ms": args.prefetch_storage_latency_ms,
             "prefetch_repeat": args.prefetch_repeat,
+            "scale_items": args.scale_items,
+            "scale_items_max": args.scale_items_max,
+            "scale_per_item_ms": args.scale_per_item_ms,
+            "scale_timeout_s": args.scale_timeout,
+            "rss_abort_mib": args.rss_abort_mib,
+            "down_items": args.down_items,
+            "down_ttl_s": args.down_ttl,
+            "down_op_timeout_s": args.down_op_timeout,
+            "probe_timeout_s": args.probe_timeout,
             "scenarios": args.scenarios,
         },
         "wall_s": time.monotonic() - started,

@@ -4,6 +4,8 @@ as a dict for the JSON file, and `rows_*` turn that into lines of the table."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import os
 import random
@@ -11,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +27,13 @@ from tests.bench.harness import (
     BenchFiles,
     CostModel,
     FileSet,
+    KiB,
     MiB,
+    Mount,
     Mounts,
     RcloneMount,
     RssSampler,
+    ScaleFiles,
     Tracker,
     api_client,
     children_cpu_seconds,
@@ -42,6 +48,7 @@ from tests.bench.harness import (
     read_epoch,
     reader_command,
     request_summary,
+    rss_bytes,
     run_readers,
     shuffled,
     signed_url,
@@ -82,6 +89,8 @@ class Bench:
     fakes: list[FakeGC]
     warm_cache: Path | None = None  # a cache dir holding the whole large file (scenario 4b)
     local_file: Path | None = None
+    scale: ScaleFiles | None = None  # scenarios 12-15: generated archives on `scale_fake`
+    scale_fake: FakeGC | None = None
 
     @property
     def reps(self) -> range:
@@ -662,18 +671,22 @@ def rows_block_cache(six: dict[str, Any]) -> list[Row]:
 def scenario_memory(b: Bench) -> dict[str, Any]:
     """Scenario 7: the peak VmRSS of every gcfs daemon of the run, sampled every 100 ms
     (harness.RssSampler), by scenario; it runs last, so it covers every other scenario.
-    Target: < 150 MiB throughout."""
+    Target: < 150 MiB throughout. The daemons of scenarios 12-15 (labels "scale-...") are
+    listed but not judged here: listing 200,000 items has its own targets (scenario 12)."""
     peaks = {label: rss / MiB for label, rss in sorted(b.sampler.peak.items())}
+    judged = [v for k, v in peaks.items() if not k.startswith(SCALE_LABEL)]
     return {
         "peak_rss_mib_by_scenario": peaks,
         "samples_by_scenario": dict(sorted(b.sampler.samples.items())),
-        "peak_rss_mib": max(peaks.values()) if peaks else float("nan"),
+        "peak_rss_mib": max(judged) if judged else float("nan"),
     }
 
 
 def rows_memory(seven: dict[str, Any]) -> list[Row]:
     peak = seven["peak_rss_mib"]
-    by_label = seven["peak_rss_mib_by_scenario"]
+    by_label = {
+        k: v for k, v in seven["peak_rss_mib_by_scenario"].items() if not k.startswith(SCALE_LABEL)
+    }
     worst = max(by_label, key=lambda k: by_label[k], default="-")
     return [
         Row(
@@ -1138,3 +1151,411 @@ def rows_prefetch(eleven: dict[str, Any]) -> list[Row]:
             None,
         ),
     ]
+
+
+# -- 12-15: a million items (issue 15) ---------------------------------------------------------
+
+SCALE_LABEL = "scale-"  # the daemons of scenarios 12-15; scenario 7 leaves them out
+KILL_GRACE = 5.0  # seconds a killed probe gets to exit before its daemon is killed too
+RSS_POLL = 0.1  # seconds between RSS samples of a listing's daemon, as RssSampler
+
+
+@dataclass
+class Bounded:
+    """What a bounded command did: its time, exit status, output, and why it was stopped."""
+
+    s: float
+    returncode: int | None
+    output: bytes
+    rss_peak: int  # the daemon's peak VmRSS while the command ran (bytes)
+    stopped: str | None = None  # "timeout" or "rss"; None when it ended by itself
+    daemon_killed: bool = False
+
+
+def run_bounded(
+    command: list[str], mount: Mount, timeout: float, rss_limit: int, output: Path
+) -> Bounded:
+    """Run `command` against `mount`, stdout to `output`, polling its daemon's VmRSS.
+
+    Past `timeout` seconds, or once the daemon's VmRSS passes `rss_limit` bytes, the command is
+    killed. A process waiting in a FUSE request its daemon has taken cannot die before the
+    answer (the kernel waits uninterruptibly once the request is read), so if it is still there
+    KILL_GRACE seconds later, the daemon is killed too: its requests then fail (ENOTCONN). The
+    RSS limit kills the daemon at once: it keeps the machine (and others' work) alive."""
+    started = time.monotonic()
+    peak = rss_bytes(mount.pid) or 0
+    stopped = None
+    with open(output, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.DEVNULL)
+        try:
+            while process.poll() is None:
+                rss = rss_bytes(mount.pid) or 0
+                peak = max(peak, rss)
+                if rss > rss_limit:
+                    stopped = "rss"
+                elif time.monotonic() - started > timeout:
+                    stopped = "timeout"
+                if stopped:
+                    break
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=RSS_POLL)
+        finally:
+            elapsed = time.monotonic() - started
+            killed = False
+            if process.poll() is None:
+                process.kill()
+                if stopped == "rss":
+                    mount.kill()
+                    killed = True
+                try:
+                    process.wait(timeout=KILL_GRACE)
+                except subprocess.TimeoutExpired:
+                    mount.kill()
+                    killed = True
+                    process.wait(timeout=KILL_GRACE * 6)
+    return Bounded(elapsed, process.returncode, output.read_bytes(), peak, stopped, killed)
+
+
+def listing_lines(data: bytes) -> int:
+    """Entries in `ls -l` output: its lines minus the "total" line."""
+    return max(0, data.count(b"\n") - 1)
+
+
+def fmt_bounded(result: dict[str, Any], key: str = "s") -> str:
+    if result.get("stopped") == "timeout":
+        return f"> {result[key]:.0f} s"
+    if result.get("stopped") == "rss":
+        return f"stopped at {result['rss_peak_mib']:.0f} MiB"
+    return fmt_s(result[key])
+
+
+def scale_parts(b: Bench) -> tuple[ScaleFiles, FakeGC]:
+    if b.scale is None or b.scale_fake is None:
+        raise RuntimeError("scenarios 12-15 need the scale fake (run.py builds it)")
+    return b.scale, b.scale_fake
+
+
+def cold_mount(b: Bench, fake: FakeGC, label: str, *args: str) -> Mount:
+    """A mount with a fresh --cache-dir and a fresh $XDG_CACHE_HOME: nothing remembered."""
+    return b.mounts.mount(
+        fake, SCALE_LABEL + label, extra_args=args, env=b.mounts.fresh_xdg_cache()
+    )
+
+
+def timed_listing(b: Bench, mount: Mount, items: Path, label: str) -> dict[str, Any]:
+    """`ls -l items` on `mount`, bounded; its time, entries, requests and the daemon's RSS."""
+    fake = mount.fake
+    fake.reset_counts()
+    before = rss_bytes(mount.pid) or 0
+    result = run_bounded(
+        ["ls", "-l", str(items)],
+        mount,
+        b.args.scale_timeout,
+        b.args.rss_abort_mib * MiB,
+        b.work / f"{label}.ls",
+    )
+    after = None if result.daemon_killed else rss_bytes(mount.pid)
+    (b.work / f"{label}.ls").unlink(missing_ok=True)
+    return {
+        "s": result.s,
+        "entries": listing_lines(result.output),
+        "returncode": result.returncode,
+        "stopped": result.stopped,
+        "requests": fake.count(),
+        "request_summary": request_summary(fake.requests),
+        "rss_before_mib": before / MiB,
+        "rss_after_mib": None if after is None else after / MiB,
+        "rss_peak_mib": max(result.rss_peak, after or 0) / MiB,
+    }
+
+
+def scenario_rss_listing(b: Bench) -> dict[str, Any]:
+    """Scenario 12: `ls -l` of each generated archive's items/ on a cold mount (fresh cache dir
+    and $XDG_CACHE_HOME), the archive looked up first (untimed); the daemon's VmRSS before,
+    after, and at its peak (polled every 100 ms while ls runs), and per listed item
+    ((after - before) / items). Targets: peak <= 400 MiB at 200,000 items, <= 600 MiB at
+    1,000,000. A daemon past --rss-abort-mib is killed and the row says where it stopped."""
+    scale, fake = scale_parts(b)
+    runs: dict[str, Any] = {}
+    for slug, count in scale.listing.items():
+        with cold_mount(b, fake, f"12-{count}") as mount:
+            items = scale.items_dir(mount.path, slug)
+            os.stat(items.parent)
+            run = timed_listing(b, mount, items, f"s12-{count}")
+        after = run["rss_after_mib"]
+        run["items"] = count
+        run["rss_per_item_kib"] = (
+            None if after is None else (after - run["rss_before_mib"]) * KiB / count
+        )
+        runs[str(count)] = run
+    return {"runs": runs, "targets_mib": {str(c): rss_target(c) for c in scale.listing.values()}}
+
+
+def rss_target(items: int) -> int:
+    """The issue's targets: 400 MiB up to 200,000 items, 600 MiB up to 1,000,000."""
+    return 400 if items <= 200_000 else 600
+
+
+def rows_rss_listing(twelve: dict[str, Any]) -> list[Row]:
+    rows = []
+    for letter, (count, run) in zip("abcdef", twelve["runs"].items(), strict=False):
+        target = twelve["targets_mib"][count]
+        per_item = run["rss_per_item_kib"]
+        after = run["rss_after_mib"]
+        listed = f"{run['entries']} listed in {fmt_bounded(run)}"
+        rows.append(
+            Row(
+                f"12{letter}",
+                f"daemon VmRSS, ls -l of {int(count):,} items (peak; after; per item)",
+                f"{run['rss_peak_mib']:.0f} MiB; "
+                + ("-" if after is None else f"{after:.0f} MiB")
+                + ("" if per_item is None else f"; {per_item:.2f} KiB/item")
+                + f"; {listed}",
+                f"{run['rss_before_mib']:.0f} MiB before",
+                "",
+                f"peak <= {target} MiB",
+                run["stopped"] is None and run["rss_peak_mib"] <= target,
+            )
+        )
+    return rows
+
+
+def scan_cold(b: Bench, fake: FakeGC, items_of: Any, until: str, label: str) -> dict[str, Any]:
+    """reader.py scan on a cold mount; bounded like a listing."""
+    with cold_mount(b, fake, label) as mount:
+        items = items_of(mount.path)
+        fake.reset_counts()
+        result = run_bounded(
+            reader_command("scan", str(items), until),
+            mount,
+            b.args.scale_timeout,
+            b.args.rss_abort_mib * MiB,
+            b.work / f"{label}.json",
+        )
+        requests = fake.count()
+    out: dict[str, Any] = {
+        "stopped": result.stopped,
+        "s": result.s,
+        "requests_by_then": requests,
+        "rss_peak_mib": result.rss_peak / MiB,
+    }
+    if result.stopped is None and result.returncode == 0:
+        out.update(json.loads(result.output))
+    return out
+
+
+def scenario_first_entry(b: Bench) -> dict[str, Any]:
+    """Scenario 13: os.scandir of the first generated archive's items/, cold each time (fresh
+    mount, cache dir and $XDG_CACHE_HOME): the time to its first entry (the scan stops there)
+    against the time to all entries on another cold mount, alternating for --repeat."""
+    scale, fake = scale_parts(b)
+    slug, count = next(iter(scale.listing.items()))
+
+    def items_of(mount: Path) -> Path:
+        return scale.items_dir(mount, slug)
+
+    first: list[dict[str, Any]] = []
+    whole: list[dict[str, Any]] = []
+    for rep in b.reps:
+        first.append(scan_cold(b, fake, items_of, "first", f"13-first-{rep}"))
+        whole.append(scan_cold(b, fake, items_of, "all", f"13-all-{rep}"))
+    first_s = median([r["first_s"] for r in first if r.get("first_s") is not None])
+    all_s = median([r["all_s"] for r in whole if "all_s" in r])
+    return {
+        "items": count,
+        "first": first,
+        "all": whole,
+        "first_entry_median_s": first_s,
+        "all_entries_median_s": all_s,
+        "ratio": all_s / first_s if first_s else float("nan"),
+    }
+
+
+def rows_first_entry(thirteen: dict[str, Any]) -> list[Row]:
+    first, whole = thirteen["first"][-1], thirteen["all"][-1]
+    gcfs = (
+        fmt_bounded(first)
+        if first["stopped"]
+        else f"{fmt_s(thirteen['first_entry_median_s'])}, {first['requests_by_then']} req"
+    )
+    base = (
+        fmt_bounded(whole)
+        if whole["stopped"]
+        else f"{fmt_s(thirteen['all_entries_median_s'])}, {whole.get('entries', 0)} entries"
+    )
+    return [
+        Row(
+            "13",
+            f"cold: time to the first entry of {thirteen['items']:,} items vs to all",
+            gcfs,
+            base,
+            fmt_x(thirteen["ratio"]),
+            "(reported)",
+            None,
+        )
+    ]
+
+
+def scenario_restart(b: Bench) -> dict[str, Any]:
+    """Scenario 14: `ls -l` of the first generated archive's items/ on a cold mount (--ttl 600),
+    unmount, mount again on the same --cache-dir and $XDG_CACHE_HOME, `ls -l` again within the
+    TTL: the requests the second listing made (counted from the moment the second mount is up,
+    so the path walk counts too; target 0) and its time against the cold listing's."""
+    scale, fake = scale_parts(b)
+    slug, count = next(iter(scale.listing.items()))
+    ttl = ("--ttl", "600")
+    runs = []
+    for rep in b.reps:
+        env = b.mounts.fresh_xdg_cache()
+        cache = b.mounts.fresh_cache()
+        with b.mounts.mount(fake, f"{SCALE_LABEL}14-cold", cache, ttl, env) as mount:
+            cold = timed_listing(b, mount, scale.items_dir(mount.path, slug), f"s14-cold-{rep}")
+        with b.mounts.mount(fake, f"{SCALE_LABEL}14-restart", cache, ttl, env) as mount:
+            warm = timed_listing(b, mount, scale.items_dir(mount.path, slug), f"s14-warm-{rep}")
+        runs.append({"cold": cold, "restart": warm})
+    cold_s = median([r["cold"]["s"] for r in runs])
+    warm_s = median([r["restart"]["s"] for r in runs])
+    return {
+        "items": count,
+        "runs": runs,
+        "cold_median_s": cold_s,
+        "restart_median_s": warm_s,
+        "restart_requests": [r["restart"]["requests"] for r in runs],
+        "speedup": cold_s / warm_s if warm_s else float("nan"),
+    }
+
+
+def rows_restart(fourteen: dict[str, Any]) -> list[Row]:
+    last = fourteen["runs"][-1]
+    cold, warm = last["cold"], last["restart"]
+    requests = max(fourteen["restart_requests"])
+    return [
+        Row(
+            "14",
+            f"ls -l of {fourteen['items']:,} items after a restart, within the TTL",
+            f"{fmt_bounded(warm)}, {requests} req, {warm['entries']} entries",
+            f"{fmt_bounded(cold)}, {cold['requests']} req cold",
+            fmt_x(fourteen["speedup"]),
+            "0 requests",
+            requests == 0 and warm["stopped"] is None and warm["entries"] == cold["entries"],
+        )
+    ]
+
+
+def probe(b: Bench, mount: Mount, op: str, path: Path, label: str) -> dict[str, Any]:
+    """reader.py probe (ls: scandir and lstat of each entry; stat), bounded by
+    --probe-timeout; its time and outcome ("ok", an errno name, or "timeout")."""
+    if mount.process is None or mount.process.poll() is not None:
+        return {"s": float("nan"), "outcome": "daemon gone", "stopped": "daemon gone"}
+    result = run_bounded(
+        reader_command("probe", op, str(path)),
+        mount,
+        b.args.probe_timeout,
+        b.args.rss_abort_mib * MiB,
+        b.work / f"{label}.json",
+    )
+    if result.stopped is not None or result.returncode != 0:
+        outcome = result.stopped or f"exit {result.returncode}"
+        return {
+            "s": result.s,
+            "outcome": outcome,
+            "stopped": result.stopped or "failed",
+            "daemon_killed": result.daemon_killed,
+            "rss_peak_mib": result.rss_peak / MiB,
+        }
+    return {**json.loads(result.output), "stopped": None}
+
+
+def wait_past_ttl(ttl: float) -> None:
+    # The daemon's listings expire on its own clock; nothing outside it shows the moment, so
+    # this one wait is a sleep: the TTL plus 0.5 s for the daemon's timestamps and ours to differ.
+    time.sleep(ttl + 0.5)
+
+
+def scenario_down(b: Bench) -> dict[str, Any]:
+    """Scenario 15: a mount (--ttl --down-ttl) lists a small archive's items/ while the server
+    is up; after the TTL, with the server still up, the baseline probes: `ls -l` of that seen
+    directory and `stat` of an unseen path (images/<random uuid>). After the TTL again the fake
+    goes down (connections reset on accept: faults.down) or black-holed (requests read, never
+    answered: faults.blackhole), and the same probes run: the seen directory, then two unseen
+    paths (the second once the daemon knows the server is down). Each probe is bounded by
+    --probe-timeout. Targets: seen <= 2 s (and listed), unseen EIO <= 5 s (the second)."""
+    scale, fake = scale_parts(b)
+    slug, count = scale.down
+    ttl = b.args.down_ttl
+    args = ["--ttl", f"{ttl:g}"]
+    if b.args.down_op_timeout is not None:
+        args += ["--timeout", f"{b.args.down_op_timeout:g}"]
+    modes: dict[str, Any] = {}
+    for mode in ("down", "blackhole"):
+        with cold_mount(b, fake, f"15-{mode}", *args) as mount:
+            seen = scale.items_dir(mount.path, slug)
+            listed = probe(b, mount, "ls", seen, f"s15-{mode}-list")
+            wait_past_ttl(ttl)
+            up = {
+                "seen": probe(b, mount, "ls", seen, f"s15-{mode}-up-seen"),
+                "unseen": probe(b, mount, "stat", unseen(mount), f"s15-{mode}-up-unseen"),
+            }
+            wait_past_ttl(ttl)
+            fake.faults.configure(**{mode: True})
+            try:
+                fault = {
+                    "seen": probe(b, mount, "ls", seen, f"s15-{mode}-seen"),
+                    "unseen": probe(b, mount, "stat", unseen(mount), f"s15-{mode}-unseen"),
+                    "unseen_again": probe(
+                        b, mount, "stat", unseen(mount), f"s15-{mode}-unseen-again"
+                    ),
+                }
+            finally:
+                fake.faults.clear()
+        modes[mode] = {"first_listing": listed, "server_up": up, "fault": fault}
+    return {
+        "items": count,
+        "ttl_s": ttl,
+        "probe_timeout_s": b.args.probe_timeout,
+        "daemon_op_timeout_s": b.args.down_op_timeout,
+        "modes": modes,
+    }
+
+
+def unseen(mount: Mount) -> Path:
+    """A path no listing showed: an image pk made up now (the daemon must ask the server)."""
+    return mount.path / "images" / str(uuid.uuid4())
+
+
+def fmt_probe(result: dict[str, Any]) -> str:
+    if result.get("stopped") == "timeout":
+        return f"> {result['s']:.0f} s (timeout)"
+    return f"{fmt_s(result['s'])} {result['outcome']}"
+
+
+def rows_down(fifteen: dict[str, Any]) -> list[Row]:
+    rows = []
+    for letters, mode in (("ab", "down"), ("cd", "blackhole")):
+        run = fifteen["modes"][mode]
+        up, fault = run["server_up"], run["fault"]
+        seen, first, again = fault["seen"], fault["unseen"], fault["unseen_again"]
+        what = "refused (reset)" if mode == "down" else "black-holed"
+        rows.append(
+            Row(
+                f"15{letters[0]}",
+                f"server {what}: ls -l of a seen dir after the TTL",
+                fmt_probe(seen),
+                f"{fmt_probe(up['seen'])} (server up)",
+                fmt_x(up["seen"]["s"] / seen["s"]) if seen["s"] else "n/a",
+                "<= 2 s, listed",
+                seen["outcome"] == "ok" and seen["s"] <= 2,
+            )
+        )
+        rows.append(
+            Row(
+                f"15{letters[1]}",
+                f"server {what}: stat of an unseen path (first; again)",
+                f"{fmt_probe(first)}; {fmt_probe(again)}",
+                f"{fmt_probe(up['unseen'])} (server up)",
+                "",
+                "EIO <= 5 s (again)",
+                again["outcome"] == "EIO" and again["s"] <= 5,
+            )
+        )
+    return rows
