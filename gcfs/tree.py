@@ -120,16 +120,15 @@ class ObjectListDir(DirNode):
         return found
 
 
-class ListedValuesDir(DirNode):
-    """An archive item or a display set of a listing: a ValuesDir whose object stays in the
-    metadata store until its directory is built. Small on purpose (~100 bytes plus its two
-    strings): the kernel may hold a million of them after `ls -l` of a large archive."""
+class ListedDir(DirNode):
+    """A directory of one object of a listing (an item, a display set, a job) whose object
+    stays in the metadata store until the directory is built, and whose extended attributes
+    are computed when asked. Small on purpose (~100 bytes plus its two strings): the kernel
+    may hold a million of them after `ls -l` of a large archive."""
 
     __slots__ = ("listing", "parent")
 
-    def __init__(
-        self, identity: str, name: str, parent: ItemsDir | DisplaySetsDir, listing: Listing
-    ):
+    def __init__(self, identity: str, name: str, parent: ObjectListDir, listing: Listing):
         super().__init__(identity, name)
         self.parent = parent
         self.listing = listing
@@ -144,6 +143,13 @@ class ListedValuesDir(DirNode):
 
     def _object(self) -> dict[str, Any] | None:
         return self.parent.object_of(self.name, self.listing)
+
+
+class ListedValuesDir(ListedDir):
+    """An archive item or a display set: a ValuesDir once built."""
+
+    __slots__ = ()
+    parent: ItemsDir | DisplaySetsDir
 
     def values_dir(self) -> ValuesDir:
         obj = self._object()
@@ -356,26 +362,10 @@ class JobsDir(ObjectListDir):
         return describe(_Attrs("", ""), "job", obj()).xattrs or {}
 
 
-class ListedJobDir(DirNode):
-    """A job of a listing; what it holds (job_dir) is made when it is listed or looked in."""
+class ListedJobDir(ListedDir):
+    """A job; what it holds (job_dir) is made when it is listed or looked in."""
 
-    __slots__ = ("listing", "parent")
-
-    def __init__(self, identity: str, name: str, parent: JobsDir, listing: Listing):
-        super().__init__(identity, name)
-        self.parent = parent
-        self.listing = listing
-
-    @property
-    def xattrs(self) -> dict[str, str] | None:
-        return self.parent.child_xattrs(self.name, self._object)
-
-    @xattrs.setter
-    def xattrs(self, value: dict[str, str] | None) -> None:
-        pass  # computed (Node.__init__ sets None)
-
-    def _object(self) -> dict[str, Any] | None:
-        return self.parent.object_of(self.name, self.listing)
+    __slots__ = ()
 
     async def build(self, fs: GcFilesystem) -> dict[str, Node]:
         job = self._object()
