@@ -35,7 +35,7 @@ from cachetools import LRUCache, TTLCache
 
 from .errors import BadResponse, NotFound, PermissionDenied, Unavailable
 from .health import EndpointHealth
-from .retry import OutageLog, RetryPolicy, retrying
+from .retry import OutageLog, RetryPolicy, Unreachable, retrying
 from .storage_http import (
     REDIRECTS,
     Expired,
@@ -175,9 +175,13 @@ class Resolver:
                 location = response.headers.get("location")
                 response_headers = response.headers
         except httpx.TimeoutException as exc:
-            raise Unavailable(f"{where}: timed out") from exc
-        except httpx.HTTPError as exc:
+            # Unreachable: the site gave no answer at all, which marks it down (retry.py)
+            # as the API's requests do; the /media/ URL is on the same origin.
+            raise Unreachable(f"{where}: timed out", timed_out=True) from exc
+        except httpx.TransportError as exc:
             # The type only: httpx's text can carry a URL.
+            raise Unreachable(f"{where}: {type(exc).__name__}") from exc
+        except httpx.HTTPError as exc:
             raise Unavailable(f"{where}: {type(exc).__name__}") from exc
         log.debug("resolve %s -> %d", url, status)
         if status in _REDIRECTS and location:
