@@ -351,10 +351,11 @@ class Listings:
             self._pinned.pop(listing.generation, None)
 
     def drop(self, listing: Listing) -> None:
-        """A superseded generation no handle reads any more."""
+        """A superseded generation no handle reads any more: deleted in a worker thread
+        (200,000 rows take a noticeable time), or at the next start without a nursery."""
         self._pinned.pop(listing.generation, None)
-        with contextlib.suppress(StoreError):
-            self.store.drop_listing(listing.generation)
+        if self.nursery is not None:
+            self.nursery.start_soon(self._abandon, listing)
 
 
 def _one(exc: BaseException) -> BaseException:

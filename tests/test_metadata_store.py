@@ -267,3 +267,30 @@ def test_a_mount_started_while_the_server_is_down_serves_its_store(
     assert refused.returncode == 1
     assert "cannot reach" in refused.stderr
     assert not os.path.ismount(mountpoint)
+
+
+def test_an_ls_that_straddles_a_refresh_sees_every_entry_once(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC, world: Any
+) -> None:
+    """A directory handle keeps the generation of the listing it started with: `gcfs refresh`
+    in the middle of reading (with a new item that shifts every later position by one on the
+    server) neither repeats nor skips an entry of it; the next listing shows the new item."""
+    pks = big_archive(world, 5000)
+    mount = mount_gcfs()
+    items = mount.path / "archives" / "big" / "items"
+    assert len(os.listdir(items)) == 5000
+    archive = world.find_by_slug(world.archives.values(), "big")
+    fake.reset_counts()
+    names: list[str] = []
+    with os.scandir(items) as entries:
+        for entry in entries:
+            names.append(entry.name)
+            if len(names) == 10:
+                added = world.add_archive_item(archive, title="listed first from now on")
+                refreshed = run_gcfs("refresh", str(items))
+                assert refreshed.returncode == 0, refreshed.stderr
+                # The new generation is complete before we read on.
+                assert len(os.listdir(items)) == 5001
+    assert sorted(names) == sorted(pks)
+    assert fake.count("archives-items-list") >= 1
+    assert added.pk in os.listdir(items)
