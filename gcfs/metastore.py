@@ -28,6 +28,7 @@ WAL mode readers never wait for the writer.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -76,6 +77,10 @@ CREATE TABLE answers (key TEXT PRIMARY KEY, fetched_at REAL NOT NULL, body TEXT 
 
 class StoreError(Exception):
     """The store cannot be used (the caller goes on without it)."""
+
+
+class StoreBusy(StoreError):
+    """Another daemon owns the store: not damaged, not set aside."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +144,7 @@ class MetadataStore:
         self.broken = False
         self._lock = threading.RLock()
         self._read_lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        self._hold = -1  # the lock file's descriptor (_take_lock)
         if path is None:
             self._writer = self._reader = self._in_memory()
             self._read_lock = self._lock  # one connection: reads wait for writes
@@ -161,14 +167,44 @@ class MetadataStore:
 
     def _open(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
         private_directory(self.path.parent)
-        for attempt in range(2):
-            try:
-                return self._connect()
-            except (sqlite3.DatabaseError, StoreError) as exc:
-                if attempt:
-                    raise StoreError(f"{self.path}: {exc}") from exc
-                self._set_aside(str(exc))
-        raise AssertionError("unreachable")
+        self._hold = self._take_lock()
+        try:
+            for attempt in range(2):
+                try:
+                    return self._connect()
+                except (sqlite3.DatabaseError, StoreError) as exc:
+                    if attempt:
+                        raise StoreError(f"{self.path}: {exc}") from exc
+                    self._set_aside(str(exc))
+            raise AssertionError("unreachable")
+        except BaseException:
+            os.close(self._hold)
+            self._hold = -1
+            raise
+
+    def _take_lock(self) -> int:
+        """One daemon at a time owns a store: it deletes half listings at start and old
+        generations as it goes, which would pull rows from under another daemon still
+        filling or reading them. The lock (flock on `<store>.lock`, held until the daemon
+        exits) makes a second mount of the same user and server keep its metadata in memory."""
+        lock_path = f"{self.path}.lock"
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(lock_path, flags, 0o600)
+        except OSError as exc:
+            raise StoreBusy(f"cannot open its lock file ({exc.strerror})") from exc
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+                raise StoreBusy("its lock file is not a regular file of ours")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreBusy("another gcfs daemon of this user and server uses it") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _connect(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
         created = self._create_file()
@@ -259,6 +295,9 @@ class MetadataStore:
             for connection in (self._reader, self._writer):
                 with contextlib.suppress(sqlite3.Error):
                     connection.close()
+            if self._hold >= 0:
+                os.close(self._hold)  # releases the flock
+                self._hold = -1
 
     def _failed(self, exc: Exception) -> StoreError:
         """The file failed under us (a disk fault, damage): the rest of this run keeps its

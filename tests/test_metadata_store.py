@@ -294,3 +294,19 @@ def test_an_ls_that_straddles_a_refresh_sees_every_entry_once(
     assert sorted(names) == sorted(pks)
     assert fake.count("archives-items-list") >= 1
     assert added.pk in os.listdir(items)
+
+
+def test_a_second_mount_of_the_same_user_keeps_its_metadata_in_memory(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC
+) -> None:
+    """One daemon owns a store (a lock): a second mount of the same user and server at the
+    same time says so and keeps its metadata in memory, so neither deletes rows the other
+    is reading; both list the same tree."""
+    first = mount_gcfs()
+    second = mount_gcfs()
+    assert sorted(os.listdir(first.path / "archives")) == sorted(
+        os.listdir(second.path / "archives")
+    )
+    assert "another gcfs daemon" in second.log_text()
+    assert "another gcfs daemon" not in first.log_text()
+    assert len(store_files()) == 1
