@@ -71,8 +71,6 @@ class Listing:
         self.count = count
         self.filled = count if complete and count is not None else 0
         self.error: GcfsError | None = None
-        self.pins = 0
-        self.superseded = False
         self._changed = trio.Event()
         # Page boundaries and which pages arrived, while filling.
         self._bounds: list[int] = []
@@ -162,16 +160,6 @@ class Listing:
     def __len__(self) -> int:
         return self.owner.store.entry_count(self.generation)
 
-    # -- handles ---------------------------------------------------------------------------
-
-    def pin(self) -> None:
-        self.pins += 1
-
-    def unpin(self) -> None:
-        self.pins -= 1
-        if self.pins <= 0 and self.superseded:
-            self.owner.drop(self)
-
     # -- filling (Listings only) --------------------------------------------------------------
 
     def _plan(self, count: int, first: int) -> list[int]:
@@ -200,7 +188,8 @@ class Listings:
         self._writers = trio.CapacityLimiter(WRITE_THREADS)
         # Generations that directory handles still read, by generation: bounded by the open
         # handles (the kernel's and the adapter's limits on open directories).
-        self._pinned: dict[int, Listing] = {}
+        self._pinned: dict[int, tuple[str, int]] = {}  # generation -> (key, handles)
+        self._superseded: set[int] = set()  # pinned generations a newer one replaced
         self.pages_stored = 0
         # Told the cache key of a listing that failed half way (GcFilesystem: the cache entry
         # expires, so the next reader asks again instead of getting the error for a TTL).
@@ -320,11 +309,9 @@ class Listings:
         listing._page_arrived(offset)
 
     async def _finish(self, listing: Listing, count: int) -> None:
-        keep = [g for g, pinned in self._pinned.items() if pinned.key == listing.key]
+        keep = [g for g, (key, _) in self._pinned.items() if key == listing.key]
         await self._write(self.store.complete_listing, listing.generation, count, keep)
-        for pinned in self._pinned.values():
-            if pinned.key == listing.key and pinned.generation != listing.generation:
-                pinned.superseded = True
+        self._superseded.update(g for g in keep if g != listing.generation)
         listing.count = count
         listing.complete = True
         listing.filled = max(listing.filled, count)
@@ -342,20 +329,23 @@ class Listings:
     # -- handles ---------------------------------------------------------------------------
 
     def pin(self, listing: Listing) -> None:
-        listing.pin()
-        self._pinned[listing.generation] = listing
+        """A directory handle reads `listing`: its generation stays until `unpin`. Counted
+        by generation (two Listing objects may stand for one generation)."""
+        _, handles = self._pinned.get(listing.generation, (listing.key, 0))
+        self._pinned[listing.generation] = (listing.key, handles + 1)
 
     def unpin(self, listing: Listing) -> None:
-        listing.unpin()
-        if listing.pins <= 0:
-            self._pinned.pop(listing.generation, None)
-
-    def drop(self, listing: Listing) -> None:
-        """A superseded generation no handle reads any more: deleted in a worker thread
-        (200,000 rows take a noticeable time), or at the next start without a nursery."""
+        key, handles = self._pinned.get(listing.generation, (listing.key, 1))
+        if handles > 1:
+            self._pinned[listing.generation] = (key, handles - 1)
+            return
         self._pinned.pop(listing.generation, None)
-        if self.nursery is not None:
-            self.nursery.start_soon(self._abandon, listing)
+        if listing.generation in self._superseded:
+            self._superseded.discard(listing.generation)
+            # Deleted in a worker thread (200,000 rows take a noticeable time); without a
+            # nursery, at the next start (superseded generations never survive one).
+            if self.nursery is not None:
+                self.nursery.start_soon(self._abandon, listing)
 
 
 def _one(exc: BaseException) -> BaseException:

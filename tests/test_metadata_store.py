@@ -310,3 +310,24 @@ def test_a_second_mount_of_the_same_user_keeps_its_metadata_in_memory(
     assert "another gcfs daemon" in second.log_text()
     assert "another gcfs daemon" not in first.log_text()
     assert len(store_files()) == 1
+
+
+def test_a_listing_longer_than_the_operation_deadline_still_lists(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC, world: Any
+) -> None:
+    """Each page has its deadline, not the listing: with a 6 s operation deadline and every
+    item page taking 2.5 s, 18 pages (16 at a time) take about 7.5 s, and `ls` lists them all
+    (before, `opendir` waited for the whole listing and answered EIO at the deadline)."""
+    count = 100 + 17 * 1000
+    pks = big_archive(world, count)
+    mount = mount_gcfs("--timeout", "6")
+    items = mount.path / "archives" / "big" / "items"
+    os.stat(items.parent)
+    fake.faults.configure(stall_rate=1.0, stall_seconds=2.5, only={"archives-items-list"})
+    fake.reset_counts()
+    names = os.listdir(items)
+    fake.faults.clear()
+    assert sorted(names) == sorted(pks)
+    # 18 pages stalled 2.5 s each, at most 16 at a time, the first alone: >= 7.5 s in all.
+    assert fake.count("archives-items-list") == 18
+    assert fake.faults.injected.get("stall") == 18
