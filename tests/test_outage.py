@@ -21,21 +21,13 @@ import pytest
 
 from gcfs.fakegc import FakeGC
 from tests.conftest import Mount, poll, run_gcfs
+from tests.test_soak import timed
 
 SEEN_BAR = 2.0  # the bar for a directory seen before, server silent or refusing
 UNSEEN_BAR = 5.0  # and for EIO on a path never seen, once the server is known to be down
 # --timeout: one HTTP attempt may take half of it (3 s), so a black hole is known down ~3 s
 # after the first unanswered request; the bars above do not depend on it.
 TIMEOUT = "6"
-
-
-def timed(call: Callable[[], Any]) -> tuple[float, Any, OSError | None]:
-    start = time.monotonic()
-    try:
-        result = call()
-    except OSError as exc:
-        return time.monotonic() - start, None, exc
-    return time.monotonic() - start, result, None
 
 
 def status_of(mount: Mount) -> dict[str, Any]:
