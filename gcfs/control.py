@@ -253,6 +253,7 @@ def format_status(status: dict[str, Any]) -> list[str]:
         f"requests:     {status.get('requests_total')} ({status.get('retries')} retries, "
         f"{status.get('in_flight_requests')} in flight)",
         f"metadata:     {metadata.get('size', 0)} entries cached, hit rate {hit_rate}",
+        f"stored in:    {status.get('metadata_store', {}).get('path', '-')}",
         f"read:         {status.get('bytes_read')} bytes to readers, "
         f"{status.get('content', {}).get('bytes_fetched', 0)} fetched from storage",
         (

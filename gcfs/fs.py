@@ -376,6 +376,14 @@ class GcFilesystem:
             "outage": self.api.outage.snapshot(),  # down, down_since, last_outage_seconds
             "fallbacks": self.fallbacks,
             "metadata_cache": dataclasses.asdict(self.cache.statistics()),
+            # The store on disk (metastore.py): ":memory:" when this run keeps it in memory
+            # (another daemon owns the file, or it failed); answers served from it with no
+            # request (`loaded`: an earlier daemon's, within the TTL).
+            "metadata_store": {
+                "path": str(self.store.path),
+                "loaded": self.cache.loaded,
+                "pages_stored": self.listings.pages_stored,
+            },
             "content": dataclasses.asdict(self.content.statistics()),
             "offline": self.offline,
             "block_cache": None

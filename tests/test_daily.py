@@ -98,6 +98,8 @@ def test_status_command_and_file(mount: Mount, fake: FakeGC) -> None:
     result = gcfs("status", str(mount.path))
     assert result.returncode == 0, result.stderr
     assert "user:         demo" in result.stdout
+    assert f"stored in:    {status['metadata_store']['path']}" in result.stdout
+    assert status["metadata_store"]["path"].endswith(".sqlite")
     as_json = gcfs("status", "--json", str(mount.path))
     assert json.loads(as_json.stdout)["user"] == "demo"
 

@@ -8,6 +8,7 @@ Real mounts against the fake on 127.0.0.1; the store is found where a user's is
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sqlite3
 import stat
@@ -106,6 +107,10 @@ def test_remount_within_ttl_lists_and_opens_with_no_request(
     fake.reset_counts()
     assert _tree(second.path) == before
     assert fake.requests == []
+    status = json.loads((second.path / ".gcfs" / "status.json").read_bytes())
+    assert status["metadata_store"]["path"] == str(store_files()[0])
+    assert status["metadata_store"]["loaded"] > 0  # the first daemon's answers
+    assert status["metadata_store"]["pages_stored"] == 0
 
 
 def _tree(root: Path) -> dict[str, Any]:
