@@ -1,4 +1,5 @@
-"""The `gcfs` command: mount, demo, umount, refresh, status, prefetch, path, snapshot, cache.
+"""The `gcfs` command: mount, demo, umount, refresh, status, mounts, prefetch, path, snapshot,
+cache.
 
 `gcfs mount` returns only once the mount answers (or has failed, with one line saying why):
 it forks, the child becomes the daemon and reports "ready" or the error through a pipe. With
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import trio
 
@@ -49,6 +50,9 @@ from .configfile import default_config_path
 from .errors import UserError
 from .logsetup import check_log_file, setup_logging
 
+if TYPE_CHECKING:
+    from .fakegc import FakeGC
+
 log = logging.getLogger("gcfs")
 
 # How long `gcfs umount` waits for the daemon to exit after the unmount, before it sends
@@ -64,6 +68,7 @@ COMMANDS = (
     "umount",
     "refresh",
     "status",
+    "mounts",
     "prefetch",
     "path",
     "cache",
@@ -88,6 +93,7 @@ examples:
   gcfs mount ~/gc --token-file ~/.gctoken      mount your account; returns once it answers
   gcfs umount ~/gc                             unmount and stop the daemon
   gcfs status ~/gc                             what the daemon is doing
+  gcfs mounts                                  your gcfs mounts here: server, pid, log
   gcfs snapshot ~/gc/archives/x --to DIR       record a subtree for offline mounts
   gcfs mount /tmp/gc --offline DIR             serve it with no token and no network
   gcfs cache status                            the block cache: where, mode, size
@@ -410,6 +416,18 @@ def build_parser(prog: str = "gcfs") -> argparse.ArgumentParser:
     status.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="where gcfs is mounted")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+    mounts = _subparser(
+        commands,
+        "mounts",
+        help="list your gcfs mounts on this machine",
+        description="List every gcfs mount of yours on this machine: mount point, server (or "
+        "the snapshot of an offline mount), user, pid, uptime and log file. A mount whose "
+        "daemon does not answer within 2 s, or is gone, is listed as such with the next step.",
+        epilog=f"examples:\n  gcfs mounts\n  gcfs mounts --json | jq -r '.[].log_file'\n\n"
+        f"{EXIT_STATUS}",
+    )
+    mounts.add_argument("--json", action="store_true", help="print JSON for scripts")
+
     prefetch = _subparser(
         commands,
         "prefetch",
@@ -601,6 +619,10 @@ def main(argv: Sequence[str] | None = None, *, dry_run: bool = False, prog: str 
             from . import control
 
             return control.status_command(args.mountpoint, as_json=args.json)
+        if args.command == "mounts":
+            from . import mounts
+
+            return mounts.mounts_command(as_json=args.json)
         if args.command == "prefetch":
             from . import prefetch
 
@@ -787,12 +809,12 @@ def run_daemon(cfg: Config, *, demo: bool, on_ready: Callable[[], None]) -> None
 
     with contextlib.ExitStack() as stack:
         if demo:
-            from .fakegc import DEMO_TOKEN, FakeGC, demo_world
+            from .fakegc import DEMO_TOKEN
 
-            fake = stack.enter_context(FakeGC(demo_world()))
+            fake = start_demo_server()
+            stack.callback(fake.stop)
             cfg = replace(cfg, base_url=fake.base_url, token=Secret(DEMO_TOKEN), token_file=None)
-            log.info("demo server listening on %s", fake.base_url)
-        pid_path = runtime.write_pid(cfg.mountpoint)
+        pid_path = runtime.write_pid(cfg.mountpoint, cfg.log_file)
         stack.callback(pid_path.unlink, missing_ok=True)
         # After the pid file: this mount's own files are those of a live pid, never stale.
         removed = runtime.remove_stale()
@@ -803,6 +825,58 @@ def run_daemon(cfg: Config, *, demo: bool, on_ready: Callable[[], None]) -> None
                 runtime.runtime_dir(),
             )
         trio.run(serve, cfg, on_ready)
+
+
+# The demo server's port: the same for a user on every run where it is free, because the
+# server's URL names everything made from the demo (the metadata store, a snapshot's manifest,
+# the block cache's file keys), so a demo snapshot can be refreshed by the next demo. Ports
+# 24000-27999, below Linux's ephemeral range (32768-60999), where outgoing connections would
+# take ports at random; uids 1000-4999 each get their own.
+DEMO_PORT_BASE = 24000
+DEMO_PORT_COUNT = 4000
+# Tests set another preferred port, so that a demo someone else runs meanwhile on this machine
+# (the same uid: the same port) cannot make them flaky.
+DEMO_PORT_ENV = "GCFS_TEST_DEMO_PORT"
+
+
+def demo_port(uid: int | None = None) -> int:
+    """The port the demo server tries first for this user."""
+    override = os.environ.get(DEMO_PORT_ENV)
+    if override:
+        return int(override)
+    return DEMO_PORT_BASE + (os.getuid() if uid is None else uid) % DEMO_PORT_COUNT
+
+
+def start_demo_server() -> FakeGC:
+    """The demo's fake server, started on demo_port(), else (busy) on a free port, which the
+    log says. It serves the job image filters as a fixed server would: the real server's 500
+    to `cases/images/?job_input=` is the tests' business, and a newcomer's first `gcfs
+    status` should not show a failing endpoint."""
+    from .fakegc import FakeGC, demo_world
+
+    preferred = demo_port()
+    for port in (preferred, 0):
+        fake = FakeGC(demo_world(), port=port)
+        fake.job_filters_fixed = True
+        try:
+            fake.start()
+        except OSError as exc:
+            if port == 0:
+                raise
+            log.info("demo server: port %d is not free (%s); taking another", port, exc.strerror)
+            continue
+        if fake.port == preferred:
+            log.info("demo server listening on %s", fake.base_url)
+        else:
+            log.warning(
+                "demo server listening on %s, not on this user's port %d (busy): a snapshot "
+                "of this demo is refreshed by a demo on the same port",
+                fake.base_url,
+                preferred,
+                extra={"tell_user": True},
+            )
+        return fake
+    raise AssertionError("unreachable")
 
 
 def _run_in_background(

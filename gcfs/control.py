@@ -34,6 +34,7 @@ import trio
 
 from . import inject, runtime
 from .errors import GcfsError, UserError
+from .units import format_size
 
 if TYPE_CHECKING:
     from .fs import GcFilesystem
@@ -236,7 +237,40 @@ def status_command(mountpoint: Path, *, as_json: bool) -> int:
     return 0
 
 
+def format_duration(seconds: float) -> str:
+    """`45 s`, `3 min 12 s`, `2 h 05 min`, `3 d 4 h`: as precise as a reader of an uptime
+    needs, which is less the longer it is."""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def _clock(when: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(when))
+
+
+def _count(n: int, what: str, plural: str | None = None) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {plural or what + 's'}"
+
+
+def routed_text(cost: dict[str, Any]) -> str:
+    """What routing around a failing batch listing cost: a request per object of each
+    directory instead of one listing (fs.objects_among)."""
+    requests = _count(int(cost.get("requests", 0)), "request")
+    return f"{requests} for {_count(int(cost.get('directories', 0)), 'directory', 'directories')}"
+
+
 def format_status(status: dict[str, Any]) -> list[str]:
+    """`gcfs status` for people: headed sections, sizes in binary units (exact bytes stay in
+    --json and .gcfs/status.json), and for each problem what it costs."""
     cache = status.get("block_cache") or {}
     metadata = status.get("metadata_cache", {})
     lookups = metadata.get("hits", 0) + metadata.get("misses", 0)
@@ -244,50 +278,103 @@ def format_status(status: dict[str, Any]) -> list[str]:
     server = status.get("server")
     if status.get("offline"):
         server = f"{server} (offline: the snapshot in {status['offline']})"
+    store = status.get("metadata_store", {})
+    content = status.get("content", {})
     lines = [
-        f"server:       {server}",
-        f"user:         {status.get('user')}",
-        f"mount:        {status.get('mountpoint')} (pid {status.get('pid')})",
-        f"log:          {status.get('log_file') or 'stderr (the journal under systemd)'}",
-        f"uptime:       {status.get('uptime_seconds')} s",
-        f"requests:     {status.get('requests_total')} ({status.get('retries')} retries, "
-        f"{status.get('in_flight_requests')} in flight)",
-        f"metadata:     {metadata.get('size', 0)} entries cached, hit rate {hit_rate}",
-        f"stored in:    {status.get('metadata_store', {}).get('path', '-')}",
-        f"read:         {status.get('bytes_read')} bytes to readers, "
-        f"{status.get('content', {}).get('bytes_fetched', 0)} fetched from storage",
+        "Server",
+        f"  server:       {server}",
+        f"  user:         {status.get('user')}",
+        f"  mount:        {status.get('mountpoint')} (pid {status.get('pid')})",
+        f"  log:          {status.get('log_file') or 'stderr (the journal under systemd)'}",
+        f"  uptime:       {format_duration(status.get('uptime_seconds') or 0)}",
+        "Caches",
+        f"  metadata:     {metadata.get('size', 0)} entries cached, hit rate {hit_rate}",
+        f"  stored in:    {store.get('path', '-')} "
+        f"({store.get('loaded', 0)} answers served from it without a request)",
         (
-            f"snapshot:     {cache.get('bytes', 0)} bytes in {cache.get('directory', '-')} "
-            "(read-only)"
+            f"  snapshot:     {format_size(cache.get('bytes', 0))} in "
+            f"{cache.get('directory', '-')} (read-only)"
             if status.get("offline")
-            else f"block cache:  {cache.get('bytes', 0)} of {cache.get('max_bytes', 0)} bytes "
-            f"in {cache.get('directory', '-')} ({cache.get('mode', '-')})"
+            else f"  block cache:  {format_size(cache.get('bytes', 0))} of "
+            f"{format_size(cache.get('max_bytes', 0))} in {cache.get('directory', '-')} "
+            f"({cache.get('mode', '-')})"
+            if cache
+            else "  block cache:  off (--cache-size 0)"
         ),
-        f"errors:       {status.get('errors_last_hour')} in the last hour",
+        "Traffic",
+        f"  requests:     {status.get('requests_total')} ({status.get('retries')} retries, "
+        f"{status.get('in_flight_requests')} in flight)",
+        f"  read:         {format_size(status.get('bytes_read') or 0)} to readers, "
+        f"{format_size(content.get('bytes_fetched', 0))} fetched from storage",
     ]
+    routed = status.get("routed_around") or {}
+    if status.get("fallbacks"):
+        requests = sum(int(cost.get("requests", 0)) for cost in routed.values())
+        lines.append(
+            f"  fallbacks:    "
+            f"{_count(status['fallbacks'], 'directory', 'directories')} filled object by "
+            f"object ({_count(requests, 'request')}) because a listing failed"
+        )
+    for endpoint, by_status in sorted(status.get("requests", {}).items()):
+        counts = ", ".join(f"{code}: {n}" for code, n in sorted(by_status.items()))
+        lines.append(f"    {endpoint:<40} {counts}")
+    lines += ["Problems", *_problems(status, routed)]
+    return lines
+
+
+def _problems(status: dict[str, Any], routed: dict[str, Any]) -> list[str]:
+    lines = [f"  errors:       {status.get('errors_last_hour')} in the last hour"]
+    if status.get("token_rejected"):
+        lines.append(
+            "  token:        rejected by the server; put a new one in the token file "
+            "(read again at the next refusal)"
+        )
     outage = status.get("outage") or {}
     if outage.get("down"):
         since = outage.get("down_since") or 0
         lines.append(
-            f"DOWN:         the server has not answered since "
-            f"{time.strftime('%H:%M:%S', time.localtime(since))} "
+            f"  DOWN:         the server has not answered since {_clock(since)} "
             f"({time.time() - since:.0f} s); serving what was seen, EIO for the rest"
         )
     elif outage.get("last_outage_seconds") is not None:
-        lines.append(f"last outage:  {outage['last_outage_seconds']} s (back now)")
+        lines.append(f"  last outage:  {outage['last_outage_seconds']} s (back now)")
     failing = status.get("failing_endpoints") or {}
+    routing = set(status.get("routing_around") or [])
     for family, failure in sorted(failing.items()):
-        since = time.strftime("%H:%M:%S", time.localtime(failure.get("since", 0)))
         lines.append(
-            f"failing:      {family}: HTTP {failure.get('status')} since {since} "
-            f"({failure.get('failures')} times)"
+            f"  failing:      {family}: HTTP {failure.get('status')} since "
+            f"{_clock(failure.get('since', 0))} ({failure.get('failures')} times)"
         )
-    if status.get("fallbacks"):
-        lines.append(
-            f"fallbacks:    {status['fallbacks']} directories asked object by object "
-            "(a batch listing failed)"
-        )
-    for endpoint, by_status in sorted(status.get("requests", {}).items()):
-        counts = ", ".join(f"{code}: {n}" for code, n in sorted(by_status.items()))
-        lines.append(f"  {endpoint:<40} {counts}")
+        if family in routing or family in routed:
+            lines.append("                " + _routed_line(routed.get(family, {})))
+    for family in sorted(routing - set(failing)):
+        lines.append(f"  routed:       {family}: {_routed_line(routed.get(family, {}))}")
     return lines
+
+
+def _routed_line(cost: dict[str, Any]) -> str:
+    return (
+        "routed around: each object is asked for by its own URL, a request per object "
+        f"instead of one listing per directory (so far {routed_text(cost)})"
+    )
+
+
+def summary(status: dict[str, Any]) -> str:
+    """One line in `gcfs status`'s words, for the daemon's log as it unmounts."""
+    metadata = status.get("metadata_cache", {})
+    lookups = metadata.get("hits", 0) + metadata.get("misses", 0)
+    hit_rate = f"{100 * metadata.get('hits', 0) / lookups:.0f}%" if lookups else "-"
+    content = status.get("content", {})
+    parts = [
+        f"up {format_duration(status.get('uptime_seconds') or 0)}",
+        f"{_count(status.get('requests_total') or 0, 'request')} "
+        f"({_count(status.get('retries') or 0, 'retry', 'retries')})",
+        f"metadata: {metadata.get('size', 0)} entries cached, hit rate {hit_rate}, "
+        f"{metadata.get('stale', 0)} served stale",
+        f"read: {format_size(status.get('bytes_read') or 0)} to readers, "
+        f"{format_size(content.get('bytes_fetched', 0))} fetched from storage in "
+        f"{_count(content.get('requests', 0), 'request')}, "
+        f"{content.get('cache_hits', 0)} blocks from the block cache",
+        f"{_count(status.get('errors_last_hour') or 0, 'error')} in the last hour",
+    ]
+    return "; ".join(parts)

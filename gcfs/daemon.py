@@ -36,7 +36,7 @@ from .api import GcApiClient
 from .blockstore import BlockStore
 from .config import Config, TokenSource, default_cache_dir, mount_options
 from .content import ContentStore
-from .control import serve_control
+from .control import serve_control, summary
 from .errors import GcfsError, PermissionDenied, Unavailable, UserError
 from .fs import GcFilesystem
 from .fuse_ops import GcfsOperations, invalidate
@@ -316,12 +316,8 @@ async def _mount_and_serve(
     finally:
         notify.stopping()  # sd_notify STOPPING=1 to a Type=notify unit; no-op otherwise
         pyfuse3.close(unmount=True)
-        log.info(
-            "unmounted %s; metadata %s; content %s",
-            cfg.mountpoint,
-            fs.cache.statistics(),
-            fs.content.statistics(),
-        )
+        # In gcfs status's words: the line is read by people, who need no dataclass reprs.
+        log.info("unmounted %s; %s", cfg.mountpoint, summary(fs.status()))
 
 
 async def _when_initialized(

@@ -121,6 +121,10 @@ class GcFilesystem:
         # not tried again for the TTL.
         self._failing_batches: TTLCache[str, bool] = TTLCache(256, ttl)
         self.fallbacks = 0  # directories filled object by object because a batch failed
+        # What routing around cost, by batch family: directories filled object by object and
+        # the object requests they sent (cached objects cost none), for `gcfs status`, which
+        # says what a failing listing costs and not only that it fails.
+        self.routed: dict[str, dict[str, int]] = {}
         # The children each directory was last built with: what `gcfs refresh` walks and
         # which kernel entries it invalidates.
         self._children_of: dict[int, Children] = {}
@@ -190,7 +194,9 @@ class GcFilesystem:
                 log.debug("%s %s failed (%s); asking for each object", path, dict(params), exc)
             else:
                 return Among(listing.objects_among(sorted(wanted)), listing.started_at)
-        found = await self._each_object(sorted(wanted), detail)
+        cost = self.routed.setdefault(family, {"directories": 0, "requests": 0})
+        found = await self._each_object(sorted(wanted), detail, cost)
+        cost["directories"] += 1
         if family not in self._failing_batches:
             # The objects answer where the batch did not: skip it for the TTL.
             self._failing_batches[family] = True
@@ -199,15 +205,20 @@ class GcFilesystem:
         return Among(found, self.oldest([("object", detail(pk)) for pk in found]))
 
     async def _each_object(
-        self, pks: Sequence[str], detail: Callable[[str], str]
+        self, pks: Sequence[str], detail: Callable[[str], str], cost: dict[str, int]
     ) -> dict[str, JSON]:
         found: dict[str, JSON] = {}
         limiter = trio.CapacityLimiter(FALLBACK_CONCURRENCY)
 
+        async def counted(path: str) -> JSON:
+            cost["requests"] += 1  # only a cache miss sends a request
+            return await self.api.get_json(path)
+
         async def fetch(pk: str) -> None:
             async with limiter:
+                path = detail(pk)
                 try:
-                    obj = await self.api_object(detail(pk))
+                    obj = await self.cache.get(("object", path), lambda: counted(path))
                 except NotFound:
                     return  # hidden or gone: left out, as the listing would have left it out
             if isinstance(obj, dict):
@@ -375,6 +386,10 @@ class GcFilesystem:
             "failing_endpoints": self.api.health.snapshot(),
             "outage": self.api.outage.snapshot(),  # down, down_since, last_outage_seconds
             "fallbacks": self.fallbacks,
+            # by family: {"directories": .., "requests": ..}, what the fallbacks cost
+            "routed_around": {family: dict(cost) for family, cost in sorted(self.routed.items())},
+            # the families routed around now (tried again after the TTL)
+            "routing_around": sorted(self._failing_batches),
             "metadata_cache": dataclasses.asdict(self.cache.statistics()),
             # The store on disk (metastore.py): ":memory:" when this run keeps it in memory
             # (another daemon owns the file, or it failed); answers served from it with no

@@ -52,9 +52,12 @@ def default_log_file(mountpoint: Path) -> Path:
     return runtime_dir() / f"{_key(mountpoint)}.log"
 
 
-def write_pid(mountpoint: Path) -> Path:
+def write_pid(mountpoint: Path, log_file: Path | None = None) -> Path:
+    """`<pid>\n<mount point>\n<log file>\n` (an empty third line: stderr). The log is there
+    for `gcfs mounts`, which names it also when the daemon does not answer: then most of all."""
     path = pid_file(mountpoint)
-    path.write_text(f"{os.getpid()}\n{mountpoint}\n", encoding="utf-8")
+    log = "" if log_file is None else str(log_file)
+    path.write_text(f"{os.getpid()}\n{mountpoint}\n{log}\n", encoding="utf-8")
     return path
 
 
