@@ -315,6 +315,8 @@ def format_status(status: dict[str, Any]) -> list[str]:
             f"{_count(status['fallbacks'], 'directory', 'directories')} filled object by "
             f"object ({_count(requests, 'request')}) because a listing failed"
         )
+    if status.get("requests"):
+        lines.append("  by endpoint and status:")
     for endpoint, by_status in sorted(status.get("requests", {}).items()):
         counts = ", ".join(f"{code}: {n}" for code, n in sorted(by_status.items()))
         lines.append(f"    {endpoint:<40} {counts}")
@@ -343,19 +345,19 @@ def _problems(status: dict[str, Any], routed: dict[str, Any]) -> list[str]:
     for family, failure in sorted(failing.items()):
         lines.append(
             f"  failing:      {family}: HTTP {failure.get('status')} since "
-            f"{_clock(failure.get('since', 0))} ({failure.get('failures')} times)"
+            f"{_clock(failure.get('since', 0))} ({_count(failure.get('failures') or 0, 'time')})"
         )
         if family in routing or family in routed:
             lines.append("                " + _routed_line(routed.get(family, {})))
     for family in sorted(routing - set(failing)):
-        lines.append(f"  routed:       {family}: {_routed_line(routed.get(family, {}))}")
+        lines.append(f"  routed:       {family} is {_routed_line(routed.get(family, {}))}")
     return lines
 
 
 def _routed_line(cost: dict[str, Any]) -> str:
     return (
-        "routed around: each object is asked for by its own URL, a request per object "
-        f"instead of one listing per directory (so far {routed_text(cost)})"
+        "routed around: a request per object instead of one listing per directory "
+        f"(so far {routed_text(cost)})"
     )
 
 

@@ -206,7 +206,7 @@ def test_help_reads_like_a_man_page() -> None:
     assert result.returncode == 0
     for needle in ("examples:", "GRAND_CHALLENGE_AUTHORIZATION", "exit status:", "fstab:"):
         assert needle in result.stdout, needle
-    for command in ("mount", "demo", "umount", "refresh", "status", "prefetch"):
+    for command in ("mount", "demo", "umount", "refresh", "status", "mounts", "prefetch"):
         sub = run_gcfs(command, "--help")
         assert sub.returncode == 0, sub.stderr
         assert "exit status:" in sub.stdout and "example" in sub.stdout, command
@@ -242,6 +242,8 @@ def test_version() -> None:
             "status_command",
             ((Path("/m"),), {"as_json": True}),
         ),
+        (["mounts"], "mounts", "mounts_command", ((), {"as_json": False})),
+        (["mounts", "--json"], "mounts", "mounts_command", ((), {"as_json": True})),
         (["prefetch", "/m/a"], "prefetch", "prefetch_command", ((Path("/m/a"),), {"parallel": 8})),
         (
             ["prefetch", "/m/a", "--jobs", "16"],

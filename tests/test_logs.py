@@ -56,7 +56,8 @@ def mount_in_background(
 def status_log_line(mountpoint: Path) -> str:
     result = run_gcfs("status", str(mountpoint))
     assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stdout.splitlines() if line.startswith("log:")]
+    # A line of the "Server" section, indented under its heading.
+    lines = [line.strip() for line in result.stdout.splitlines() if line.startswith("  log:")]
     assert len(lines) == 1, result.stdout
     return lines[0]
 
