@@ -17,7 +17,7 @@ import pytest
 
 from gcfs import cli, mounts
 from gcfs.control import format_duration
-from gcfs.fakegc import FakeGC
+from gcfs.fakegc import DEMO_TOKEN, FakeGC
 from gcfs.units import format_size
 from tests.conftest import Mount, poll, run_gcfs
 
@@ -114,6 +114,16 @@ def test_mounts_lists_an_online_and_an_offline_mount_with_their_logs(
     assert offline_block[0] == f"{offline.path}  (answering)"
     assert f"  snapshot:  {snapshot} (offline; taken of {fake.base_url})" in offline_block
     assert f"  log:       {offline_log}" in offline_block
+
+    # From another runtime directory (another XDG_RUNTIME_DIR) the pid files are not found:
+    # the mounts are still listed, as unknown, with where to look.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    other = run_gcfs("mounts", "--json", env={**os.environ, "XDG_RUNTIME_DIR": str(elsewhere)})
+    unknown = {m["mountpoint"]: m for m in json.loads(other.stdout)}
+    for mount in (online, offline):
+        assert unknown[str(mount.path)]["state"] == "unknown"
+        assert "XDG_RUNTIME_DIR" in unknown[str(mount.path)]["problem"]
 
     os.kill(online.process.pid, signal.SIGSTOP)
     try:
@@ -237,6 +247,27 @@ def test_status_reads_in_sections_with_sizes_and_says_what_routing_around_costs(
     assert len(last) == 1, last
     assert "Statistics(" not in last[0] and "hits=" not in last[0]
     assert "hit rate" in last[0] and f"{format_size(exact['bytes_read'])} to readers" in last[0]
+
+
+def test_status_problems_name_a_rejected_token(
+    mount_gcfs: Callable[..., Mount], world: Any
+) -> None:
+    mount = mount_gcfs("--ttl", "0.3")
+    before = status_sections(gcfs_ok("status", str(mount.path)))["Problems"]
+    assert not any(line.startswith("  token:") for line in before), before
+    world.users_by_token.pop(DEMO_TOKEN)  # revoked on the server
+
+    def refused() -> bool:
+        try:
+            os.listdir(mount.path / "algorithms")
+        except PermissionError:
+            return True
+        return False
+
+    poll(refused, 15, "EACCES once the listing expired")
+    problems = status_sections(gcfs_ok("status", str(mount.path)))["Problems"]
+    assert any(line.startswith("  token:        rejected by the server") for line in problems)
+    mount.allowed_errors.append("rejected the API token")
 
 
 def test_sizes_and_durations_read_as_people_write_them() -> None:
