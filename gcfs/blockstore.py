@@ -137,6 +137,10 @@ from .marker import WrongDirectory
 # is 20-100 ms) and one FUSE request at read_ahead_kb 1024; small enough that a random 64 KiB
 # read of a huge TIFF fetches at most 1 MiB.
 DEFAULT_BLOCK_SIZE = 1 << 20
+# `max_bytes` of a store that never evicts on its own: a snapshot's (it must hold every byte
+# its tree records) and `gcfs cache`'s (prune evicts to the size asked, nothing else does).
+# 4 EiB: no filesystem holds that much.
+NO_LIMIT = 1 << 62
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +330,7 @@ __all__ = [
     "MAX_ENTRIES",
     "MAX_OPEN_FILES",
     "MAX_REFUSED",
+    "NO_LIMIT",
     "RECORD_SIZE",
     "RESCAN_INTERVAL",
     "RESCAN_MAX_AGE",

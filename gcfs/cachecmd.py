@@ -26,13 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from . import configfile, marker
-from .blockstore import BlockStore
+from .blockstore import NO_LIMIT, BlockStore
 from .config import default_cache_dir, parse_size
 from .errors import UserError
-from .prefetch import human
-
-# Prune, verify and clear never evict on their own: the store is opened without a limit.
-NO_LIMIT = 1 << 62
+from .units import format_size
 
 
 @dataclass(frozen=True)
@@ -92,6 +89,7 @@ def open_store(target: CacheTarget, *, write: bool) -> BlockStore:
     """The block store of a checked directory, opened so that nothing but the store's own
     files changes: a writable BlockStore would chmod the directory and create `store/` in
     it; a read-only one does neither. For prune and clear it is then allowed to unlink."""
+    # Prune, verify and clear never evict on their own: the store is opened without a limit.
     store = BlockStore(target.path, NO_LIMIT, readonly=True)
     if write:
         store.readonly = False  # unlink (evict, clear) and append "dropped" records only
@@ -153,7 +151,7 @@ def status_command(target: CacheTarget, *, as_json: bool) -> int:
     untracked = shown["untracked"]
     beyond = f" ({untracked} beyond what a daemon tracks in memory)" if untracked else ""
     print(f"files:        {shown['files']} remote files{beyond}")
-    print(f"size:         {human(shown['bytes'])} on disk ({shown['bytes']} bytes)")
+    print(f"size:         {format_size(shown['bytes'])} on disk ({shown['bytes']} bytes)")
     return 0
 
 
@@ -173,8 +171,8 @@ def prune_command(target: CacheTarget, size: str) -> int:
     evicted = store.evict_to(limit)
     files, used = store.usage()
     print(
-        f"pruned {target.path}: evicted {evicted} files; {files} files, {human(used)} left "
-        f"(at most {human(limit)})"
+        f"pruned {target.path}: evicted {evicted} files; {files} files, {format_size(used)} left "
+        f"(at most {format_size(limit)})"
     )
     return 0
 

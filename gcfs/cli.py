@@ -96,6 +96,7 @@ examples:
   gcfs mounts                                  your gcfs mounts here: server, pid, log
   gcfs snapshot ~/gc/archives/x --to DIR       record a subtree for offline mounts
   gcfs mount /tmp/gc --offline DIR             serve it with no token and no network
+  gcfs snapshot --verify DIR                   check every byte of it, before a job
   gcfs cache status                            the block cache: where, mode, size
   gcfs path https://grand-challenge.org/api/v1/cases/images/<pk>/
                                                where an object is in the mount
@@ -481,11 +482,16 @@ def build_parser(prog: str = "gcfs") -> argparse.ArgumentParser:
         "paths",
         metavar="PATH",
         type=Path,
-        nargs="+",
+        nargs="*",
         help="a file or directory inside a gcfs mount (all in the same one)",
     )
+    snapshot.add_argument("--to", type=Path, metavar="DIR", help="the snapshot directory")
     snapshot.add_argument(
-        "--to", type=Path, metavar="DIR", required=True, help="the snapshot directory"
+        "--verify",
+        type=Path,
+        metavar="DIR",
+        help="instead: check that every byte of the snapshot in DIR is there and intact "
+        "(no mount, no network; exit status 1 when not)",
     )
     snapshot.add_argument(
         "--jobs",
@@ -494,6 +500,7 @@ def build_parser(prog: str = "gcfs") -> argparse.ArgumentParser:
         default=8,
         help="files read at once (default 8)",
     )
+    snapshot.set_defaults(snapshot_parser=snapshot)
     _add_cache_command(commands)
     return parser
 
@@ -507,7 +514,12 @@ that has none (a cluster's compute node); any number of offline mounts may read 
 
 Run it again to refresh DIR in place: listings are recorded anew and only bytes DIR does not
 hold yet are fetched; subtrees recorded before stay. An offline mount started during a
-refresh sees the old snapshot or the new one, complete."""
+refresh sees the old snapshot or the new one, complete.
+
+`gcfs snapshot --verify DIR` reads every byte the snapshot names and checks it against its
+block checksums (CRC32), without a mount or a network and changing nothing: each file that is
+missing or damaged is named by its path in the tree (exit status 1); an intact snapshot gets
+a one-line summary (exit status 0). Fast enough for the start of every job."""
 
 SNAPSHOT_EPILOG = f"""\
 examples:
@@ -515,8 +527,20 @@ examples:
   gcfs snapshot ~/gc/reader-studies/my-study ~/gc/algorithms/my-algorithm/jobs \\
       --to /shared/snapshots/study
   gcfs mount /tmp/gc --offline /shared/snapshots/study     # on a node without network
+  gcfs snapshot --verify /shared/snapshots/study || exit 1  # at the start of a job
 
 {EXIT_STATUS}"""
+
+
+def _check_snapshot_usage(args: argparse.Namespace) -> None:
+    """`gcfs snapshot PATH... --to DIR` or `gcfs snapshot --verify DIR`: a usage error (exit
+    status 2) otherwise."""
+    parser: argparse.ArgumentParser = args.snapshot_parser
+    if args.verify is not None:
+        if args.paths or args.to is not None:
+            parser.error("--verify DIR takes no PATH and no --to")
+    elif not args.paths or args.to is None:
+        parser.error("give PATH... --to DIR (record), or --verify DIR (check)")
 
 
 def _positive_int(text: str) -> int:
@@ -606,6 +630,8 @@ def main(argv: Sequence[str] | None = None, *, dry_run: bool = False, prog: str 
         return 1
     try:
         args = build_parser(prog).parse_args(words)
+        if args.command == "snapshot":
+            _check_snapshot_usage(args)
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else 1
     try:
@@ -631,6 +657,10 @@ def main(argv: Sequence[str] | None = None, *, dry_run: bool = False, prog: str 
             from . import locate
 
             return locate.path_command(args.identifier, args.mountpoint)
+        if args.command == "snapshot" and args.verify is not None:
+            from . import snapshotverify
+
+            return snapshotverify.verify_command(args.verify, jobs=args.jobs)
         if args.command == "snapshot":
             from . import snapshot
 

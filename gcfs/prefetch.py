@@ -8,29 +8,28 @@ few large ranged GETs, and reading several at once makes a subtree of many small
 what the link allows instead of one /media/ resolution plus one storage round trip per file
 after another. What the daemon fetches lands in its block store. Run it again after an
 interruption and it skips what is already cached (resumable). Progress (files, bytes, speed,
-ETA) goes to stderr, redrawn in place on a terminal and as a line every 5 s otherwise.
+ETA) goes to stderr, redrawn in place on a terminal and as a line every 5 s otherwise; the
+line and the parallel loop are progress.py's, shared with `gcfs snapshot`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from .control import find_mount, request
 from .errors import UserError
+from .progress import ProgressLine, fetch_parallel
+from .units import format_size
 
 CHUNK = 1 << 20  # read size: the daemon's block size
 # Files read at once. Each costs a /media/ resolution and a storage round trip (20-100 ms on
 # S3) before its first byte; eight overlap those for small files, and for large ones the
 # daemon's 64 MiB read-ahead budget is what they share (one file alone fills 32 MiB).
 PARALLEL_FILES = 8
-PLAIN_PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
 # Files asked about per control request: its answer is one JSON line of ~100 bytes per file.
 PATHS_PER_REQUEST = 500
 
@@ -46,14 +45,6 @@ class Plan:
     @property
     def missing(self) -> int:
         return sum(size - cached for _, _, size, cached in self.files)
-
-
-def human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.1f} {unit}" if unit != "B" else f"{size:.0f} B"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 def require_existing(path: Path) -> None:
@@ -81,38 +72,6 @@ def make_plan(path: Path, mountpoint: Path, relative: str) -> Plan:
     return Plan(files)
 
 
-class Progress:
-    def __init__(self, plan: Plan, out: TextIO) -> None:
-        self.files_total = sum(1 for _, _, size, cached in plan.files if cached < size)
-        self.bytes_total = plan.missing
-        self.files_done = 0
-        self.bytes_done = 0
-        self.start = time.monotonic()
-        self.out = out
-        self.tty = out.isatty()
-        self.last_line = 0.0
-
-    def update(self, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.tty and not force and now - self.last_line < PLAIN_PROGRESS_EVERY:
-            return
-        self.last_line = now
-        elapsed = max(now - self.start, 1e-6)
-        speed = self.bytes_done / elapsed
-        left = self.bytes_total - self.bytes_done
-        eta = f"{left / speed:.0f} s" if speed > 0 and left > 0 else "-"
-        line = (
-            f"prefetch: {self.files_done}/{self.files_total} files, "
-            f"{human(self.bytes_done)}/{human(self.bytes_total)}, "
-            f"{human(speed)}/s, ETA {eta}"
-        )
-        if self.tty:
-            self.out.write("\r" + line + "\033[K")
-        else:
-            self.out.write(line + "\n")
-        self.out.flush()
-
-
 def prefetch_command(
     path: Path, *, out: TextIO | None = None, parallel: int = PARALLEL_FILES
 ) -> int:
@@ -128,51 +87,37 @@ def prefetch_command(
     room = int(cache["max_bytes"])
     if plan.missing > room:
         raise UserError(
-            f"{path} needs {human(plan.missing)} more in the block cache, which holds at most "
-            f"{human(room)}; remount with a larger --cache-size, or prefetch a smaller subtree"
+            f"{path} needs {format_size(plan.missing)} more in the block cache, which holds at "
+            f"most {format_size(room)}; remount with a larger --cache-size, or prefetch a smaller "
+            "subtree"
         )
-    progress = Progress(plan, stream)
-    if progress.files_total == 0:
+    todo = [(file_path, size, cached) for file_path, _, size, cached in plan.files if cached < size]
+    progress = ProgressLine(
+        stream, "prefetch", files_total=len(todo), bytes_total=plan.missing, eta=True
+    )
+    if not todo:
         print(
-            f"prefetch: {len(plan.files)} files, all {human(plan.total)} already cached",
+            f"prefetch: {len(plan.files)} files, all {format_size(plan.total)} already cached",
             file=stream,
         )
         return 0
-    todo = [(file_path, size, cached) for file_path, _, size, cached in plan.files if cached < size]
-    lock = threading.Lock()
 
-    def fetch(file_path: Path, size: int, cached: int) -> None:
-        """Read one file through the mount (in a worker thread)."""
+    def fetch(item: tuple[Path, int, int]) -> None:
+        """Read one file through the mount (in a worker thread); only the bytes not cached
+        yet count, spread over the file (the daemon skips the cached blocks)."""
+        file_path, size, cached = item
         try:
             with open(file_path, "rb", buffering=0) as handle:
                 while chunk := handle.read(CHUNK):
-                    with lock:
-                        progress.bytes_done += len(chunk) * (size - cached) // max(size, 1)
+                    progress.add(len(chunk) * (size - cached) // max(size, 1))
         except OSError as exc:
             raise UserError(
                 f"cannot read {file_path}: {exc.strerror}; run prefetch again to carry on"
             ) from None
-        with lock:
-            progress.files_done += 1
+        progress.add(0, done=1)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-        pending = {pool.submit(fetch, *item) for item in todo}
-        try:
-            while pending:
-                done, pending = concurrent.futures.wait(
-                    pending, timeout=0.2, return_when=concurrent.futures.FIRST_COMPLETED
-                )
-                for future in done:
-                    future.result()  # the first failure ends the run
-                with lock:
-                    progress.update()
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
+    fetch_parallel(fetch, todo, parallel, progress, keep_going=False)
     progress.bytes_done = progress.bytes_total
-    progress.update(force=True)
-    if progress.tty:
-        stream.write("\n")
-    print(f"prefetch: done, {len(plan.files)} files, {human(plan.total)} cached", file=stream)
+    progress.finish()
+    print(f"prefetch: done, {len(plan.files)} files, {format_size(plan.total)} cached", file=stream)
     return 0

@@ -75,26 +75,24 @@ import secrets
 import socket
 import sys
 import threading
-import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__, cachedir, marker, safeio
-from .blockstore import BlockStore
+from .blockstore import NO_LIMIT, BlockStore
 from .config import default_cache_dir
 from .control import find_mount, request
 from .errors import UserError
-from .prefetch import PATHS_PER_REQUEST, PLAIN_PROGRESS_EVERY, human
+from .prefetch import PATHS_PER_REQUEST
+from .progress import ProgressLine, fetch_parallel
+from .units import format_size
 
 FORMAT = "gcfs-snapshot/1"
 MANIFEST = "manifest.json"
 TREE = "tree.json"
 LOCK = ".snapshot.lock"
-# A snapshot's store is never evicted: it must hold every byte its tree records.
-NO_LIMIT = 1 << 62
 # Files read at once: each costs a /media/ resolution and a storage round trip (20-100 ms on
 # S3) before its first byte, which eight overlap for small files; for large ones the daemon's
 # read-ahead budget (64 MiB) is what they share. As `gcfs prefetch`.
@@ -354,41 +352,6 @@ def _is_dir(path: Path) -> bool:
 # -- fetching the bytes ----------------------------------------------------------------------
 
 
-@dataclass
-class Progress:
-    """A progress line on stderr: files, bytes, speed (redrawn on a terminal, else every 5 s)."""
-
-    out: TextIO
-    files_total: int = 0
-    bytes_total: int = 0
-    files_done: int = 0
-    bytes_done: int = 0
-    start: float = field(default_factory=time.monotonic)
-    last: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, size: int, *, done: int) -> None:
-        """`size` more bytes fetched, `done` more files (paths) complete."""
-        with self.lock:
-            self.bytes_done += size
-            self.files_done += done
-            self.show()
-
-    def show(self, *, force: bool = False) -> None:
-        now = time.monotonic()
-        tty = self.out.isatty()
-        if not force and not tty and now - self.last < PLAIN_PROGRESS_EVERY:
-            return
-        self.last = now
-        speed = self.bytes_done / max(now - self.start, 1e-6)
-        line = (
-            f"snapshot: {self.files_done}/{self.files_total} files, "
-            f"{human(self.bytes_done)}/{human(self.bytes_total)} fetched, {human(speed)}/s"
-        )
-        self.out.write(("\r" + line + "\033[K") if tty else line + "\n")
-        self.out.flush()
-
-
 class Fetcher:
     """Reads files through the mount into the snapshot's store, `jobs` at a time."""
 
@@ -402,27 +365,20 @@ class Fetcher:
         self._lock = threading.Lock()
         self._local = threading.local()
 
-    def run(self, files: list[tuple[str, dict[str, Any]]], progress: Progress) -> None:
+    def run(self, files: list[tuple[str, dict[str, Any]]], progress: ProgressLine) -> None:
         """Store every file's bytes; raises UserError naming the first file that failed,
         after the others finished (a rerun carries on where this one stopped). A remote file
         shown at several paths (an image in an archive and in a reader study) is read once."""
         jobs: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         for relative, spec in files:
             jobs.setdefault(spec.get("key") or f"generated:{relative}", []).append((relative, spec))
-        failures: list[str] = []
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            pending: set[Future[None]] = {
-                pool.submit(self._one, same, progress) for same in jobs.values()
-            }
-            while pending:
-                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                for future in done:
-                    try:
-                        future.result()
-                    except UserError as exc:
-                        failures.append(str(exc))
-                with progress.lock:
-                    progress.show()
+        failures = fetch_parallel(
+            lambda same: self._one(same, progress),
+            jobs.values(),
+            self.jobs,
+            progress,
+            keep_going=True,
+        )
         if failures:
             more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
             raise UserError(f"{failures[0]}{more}; run gcfs snapshot again to carry on")
@@ -434,7 +390,7 @@ class Fetcher:
             buffer = self._local.buffer = mmap.mmap(-1, CHUNK)
         return buffer
 
-    def _one(self, same: list[tuple[str, dict[str, Any]]], progress: Progress) -> None:
+    def _one(self, same: list[tuple[str, dict[str, Any]]], progress: ProgressLine) -> None:
         """The bytes of one file (shown at the paths in `same`) into the store."""
         relative, spec = same[0]
         path = self.root / relative
@@ -455,7 +411,7 @@ class Fetcher:
             raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
         progress.add(0, done=len(same))
 
-    def _copy(self, path: Path, key: str, size: int, progress: Progress) -> int:
+    def _copy(self, path: Path, key: str, size: int, progress: ProgressLine) -> int:
         bs = self.store.block_size
         buffer = self._buffer()
         view = memoryview(buffer)
@@ -709,7 +665,7 @@ def _take(
         os.close(target.fd)
     print(
         f"snapshot: {fetcher.files} files under {', '.join(s or '/' for s in subtrees)}; "
-        f"fetched {fetcher.fetched_files} files, {human(fetcher.fetched_bytes)}",
+        f"fetched {fetcher.fetched_files} files, {format_size(fetcher.fetched_bytes)}",
         file=stream,
     )
     return 0
@@ -731,13 +687,17 @@ def _record(
         for _, spec in files
         if "key" in spec and not store.fully_cached(spec["key"], int(spec["size"]))
     }
-    progress = Progress(stream, files_total=len(files), bytes_total=sum(missing.values()))
+    progress = ProgressLine(
+        stream,
+        "snapshot",
+        files_total=len(files),
+        bytes_total=sum(missing.values()),
+        suffix=" fetched",
+    )
     fetcher = Fetcher(root, store, jobs)
     fetcher.run(files, progress)
     fetcher.files = len(files)
-    progress.show(force=True)
-    if stream.isatty():
-        stream.write("\n")
+    progress.finish()
     return fetcher
 
 

@@ -257,6 +257,12 @@ def test_version() -> None:
             "snapshot_command",
             (([Path("/m/a"), Path("/m/b")], Path("/s")), {"jobs": 8}),
         ),
+        (
+            ["snapshot", "--verify", "/s", "--jobs", "2"],
+            "snapshotverify",
+            "verify_command",
+            ((Path("/s"),), {"jobs": 2}),
+        ),
     ],
 )
 def test_daemon_commands_call_their_module(
@@ -271,6 +277,23 @@ def test_daemon_commands_call_their_module(
     monkeypatch.setattr(f"gcfs.{module}.{function}", fake)
     assert cli.main(argv) == 3  # their exit status is the command's
     assert calls == [expected]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["snapshot", "/m/a"], "--to DIR"),
+        (["snapshot", "--to", "/s"], "--to DIR"),
+        (["snapshot", "--verify", "/s", "/m/a"], "takes no PATH"),
+        (["snapshot", "--verify", "/s", "--to", "/t"], "takes no PATH and no --to"),
+    ],
+)
+def test_snapshot_records_or_verifies(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PATH... --to DIR, or --verify DIR alone: anything else is wrong usage (2)."""
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
 
 
 # -- -o mount options ---------------------------------------------------------------------

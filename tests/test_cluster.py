@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 
+from gcfs.blockindex import KIND_BLOCK, RECORD_SIZE, parse
 from gcfs.blockstore import BlockStore
 from gcfs.fakegc import DEMO_TOKEN, FakeGC
+from gcfs.snapshot import walk_files
 from tests.conftest import Mount, gcfs_command, poll
 
 MiB = 1 << 20
@@ -425,3 +427,139 @@ def test_a_snapshot_lives_in_a_group_directory(
         assert mode == (0o3770 if path.is_dir() else 0o660), (path, oct(mode))
     store = BlockStore(snapshot, 1 << 40, readonly=True)
     assert store.mode == "group" and store.usage()[0] > 0
+
+
+# -- gcfs snapshot --verify -----------------------------------------------------------------
+
+
+VERIFIED_SIZES = [3 * MiB + 4321, 5 * MiB, 2 * MiB + 1, 200_000]  # 4, 5, 3 and 1 blocks
+
+
+def take_snapshot(online: Mount, snapshot: Path, *subtrees: str) -> None:
+    taken = gcfs("snapshot", *(str(online.path / s) for s in subtrees), "--to", str(snapshot))
+    assert taken.returncode == 0, taken.stderr
+
+
+def tree_files(snapshot: Path) -> dict[str, dict[str, Any]]:
+    """{path in the tree: file spec} of a snapshot."""
+    return dict(walk_files(json.loads((snapshot / "tree.json").read_text())["root"]))
+
+
+def store_files(snapshot: Path, spec: dict[str, Any]) -> tuple[Path, Path]:
+    """The data and index file of a file spec's key."""
+    digest = hashlib.sha256(spec["key"].encode()).hexdigest()
+    folder = snapshot / "store" / digest[:2]
+    return folder / f"{digest}.data", folder / f"{digest}.index"
+
+
+def path_of(files: dict[str, dict[str, Any]], name: str) -> str:
+    [path] = [p for p in files if p.endswith("/" + name)]
+    return path
+
+
+def test_snapshot_verify_passes_an_intact_snapshot_and_changes_nothing(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC, world: Any, tmp_path: Path
+) -> None:
+    """An intact snapshot: exit 0 and one line counting every file of the tree; no file in
+    DIR changed, not even its access time (O_NOATIME: we own the files), and the server
+    was not asked anything (stopped before the check)."""
+    add_archive(world, "verified", VERIFIED_SIZES)
+    online = mount_gcfs("--cache-dir", str(tmp_path / "cache"))
+    snapshot = tmp_path / "snapshot"
+    take_snapshot(online, snapshot, "archives/lidc-lung-ct", "archives/verified")
+    online.unmount()
+    fake.stop()
+
+    def state() -> dict[Path, tuple[int, int, int, int]]:
+        return {
+            p: (s.st_size, s.st_mtime_ns, s.st_atime_ns, s.st_ino)
+            for p in snapshot.rglob("*")
+            if (s := p.lstat()) and not p.is_dir()
+        }
+
+    # Access times are only updated (relatime) when older than the modification time:
+    # put them 1 s before it, so that any read without O_NOATIME would move them.
+    for path in snapshot.rglob("*"):
+        if path.is_file():
+            info = path.stat()
+            os.utime(path, ns=(info.st_mtime_ns - 10**9, info.st_mtime_ns))
+    before = state()
+    checked = gcfs("snapshot", "--verify", str(snapshot))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert state() == before
+    files = tree_files(snapshot)
+    lines = checked.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"snapshot intact: {len(files)} files, ")
+    stored = sum(-(-spec["size"] // MiB) for spec in {s["key"]: s for s in files.values()}.values())
+    assert f" {stored} blocks " in lines[0], (stored, lines[0])
+
+
+def test_snapshot_verify_names_missing_and_damaged_files_by_their_path(
+    mount_gcfs: Callable[..., Mount], world: Any, tmp_path: Path
+) -> None:
+    """A removed data file, a flipped byte in block 2 and an index cut in its second record:
+    each reported by the file's path in the tree, the blocks named; the intact files are
+    not named; exit 1."""
+    add_archive(world, "verified", VERIFIED_SIZES)
+    online = mount_gcfs("--cache-dir", str(tmp_path / "cache"))
+    snapshot = tmp_path / "snapshot"
+    take_snapshot(online, snapshot, "archives/verified")
+    online.unmount()
+    files = tree_files(snapshot)
+    removed, flipped, cut = (path_of(files, f"verified-{n:02d}.mha") for n in range(3))
+    store_files(snapshot, files[removed])[0].unlink()
+    data = store_files(snapshot, files[flipped])[0]
+    with open(data, "r+b") as handle:  # one bit of block 2 (of 5)
+        handle.seek(2 * MiB + 12345)
+        byte = handle.read(1)[0]
+        handle.seek(2 * MiB + 12345)
+        handle.write(bytes([byte ^ 0x01]))
+    index = store_files(snapshot, files[cut])[1]
+    records = index.read_bytes()
+    kept = [parse(records[i : i + RECORD_SIZE]) for i in range(0, RECORD_SIZE, RECORD_SIZE)]
+    os.truncate(index, RECORD_SIZE + 20)  # the first record and 20 bytes of the second
+    [(kind, _, block, *_)] = kept
+    assert kind == KIND_BLOCK  # the 3-block file's first record is a block: the others go
+    lost = sorted({0, 1, 2} - {block})
+
+    checked = gcfs("snapshot", "--verify", str(snapshot))
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    lines = checked.stdout.splitlines()
+    assert f"{removed}: missing: its data file is not in the store (4 blocks)" in lines
+    assert f"{flipped}: block 2 damaged" in lines
+    assert f"{cut}: blocks {lost[0]}-{lost[1]} missing (2 of 3)" in lines or (
+        f"{cut}: blocks {lost[0]}, {lost[1]} missing (2 of 3)" in lines
+    ), lines
+    intact = path_of(files, "verified-03.mha")
+    assert not any(line.startswith(intact) for line in lines)
+    assert lines[-1].startswith(f"snapshot damaged: 3 of {len(files)} files"), lines[-1]
+
+
+def test_snapshot_verify_reports_planted_links_without_following_them(
+    mount_gcfs: Callable[..., Mount], world: Any, tmp_path: Path
+) -> None:
+    """A shared snapshot directory is hostile: a data file replaced by a symlink to an intact
+    copy of its bytes is reported, not followed (followed, the copy would pass), and an
+    index replaced by a FIFO is reported at once, not waited on."""
+    add_archive(world, "verified", VERIFIED_SIZES)
+    online = mount_gcfs("--cache-dir", str(tmp_path / "cache"))
+    snapshot = tmp_path / "snapshot"
+    take_snapshot(online, snapshot, "archives/verified")
+    online.unmount()
+    files = tree_files(snapshot)
+    linked, fifo = path_of(files, "verified-00.mha"), path_of(files, "verified-01.mha")
+    data = store_files(snapshot, files[linked])[0]
+    copy = tmp_path / "elsewhere.data"
+    copy.write_bytes(data.read_bytes())
+    data.unlink()
+    data.symlink_to(copy)
+    index = store_files(snapshot, files[fifo])[1]
+    index.unlink()
+    os.mkfifo(index)
+
+    checked = gcfs("snapshot", "--verify", str(snapshot))
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    lines = checked.stdout.splitlines()
+    assert f"{linked}: its data file is a symbolic link (not followed)" in lines
+    assert f"{fifo}: its index file is not a regular file" in lines
+    assert lines[-1].startswith(f"snapshot damaged: 2 of {len(files)} files"), lines[-1]
