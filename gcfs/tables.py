@@ -286,9 +286,11 @@ def csv_text(rows: Iterable[Sequence[str]]) -> str:
     return out.getvalue()
 
 
-def utf8(chunk: str) -> bytes:
-    """UTF-8 bytes; a lone surrogate (JSON's `"\\ud800"`) has no UTF-8 form and becomes U+FFFD."""
+def valid_text(chunk: str) -> tuple[str, int]:
+    """The text as UTF-8 can hold it, and its length in UTF-8 bytes: a lone surrogate (JSON's
+    `"\\ud800"`) has no UTF-8 form and becomes U+FFFD."""
     try:
-        return chunk.encode("utf-8")
+        return chunk, len(chunk.encode("utf-8"))
     except UnicodeEncodeError:
-        return chunk.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
+        fixed = chunk.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return fixed, len(fixed.encode("utf-8"))

@@ -370,18 +370,28 @@ class TableFile(Node):
                     data = state.data if state.data is not None else self._stored_bytes(fs)
                     if data is not None and len(data) == length:
                         return data
-            stamp, data = await self._render(fs, listing)
-            header = json.dumps({"stamp": stamp, "size": len(data), "format": tables.FORMAT})
+            started = trio.current_time()
+            stamp, chunks, length = await self._render(fs, listing)
+            log.info(
+                "%s: rendered %d bytes in %.1f s",
+                self.identity,
+                length,
+                trio.current_time() - started,
+            )
+            header = json.dumps({"stamp": stamp, "size": length, "format": tables.FORMAT})
+            # One copy of the text (the chunks go with this frame); bytes only for `open`.
+            body = "".join([header, "\n", *chunks])
+            del chunks
             try:
-                # A table of 200,000 rows is ~20 MB: written in a worker thread.
-                await trio.to_thread.run_sync(
-                    fs.store.put_answer, self.store_key, f"{header}\n{data.decode()}", 0.0
-                )
+                # 200,000 rows are ~11 MB: written in a worker thread.
+                await trio.to_thread.run_sync(fs.store.put_answer, self.store_key, body, 0.0)
                 kept = None
             except StoreError:
-                kept = data  # the store failed: memory keeps it (bounded by fs.tables)
-            state.stamp, state.length, state.data = stamp, len(data), kept
-            return data
+                kept = body[len(header) + 1 :].encode()  # memory keeps it (bounded by fs.tables)
+            state.stamp, state.length, state.data = stamp, length, kept
+            if not want_bytes:
+                return None
+            return kept if kept is not None else body[len(header) + 1 :].encode()
 
     def _stored(self, fs: GcFilesystem) -> tuple[dict[str, Any], str] | None:
         """The stored table's header and CSV text, if a table of this format is stored."""
@@ -422,10 +432,12 @@ class TableFile(Node):
         await images.wait_complete()
         return images
 
-    async def _render(self, fs: GcFilesystem, listing: Listing) -> tuple[tuple[str, str], bytes]:
+    async def _render(
+        self, fs: GcFilesystem, listing: Listing
+    ) -> tuple[tuple[str, str], list[str], int]:
         """The table of `listing`: two passes over the stored listing in batches (the columns
         are the union over all rows, needed before the first row); memory holds one batch of
-        objects and the CSV bytes."""
+        objects and the CSV text (str chunks, joined once)."""
         columns = tables.Columns(self.table)
         needs_images = False
 
@@ -439,16 +451,17 @@ class TableFile(Node):
             needs_images = await trio.to_thread.run_sync(gather, bodies) or needs_images
         images = await self._images(fs) if needs_images and self.images_filter else None
         sockets = columns.socket_columns()
-        chunks = [tables.utf8(tables.csv_text([columns.names()]))]
+        head, length = tables.valid_text(tables.csv_text([columns.names()]))
+        chunks = [head]
 
         def parse(bodies: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
             objects = [json.loads(body) for body in bodies]
             wanted = set().union(*(tables.image_pks(self.table, obj) for obj in objects))
             return objects, sorted(wanted)
 
-        def rows(objects: list[dict[str, Any]], found: dict[str, Any] | None) -> bytes:
+        def rows(objects: list[dict[str, Any]], found: dict[str, Any] | None) -> tuple[str, int]:
             made = (tables.row(columns, sockets, obj, found, self.directory) for obj in objects)
-            return tables.utf8(tables.csv_text(made))
+            return tables.valid_text(tables.csv_text(made))
 
         async for bodies in _batches(listing):
             objects, wanted = await trio.to_thread.run_sync(parse, bodies)
@@ -457,9 +470,11 @@ class TableFile(Node):
                 found = images.objects_among(wanted) if wanted else {}
             elif self.images_filter is not None:
                 found = {}  # no row names an image
-            chunks.append(await trio.to_thread.run_sync(rows, objects, found))
+            chunk, size = await trio.to_thread.run_sync(rows, objects, found)
+            chunks.append(chunk)
+            length += size
         stamp = (_stamp(listing), _stamp(images) if images is not None else "")
-        return stamp, b"".join(chunks)
+        return stamp, chunks, length
 
 
 async def _batches(listing: Listing) -> AsyncIterator[list[str]]:

@@ -142,6 +142,9 @@ def test_items_csv_cells_are_the_values_and_paths_that_open(
     for slug in ("lidc-lung-ct", "prostate-mri-picai"):
         table_dir = mount.path / "archives" / slug
         header, rows = read_table(table_dir / "items.csv")
+        # The size a directory listing gives (READDIRPLUS) is true too.
+        sizes = {entry.name: entry.stat().st_size for entry in os.scandir(table_dir)}
+        assert sizes["items.csv"] == len((table_dir / "items.csv").read_bytes())
         assert os.getxattr(table_dir / "items.csv", "user.gc.kind") == b"items-csv"
         items = api(fake, "archives/items/", archive=pk_of(fake, "archives", slug))["results"]
         sockets = socket_columns(header, ["pk", "title"])
