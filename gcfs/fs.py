@@ -39,6 +39,7 @@ from .apitree import api_root
 from .cache import MetadataCache
 from .errors import (
     BadResponse,
+    GcfsError,
     NotADirectory,
     NotFound,
     PermissionDenied,
@@ -531,9 +532,17 @@ class GcFilesystem:
 
     async def listdir(self, inode: int) -> list[Node]:
         nodes = list((await self.children(self.directory(inode))).values())
+        shown = []
         for node in nodes:
-            await self.ready(node)  # READDIRPLUS gives the kernel every entry's size
-        return nodes
+            try:
+                await self.ready(node)  # READDIRPLUS gives the kernel every entry's size
+            except GcfsError as exc:
+                # A table whose listing fails must not fail its directory (archive.json and
+                # items/ still list): it is left out, and looking it up gives the error.
+                log.info("%s left out of its directory: %s", node.identity, exc)
+                continue
+            shown.append(node)
+        return shown
 
 
 class _StoredAnswers:

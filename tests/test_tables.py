@@ -8,6 +8,7 @@ equal to a download the way a client makes it).
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from gcfs import layout
 from gcfs.fakegc import DEMO_TOKEN, FakeGC
@@ -293,3 +295,28 @@ def test_a_table_changes_when_its_listing_does(
     new = after[-1]
     assert new["title"] == "LIDC-IDRI-NEW" and new["patient-age"] == "99"
     assert new["ct-image"] == ""
+
+
+def test_a_table_whose_listing_fails_leaves_its_directory_listing(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC
+) -> None:
+    """The server fails the item listing: the archive's directory still lists (without
+    items.csv), items.csv itself is EIO, and once the server answers the table is back."""
+    mount = mount_gcfs()
+    directory = mount.path / "archives" / "lidc-lung-ct"
+    fake.faults.configure(error_rates={500: 1.0}, only={"archives-items-list"})
+    assert sorted(os.listdir(directory)) == ["archive.json", "items"]
+    with pytest.raises(OSError) as failed:
+        (directory / "items.csv").read_bytes()
+    assert failed.value.errno == errno.EIO
+    fake.faults.clear()
+
+    def back() -> bool:
+        try:
+            return "items.csv" in os.listdir(directory) and bool(
+                read_table(directory / "items.csv")[1]
+            )
+        except OSError:
+            return False
+
+    poll(back, 15, "items.csv once the listing answers")
