@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from . import __version__, inject, layout, render, tree
 from .api import JSON, GcApiClient
@@ -39,6 +39,7 @@ from .apitree import api_root
 from .cache import MetadataCache
 from .errors import (
     BadResponse,
+    GcfsError,
     NotADirectory,
     NotFound,
     PermissionDenied,
@@ -75,6 +76,9 @@ NEGATIVE_CACHE_SIZE = 10_000
 # display set quick (~1 round trip per 8 images) without taking all 16 of the API client's
 # connections from the other operations.
 FALLBACK_CONCURRENCY = 8
+# Generated tables whose size is remembered: three per archive, algorithm or reader study a
+# user looks at; one evicted is read back from the store (or rendered) when asked again.
+TABLE_STATES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +132,9 @@ class GcFilesystem:
         # The children each directory was last built with: what `gcfs refresh` walks and
         # which kernel entries it invalidates.
         self._children_of: dict[int, Children] = {}
+        # What is known of each generated table (tree.TableState: stamps and size, a few
+        # hundred bytes), by identity; its bytes live in the store.
+        self.tables: LRUCache[str, tree.TableState] = LRUCache(TABLE_STATES)
         self.offline = offline
         self.root = root if root is not None else describe(RootDir("root", ""), "root")
         self.inodes.add_root(self.root)
@@ -502,7 +509,14 @@ class GcFilesystem:
             if not isinstance(node, DirNode):
                 raise NotADirectory(f"{relative}: {name} is below a file")
             parent, node = node, await node.find(self, name)
+        await self.ready(node)
         return parent, node
+
+    async def ready(self, node: Node) -> None:
+        """Before the kernel (or a command) is told a node's size: a generated table is
+        rendered for the current listings (tree.TableFile)."""
+        if isinstance(node, tree.TableFile):
+            await node.prepare(self)
 
     # -- what the adapter calls -------------------------------------------------------------
 
@@ -522,6 +536,7 @@ class GcFilesystem:
         """The node `name` in a directory; the kernel now knows it (counted)."""
         parent = self.directory(parent_inode)
         node = parent if name == "." else await parent.find(self, name)
+        await self.ready(node)
         self.inodes.remember(node)
         return node
 
@@ -531,7 +546,18 @@ class GcFilesystem:
             self._children_of.pop(inode, None)
 
     async def listdir(self, inode: int) -> list[Node]:
-        return list((await self.children(self.directory(inode))).values())
+        nodes = list((await self.children(self.directory(inode))).values())
+        shown = []
+        for node in nodes:
+            try:
+                await self.ready(node)  # READDIRPLUS gives the kernel every entry's size
+            except GcfsError as exc:
+                # A table whose listing fails must not fail its directory (archive.json and
+                # items/ still list): it is left out, and looking it up gives the error.
+                log.info("%s left out of its directory: %s", node.identity, exc)
+                continue
+            shown.append(node)
+        return shown
 
 
 class _StoredAnswers:

@@ -28,7 +28,7 @@ from .errors import GcfsError, NotFound, ReadOnly
 from .fs import GcFilesystem
 from .listing import Listing, ListingChildren
 from .nodes import FileNode, GeneratedFileNode, Node, NodeKind, RemoteFileNode, SymlinkNode
-from .tree import ObjectListDir
+from .tree import ObjectListDir, TableFile
 
 if TYPE_CHECKING:
     from .content import RemoteFile
@@ -176,6 +176,12 @@ class GcfsOperations(pyfuse3.Operations):
                 self._open_remote[fh] = remote
                 # Files are immutable by pk: the kernel may keep its page cache across opens.
                 return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+            if isinstance(node, TableFile):
+                # A generated table (tree.TableFile): read back from the metadata store, or
+                # rendered when its listing changed since it was stat-ed.
+                fh = self._new_fh()
+                self._open_files[fh] = await node.contents(self.fs)
+                return pyfuse3.FileInfo(fh=fh, keep_cache=False)
             if not isinstance(node, FileNode | GeneratedFileNode):
                 raise pyfuse3.FUSEError(errno.EISDIR)
             fh = self._new_fh()

@@ -6,6 +6,9 @@
     reader-studies/<slug>/questions.json         the study's nested questions, in order
     reader-studies/<slug>/display-sets/<pk>/     display-set.json + values
     reader-studies/<slug>/answers.json|.csv      every answer the token may see
+    archives/<slug>/items.csv                    tables of the listings (tables.py, TableFile)
+    reader-studies/<slug>/display-sets.csv
+    algorithms/<slug>/jobs.csv
     images/<pk>/                                 image.json + the image's files (lookup only)
 
 Requests: one paged listing per directory of objects; the images of an archive's items or a
@@ -19,21 +22,25 @@ sizes concurrently (one ranged GET each, remembered forever: files are immutable
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import layout, render
+from . import layout, render, tables
 from .answers_csv import render_answers_csv
 from .errors import NotFound, one_error
-from .listing import Listing, ListingChildren
+from .listing import BATCH, Listing, ListingChildren
+from .metastore import StoreError, key_text
 from .names import is_uuid
 from .nodes import (
     DirNode,
     FileNode,
     Node,
+    NodeKind,
     RemoteFileNode,
     StaticDir,
     SymlinkNode,
@@ -266,6 +273,222 @@ class EntriesDir(DirNode):
         return await fs.materialize(self.identity, self.entries, self.vouched_at)
 
 
+# -- tables (items.csv, display-sets.csv, jobs.csv) --------------------------------------------
+
+
+@dataclass(slots=True)
+class TableState:
+    """What is known of one table, shared by the nodes that show it (an archive's directory
+    is rebuilt every TTL, and the kernel must keep seeing a true size meanwhile)."""
+
+    # (items stamp, images stamp) of the listings it was rendered from; "" images stamp when
+    # it names no image. None: never rendered.
+    stamp: tuple[str, str] | None = None
+    length: int = 0
+    data: bytes | None = None  # only when the metadata store could not keep the bytes
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+def _stamp(listing: Listing) -> str:
+    # Generation ids are the store's row ids, kept across restarts; the start time makes a
+    # reused id (a new store) a different stamp.
+    return f"{listing.generation}@{listing.started_at!r}"
+
+
+class TableFile(Node):
+    """A generated CSV table of a listing (tables.py): `items.csv`, `display-sets.csv`,
+    `jobs.csv`.
+
+    Rendered when the kernel first learns of it (lookup, or a listing of its directory:
+    `prepare`), from the stored listing in batches of BATCH objects (parsed and laid out in a
+    worker thread, so the mount answers meanwhile) and the images of one `cases/images/`
+    listing; no request per row. The bytes go to the metadata store under the stamps of the
+    listings they came from, and only the size stays in memory; `open` reads them back. They
+    are rendered again only when a listing they came from is a new generation."""
+
+    __slots__ = ("api_path", "directory", "images_filter", "params", "state", "table")
+    kind = NodeKind.FILE
+
+    def __init__(
+        self,
+        fs: GcFilesystem,
+        identity: str,
+        name: str,
+        *,
+        table: str,
+        api_path: str,
+        params: dict[str, str],
+        directory: str,
+        images_filter: tuple[str, str] | None,
+    ) -> None:
+        super().__init__(identity, name)
+        self.table = table
+        self.api_path = api_path
+        self.params = params
+        self.directory = directory  # where the tree shows the rows' objects (`items`)
+        self.images_filter = images_filter  # None: a job's images are not listed (see README)
+        state = fs.tables.get(identity)
+        if state is None:
+            state = fs.tables[identity] = TableState()
+        self.state = state
+
+    @property
+    def size(self) -> int:
+        return self.state.length
+
+    @property
+    def store_key(self) -> str:
+        return key_text(("table", self.identity))
+
+    async def prepare(self, fs: GcFilesystem) -> None:
+        """Make `size` true for the current listings (render when they changed)."""
+        await self._current(fs, want_bytes=False)
+
+    async def contents(self, fs: GcFilesystem) -> bytes:
+        """The bytes, for `open` (held by the handle while it is open)."""
+        data = await self._current(fs, want_bytes=True)
+        assert data is not None
+        return data
+
+    async def _current(self, fs: GcFilesystem, *, want_bytes: bool) -> bytes | None:
+        state = self.state
+        # One render at a time per table: a lookup and a readdir arriving together share it.
+        async with state.lock:
+            listing = await fs.listing(self.api_path, self.params)
+            await listing.wait_complete()
+            items_stamp = _stamp(listing)
+            known = (state.stamp, state.length) if state.stamp is not None else None
+            if known is None or known[0][0] != items_stamp:
+                known = self._stored_stamp(fs)
+            if known is not None and known[0][0] == items_stamp:
+                stamp, length = known
+                if not stamp[1] or stamp[1] == _stamp(await self._images(fs)):
+                    if state.stamp != stamp:
+                        state.stamp, state.length, state.data = stamp, length, None
+                    if not want_bytes:
+                        return None
+                    data = state.data if state.data is not None else self._stored_bytes(fs)
+                    if data is not None and len(data) == length:
+                        return data
+            started = trio.current_time()
+            stamp, chunks, length = await self._render(fs, listing)
+            log.info(
+                "%s: rendered %d bytes in %.1f s",
+                self.identity,
+                length,
+                trio.current_time() - started,
+            )
+            header = json.dumps({"stamp": stamp, "size": length, "format": tables.FORMAT})
+            # One copy of the text (the chunks go with this frame); bytes only for `open`.
+            body = "".join([header, "\n", *chunks])
+            del chunks
+            try:
+                # 200,000 rows are ~11 MB: written in a worker thread.
+                await trio.to_thread.run_sync(fs.store.put_answer, self.store_key, body, 0.0)
+                kept = None
+            except StoreError:
+                kept = body[len(header) + 1 :].encode()  # memory keeps it (bounded by fs.tables)
+            state.stamp, state.length, state.data = stamp, length, kept
+            if not want_bytes:
+                return None
+            return kept if kept is not None else body[len(header) + 1 :].encode()
+
+    def _stored(self, fs: GcFilesystem) -> tuple[dict[str, Any], str] | None:
+        """The stored table's header and CSV text, if a table of this format is stored."""
+        try:
+            found = fs.store.get_answer(self.store_key)
+        except StoreError:
+            return None
+        if found is None:
+            return None
+        head, _, body = found[0].partition("\n")
+        try:
+            header = json.loads(head)
+        except ValueError:
+            return None
+        if not isinstance(header, dict) or header.get("format") != tables.FORMAT:
+            return None
+        return header, body
+
+    def _stored_stamp(self, fs: GcFilesystem) -> tuple[tuple[str, str], int] | None:
+        found = self._stored(fs)
+        if found is None:
+            return None
+        stamp, size = found[0].get("stamp"), found[0].get("size")
+        if not (isinstance(stamp, list) and len(stamp) == 2 and isinstance(size, int)):
+            return None
+        return (str(stamp[0]), str(stamp[1])), size
+
+    def _stored_bytes(self, fs: GcFilesystem) -> bytes | None:
+        found = self._stored(fs)
+        if found is None or found[0].get("stamp") != list(self.state.stamp or ()):
+            return None
+        return found[1].encode()
+
+    async def _images(self, fs: GcFilesystem) -> Listing:
+        assert self.images_filter is not None
+        param, pk = self.images_filter
+        images = await fs.listing("cases/images/", {param: pk})
+        await images.wait_complete()
+        return images
+
+    async def _render(
+        self, fs: GcFilesystem, listing: Listing
+    ) -> tuple[tuple[str, str], list[str], int]:
+        """The table of `listing`: two passes over the stored listing in batches (the columns
+        are the union over all rows, needed before the first row); memory holds one batch of
+        objects and the CSV text (str chunks, joined once)."""
+        columns = tables.Columns(self.table)
+        needs_images = False
+
+        def gather(bodies: list[str]) -> bool:
+            objects = [json.loads(body) for body in bodies]
+            for obj in objects:
+                columns.add(obj)
+            return any(tables.image_pks(self.table, obj) for obj in objects)
+
+        async for bodies in _batches(listing):
+            needs_images = await trio.to_thread.run_sync(gather, bodies) or needs_images
+        images = await self._images(fs) if needs_images and self.images_filter else None
+        sockets = columns.socket_columns()
+        head, length = tables.valid_text(tables.csv_text([columns.names()]))
+        chunks = [head]
+
+        def parse(bodies: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+            objects = [json.loads(body) for body in bodies]
+            wanted = set().union(*(tables.image_pks(self.table, obj) for obj in objects))
+            return objects, sorted(wanted)
+
+        def rows(objects: list[dict[str, Any]], found: dict[str, Any] | None) -> tuple[str, int]:
+            made = (tables.row(columns, sockets, obj, found, self.directory) for obj in objects)
+            return tables.valid_text(tables.csv_text(made))
+
+        async for bodies in _batches(listing):
+            objects, wanted = await trio.to_thread.run_sync(parse, bodies)
+            found: dict[str, Any] | None = None
+            if images is not None:
+                found = images.objects_among(wanted) if wanted else {}
+            elif self.images_filter is not None:
+                found = {}  # no row names an image
+            chunk, size = await trio.to_thread.run_sync(rows, objects, found)
+            chunks.append(chunk)
+            length += size
+        stamp = (_stamp(listing), _stamp(images) if images is not None else "")
+        return stamp, chunks, length
+
+
+async def _batches(listing: Listing) -> AsyncIterator[list[str]]:
+    """The stored bodies of a complete listing, BATCH at a time (read on the trio thread:
+    the store's reading connection belongs to it)."""
+    start = 0
+    while True:
+        found = listing.owner.store.bodies(listing.generation, start, BATCH)
+        if not found:
+            return
+        yield [body for _, body in found]
+        start = found[-1][0] + 1
+
+
 # -- archives ------------------------------------------------------------------------------
 
 
@@ -307,7 +530,22 @@ async def archive_contents(fs: GcFilesystem, identity: str, obj: dict[str, Any])
         web_url=web_url,
         page=f"{web_url}items/" if web_url.endswith("/") else "",
     )
-    return [items]
+    table = TableFile(
+        fs,
+        f"{identity}/items.csv",
+        "items.csv",
+        table=tables.ITEMS,
+        api_path=items.api_path,
+        params=items.params,
+        directory="items",
+        images_filter=("archive", pk),
+    )
+    return [items, describe(table, "items-csv", api_url=_listing_url(fs, items))]
+
+
+def _listing_url(fs: GcFilesystem, directory: ObjectListDir) -> str:
+    query = "&".join(f"{k}={v}" for k, v in sorted(directory.params.items()))
+    return f"{fs.api.api_url}{directory.api_path}?{query}"
 
 
 # -- algorithms ----------------------------------------------------------------------------
@@ -400,15 +638,29 @@ def job_dir(
 async def algorithm_contents(fs: GcFilesystem, identity: str, obj: dict[str, Any]) -> list[Node]:
     pk = str(obj["pk"])
     api_root = fs.api.api_url
+    jobs = JobsDir(
+        f"{identity}/jobs",
+        "jobs",
+        "algorithms/jobs/",
+        {"algorithm_image__algorithm": pk},
+        api_root=api_root,
+    )
+    # A job's images come from `?job_input=<job pk>` (a request per job, and one the real
+    # server fails): the table names each image's directory instead (images_filter None).
+    table = TableFile(
+        fs,
+        f"{identity}/jobs.csv",
+        "jobs.csv",
+        table=tables.JOBS,
+        api_path=jobs.api_path,
+        params=jobs.params,
+        directory="jobs",
+        images_filter=None,
+    )
     return [
         AlgorithmImagesDir(f"{identity}/images", "images", pk, api_root),
-        JobsDir(
-            f"{identity}/jobs",
-            "jobs",
-            "algorithms/jobs/",
-            {"algorithm_image__algorithm": pk},
-            api_root=api_root,
-        ),
+        jobs,
+        describe(table, "jobs-csv", api_url=_listing_url(fs, jobs)),
     ]
 
 
@@ -459,6 +711,26 @@ async def reader_study_contents(fs: GcFilesystem, identity: str, obj: dict[str, 
     api_root = fs.api.api_url
     answers_url = f"{api_root}reader-studies/answers/?question__reader_study={pk}"
 
+    display_sets_dir = DisplaySetsDir(
+        f"{identity}/display-sets",
+        "display-sets",
+        "reader-studies/display-sets/",
+        {"reader_study": pk},
+        api_root=api_root,
+        web_url=obj["url"] if isinstance(obj.get("url"), str) else "",
+    )
+    display_sets_url = _listing_url(fs, display_sets_dir)
+    display_sets_table = TableFile(
+        fs,
+        f"{identity}/display-sets.csv",
+        "display-sets.csv",
+        table=tables.DISPLAY_SETS,
+        api_path=display_sets_dir.api_path,
+        params=display_sets_dir.params,
+        directory="display-sets",
+        images_filter=("reader_study", pk),
+    )
+
     def study_file(name: str, data: bytes, kind: str, api_url: str) -> Node:
         return describe(FileNode(f"{identity}/{name}", name, data=data), kind, api_url=api_url)
 
@@ -469,14 +741,8 @@ async def reader_study_contents(fs: GcFilesystem, identity: str, obj: dict[str, 
             "questions",
             f"{api_root}reader-studies/questions/?reader_study={pk}",
         ),
-        DisplaySetsDir(
-            f"{identity}/display-sets",
-            "display-sets",
-            "reader-studies/display-sets/",
-            {"reader_study": pk},
-            api_root=api_root,
-            web_url=obj["url"] if isinstance(obj.get("url"), str) else "",
-        ),
+        display_sets_dir,
+        describe(display_sets_table, "display-sets-csv", api_url=display_sets_url),
         study_file("answers.json", render.metadata_json(answers), "answers", answers_url),
         study_file(
             "answers.csv",
@@ -551,6 +817,7 @@ __all__ = [
     "EntriesDir",
     "ImagesRootDir",
     "RemoteFileNode",
+    "TableFile",
     "algorithm_contents",
     "archive_contents",
     "reader_study_contents",
