@@ -208,15 +208,19 @@ class Listings:
 
     def stored(self, key: object) -> Listing | None:
         """The newest complete listing of `key` in the store (however old), or None."""
+        return self.latest(key_text(key))
+
+    def latest(self, text: str) -> Listing | None:
+        """The newest complete listing of the key whose store text is `text`, or None."""
         try:
-            record = self.store.latest_listing(key_text(key))
+            record = self.store.latest_listing(text)
         except StoreError:
             return None
         if record is None:
             return None
         return Listing(
             self,
-            key_text(key),
+            text,
             record.generation,
             record.started_at,
             complete=True,

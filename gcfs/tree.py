@@ -119,11 +119,16 @@ class ObjectListDir(DirNode):
         return fs.inodes.add(self.child(name, listing))
 
     def object_of(self, pk: str, listing: Listing) -> dict[str, Any] | None:
-        """A child's object from its generation, or from the newest one when a refresh
-        replaced its own."""
+        """A child's object from its generation; when a refresh replaced that one, from the
+        generation last asked for, or the newest complete one in the store (the last asked
+        for may have failed half way and been dropped)."""
         found = listing.object(pk)
         if found is None and self.current is not None and self.current is not listing:
             found = self.current.object(pk)
+        if found is None:
+            newest = listing.owner.latest(listing.key)
+            if newest is not None and newest.generation != listing.generation:
+                found = newest.object(pk)
         return found
 
 
