@@ -8,7 +8,9 @@ and no network (offline.py).
 The format (FORMAT):
 
     DIR/manifest.json   which server, which user, when (taken, updated), on which machine,
-                        which subtrees, how many files and bytes; never the token
+                        which subtrees, how many files and bytes in them, whether the
+                        identifiers of every subtree are recorded ("identifiers"); never
+                        the token
     DIR/tree.json       {"format", "manifest": (the same), "root": the recorded tree}, nested:
                         {"type": "dir", "xattrs": {...}, "entries": {name: ...}}, files
                         {"type": "file", "size", "key", "xattrs"}, symlinks {"type":
@@ -19,12 +21,28 @@ The format (FORMAT):
 An offline mount reads tree.json only (one file replaced atomically: its manifest always
 belongs to its tree); manifest.json is its copy for people and scripts.
 
+Format 1 grew compatibly (no new entry types, so any gcfs serves any snapshot): snapshots
+now also hold the identifiers of what they record (below) and say so in the manifest
+("identifiers": true). An older snapshot, without them, still mounts and serves its subtrees;
+`gcfs path` there says that it lacks the identifiers and that taking it again adds them.
+
 What is recorded: each PATH's subtree as the mount shows it (names, sizes, symlinks, xattrs,
 README stubs, metadata files), the directories above it (holding only what leads to a
 recorded subtree, with their own xattrs), and the pk links of the archives, algorithms and
 reader studies it holds (`archives/<pk>`), which online are looked up rather than listed.
 The root README and `.gcfs/` belong to the offline mount itself. A PATH that is a symlink in
 the mount (`archives/<pk>`) is recorded as what it points to.
+
+Identifiers (offline parity: an offline mount finds by pk and API URL what online finds): the
+pk links of every archive, algorithm and reader study in the tree (also above a partial
+subtree) and `algorithms/<slug>/images/<pk>` -> `<pk>.json`; `images/<pk>` (image.json and
+its files, walked through the mount) for every image the recorded values show; and `api/`
+with a link or file for every object in the tree, as apitree.py answers online
+(record_identifiers). They cost no request: pks and kinds come from the recorded nodes' xattrs
+(user.gc.kind, user.gc.pk), questions and answers from the recorded questions.json and
+answers.json, and the image objects from the listings the daemon laid the values out from
+(the control op `images`, GcFilesystem.hold_images). `api/` is rebuilt from the whole tree
+on every run, so a refresh keeps it whole; `images/<pk>` recorded before stay, like subtrees.
 
 How: the listings are refreshed first (`gcfs refresh --recursive`: a snapshot shows the
 server as it is now, not the daemon's cache), the subtrees are walked through the mount, the
