@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import inject, runtime
-from .errors import GcfsError, UserError
+from .errors import GcfsError, NotFound, UserError
 
 if TYPE_CHECKING:
     from .fs import GcFilesystem
@@ -148,7 +148,10 @@ async def _dispatch(request: Any, fs: GcFilesystem, invalidate: Invalidate) -> d
             raise ValueError("paths must be a list of strings")
         images: set[str] = set()
         for each in paths:
-            _, node = await fs.resolve(each)
+            try:
+                _, node = await fs.resolve(each)
+            except NotFound:
+                continue  # gone since the snapshot walked it: it shows no images now
             images.update(await fs.hold_images(node))
         return {"ok": True, "images": sorted(images)}
     raise ValueError(f"unknown op {op!r}")

@@ -216,7 +216,8 @@ def test_gcfs_path_says_what_a_snapshot_lacks(
     """Objects the server has but the snapshot does not (another archive, its item, its
     items' image) are "not in this snapshot (taken <when> of <server>)", exit 1, by pk, URL
     or slug; a snapshot taken by an older gcfs (no identifiers recorded) still mounts and
-    serves its subtrees, and `gcfs path` of an item there says to take it again."""
+    serves its subtrees, and `gcfs path` of an item there says to take it again; taken
+    again, it has them (and says it has them only when all its subtrees were taken again)."""
     online = mount_gcfs("--cache-dir", str(tmp_path / "cache"))
     snapshot = tmp_path / "snapshot"
     snapshot_of(online, snapshot)
@@ -234,10 +235,21 @@ def test_gcfs_path_says_what_a_snapshot_lacks(
         assert gcfs("path", identifier, str(online.path)).returncode == 0, identifier
     lidc_item = next(p for p in (online.path / "archives" / "lidc-lung-ct" / "items").iterdir())
     inside = os.getxattr(lidc_item, "user.gc.pk").decode()
+    manifest = json.loads((snapshot / "manifest.json").read_text())
+    older = make_older(snapshot, tmp_path / "older")
+    # Taken again with one of its subtrees, an older snapshot still lacks the others'
+    # images; with all of them, it is whole.
+    for subtrees, whole in ((SUBTREES[:1], False), (SUBTREES, True)):
+        again = make_older(snapshot, tmp_path / f"again-{len(subtrees)}")
+        taken = gcfs("snapshot", *(str(online.path / s) for s in subtrees), "--to", str(again))
+        assert taken.returncode == 0, taken.stderr
+        assert json.loads((again / "manifest.json").read_text())["identifiers"] is whole
+        assert {"api", "images"} <= set(
+            json.loads((again / "tree.json").read_text())["root"]["entries"]
+        )
     online.unmount()
     fake.stop()
 
-    manifest = json.loads((snapshot / "manifest.json").read_text())
     offline = mount_offline(snapshot)
     lacks = f"is not in this snapshot (taken {manifest['taken']} of {fake.base_url})"
     for what, identifier in outside.items():
@@ -246,21 +258,24 @@ def test_gcfs_path_says_what_a_snapshot_lacks(
         assert answer.stderr.strip() == f"gcfs: {identifier} {lacks}", what
     assert gcfs("path", inside, str(offline.path)).returncode == 0
 
-    # An older gcfs's snapshot: no images/, no api/, no "identifiers" in its manifest.
-    older = tmp_path / "older"
-    shutil.copytree(snapshot, older, symlinks=True)
-    document = json.loads((older / "tree.json").read_text())
-    for name in ("images", "api"):
-        del document["root"]["entries"][name]
-    for manifest_of in (document["manifest"], manifest):
-        del manifest_of["identifiers"]
-    (older / "tree.json").write_text(json.dumps(document))
-    (older / "manifest.json").write_text(json.dumps(manifest))
     old = mount_offline(older)
     assert record(old.path, SUBTREES) == expected
     answer = gcfs("path", inside, str(old.path))
     assert answer.returncode == 1 and lacks in answer.stderr, answer.stderr
     assert "run gcfs snapshot again" in answer.stderr
+
+
+def make_older(snapshot: Path, to: Path) -> Path:
+    """A copy of `snapshot` as an older gcfs took it: no images/, no api/, no
+    "identifiers" in its manifest."""
+    shutil.copytree(snapshot, to, symlinks=True)
+    document = json.loads((to / "tree.json").read_text())
+    for name in ("images", "api"):
+        del document["root"]["entries"][name]
+    del document["manifest"]["identifiers"]
+    (to / "tree.json").write_text(json.dumps(document))
+    (to / "manifest.json").write_text(json.dumps(document["manifest"]))
+    return to
 
 
 def _kind(path: Path) -> str:
