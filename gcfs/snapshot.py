@@ -484,19 +484,22 @@ def record_images(root: Path, recorder: Recorder, tree: dict[str, Any], subtrees
     `images/<pk>` through the mount records exactly what online shows; its files are the
     values' files (same keys: their bytes are fetched once)."""
     paths = sorted({path for subtree in subtrees for path in _values_dirs(tree, subtree)})
-    images: set[str] = set()
+    seen: set[str] = set()
+    recorded = 0
     for batch in _batches(paths):
         reply = request(root, {"op": "images", "paths": batch})
-        images.update(str(pk) for pk in reply.get("images", []) if is_uuid(str(pk)))
-    recorded = 0
-    for pk in sorted(images):
-        try:
-            recorder.place(tree, f"{IMAGES_DIR}/{pk}")
-        except FileNotFoundError:
-            # Shown a moment ago, gone now (its permission revoked in between): not recorded,
-            # like any name that vanished during the walk.
-            continue
-        recorded += 1
+        images = sorted({str(pk) for pk in reply.get("images", []) if is_uuid(str(pk))} - seen)
+        seen.update(images)
+        # Walked batch by batch, while the answers the daemon was just asked about are
+        # fresh (they last its TTL; a large archive's walk alone may take longer).
+        for pk in images:
+            try:
+                recorder.place(tree, f"{IMAGES_DIR}/{pk}")
+            except FileNotFoundError:
+                # Shown a moment ago, gone now (its permission revoked in between): not
+                # recorded, like any name that vanished during the walk.
+                continue
+            recorded += 1
     return recorded
 
 
