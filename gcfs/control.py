@@ -13,6 +13,12 @@ protocol is one JSON object per connection each way, a line each:
 `files` answers for many paths at once (`gcfs prefetch` and `gcfs snapshot` ask about
 thousands of files: one request per file would be a round trip each); `key` is a remote
 file's identity (resolver.file_key), null for a generated one; `cached_bytes` only when asked.
+
+    {"op": "images", "paths": [...]}                               -> {"ok": true, "images":
+                                                                        [<image pk>, ...]}
+`images` (what `gcfs snapshot` asks of the values directories it recorded: items, display
+sets, job inputs and outputs) names the images they show and makes `images/<pk>` of each
+answer from what the daemon holds, with no request (GcFilesystem.hold_images).
 Errors come back as {"ok": false, "error": "..."}; a request gets 10 s to arrive.
 """
 
@@ -33,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import inject, runtime
-from .errors import GcfsError, UserError
+from .errors import GcfsError, NotFound, UserError
 from .units import format_size
 
 if TYPE_CHECKING:
@@ -137,6 +143,18 @@ async def _dispatch(request: Any, fs: GcFilesystem, invalidate: Invalidate) -> d
             _, node = await fs.resolve(each)
             files.append(await fs.file_info(node, cached=bool(request.get("cached"))))
         return {"ok": True, "files": files}
+    if op == "images":
+        paths = request.get("paths")
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ValueError("paths must be a list of strings")
+        images: set[str] = set()
+        for each in paths:
+            try:
+                _, node = await fs.resolve(each)
+            except NotFound:
+                continue  # gone since the snapshot walked it: it shows no images now
+            images.update(await fs.hold_images(node))
+        return {"ok": True, "images": sorted(images)}
     raise ValueError(f"unknown op {op!r}")
 
 

@@ -430,6 +430,30 @@ class GcFilesystem:
             info["cached_bytes"] = (await self.cached_bytes(node))[1]
         return info
 
+    async def hold_images(self, node: Node) -> list[str]:
+        """The pks of the images a values directory shows (an item, a display set, a job's
+        inputs or outputs), each image's object put where `images/<pk>` looks for it (its
+        detail URL's cache entry). `gcfs snapshot` asks this so that it can record
+        `images/<pk>` at no cost: the objects come from the batch listing the directory was
+        laid out from (cached by then, so no request), and list and detail serve one
+        serializer. Any other node shows no images: []."""
+        if isinstance(node, tree.ListedValuesDir):
+            node = node.values_dir()
+        if not isinstance(node, tree.ValuesDir):
+            return []
+        wanted = node.image_pks()
+        if not wanted:
+            return []
+        among = await self.images_for(node.images_filter, wanted)
+        for pk, image in among.objects.items():
+
+            async def listed(image: JSON = image) -> JSON:
+                return image
+
+            # An answer already cached stays (cache.get); else this one counts as fetched now.
+            await self.cache.get(("object", f"cases/images/{pk}/"), listed)
+        return sorted(among.objects)
+
     async def cached_bytes(self, node: Node) -> tuple[int, int]:
         """A file's size and how much of it the block cache holds (`gcfs prefetch`)."""
         if not isinstance(node, RemoteFileNode):

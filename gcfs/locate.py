@@ -15,6 +15,11 @@ It asks the mount itself (lstat, readlink, getxattr), so it costs what looking t
 and it answers what the tree answers: the resolved path, or exit status 1 with one line when
 the object does not exist or is a README stub (not visible to this account).
 
+An offline mount (a snapshot) answers the same way for what the snapshot holds: gcfs snapshot
+records the pk links, `images/<pk>` and `api/v1/` of its objects (snapshot.py). For anything
+else it cannot tell whether the object exists, only that the snapshot lacks it: "not in this
+snapshot (taken <when> of <server>)", from the snapshot's manifest.
+
 `candidates` is pure; `locate` and `path_command` do the file system calls.
 """
 
@@ -24,11 +29,13 @@ import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from .control import find_mount, gcfs_mounts, request
 from .errors import UserError
 from .names import API_DIR, is_slug, is_uuid
+from .snapshot import load_manifest
 
 COLLECTIONS = ("archives", "algorithms", "reader-studies")
 # The order a bare pk is tried in: the three collections (one cached listing each, plus an
@@ -128,15 +135,38 @@ def _xattr(path: Path, name: str) -> str:
         return ""
 
 
-def locate(identifier: str, root: Path, server: str | None) -> Path:
-    """The path of the object in the mount at `root`, or a UserError saying why not."""
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What an offline mount serves, for saying that something is not in it."""
+
+    taken: str
+    server: str
+    identifiers: bool  # pks and API URLs recorded (False: an older gcfs's snapshot)
+
+    def lacks(self, identifier: str) -> UserError:
+        older = (
+            ""
+            if self.identifiers
+            else "; an older gcfs took it, which recorded no pks or API URLs but those of "
+            "archives, algorithms and reader studies: run gcfs snapshot again to add them"
+        )
+        return UserError(
+            f"{identifier} is not in this snapshot (taken {self.taken} of {self.server}){older}"
+        )
+
+
+def locate(
+    identifier: str, root: Path, server: str | None, snapshot: Snapshot | None = None
+) -> Path:
+    """The path of the object in the mount at `root`, or a UserError saying why not;
+    `snapshot` when the mount is an offline one."""
     wanted = candidates(identifier, server)
     if wanted.any_of:
-        return _first(identifier, root, wanted.paths)
-    return _only(identifier, root, wanted.paths)
+        return _first(identifier, root, wanted.paths, snapshot)
+    return _only(identifier, root, wanted.paths, snapshot)
 
 
-def _first(identifier: str, root: Path, paths: tuple[str, ...]) -> Path:
+def _first(identifier: str, root: Path, paths: tuple[str, ...], snapshot: Snapshot | None) -> Path:
     """The first candidate that shows a visible object; a confirmed-hidden object ends the
     search (a pk names one object, whatever its kind)."""
     uncertain: Found | None = None
@@ -156,10 +186,12 @@ def _first(identifier: str, root: Path, paths: tuple[str, ...]) -> Path:
             f"{identifier} was not found: it does not exist or is not visible to you "
             f"(see {uncertain.stub}/README.md)"
         )
+    if snapshot is not None:
+        raise snapshot.lacks(identifier)
     raise UserError(f"{identifier} was not found in {root}")
 
 
-def _only(identifier: str, root: Path, paths: tuple[str, ...]) -> Path:
+def _only(identifier: str, root: Path, paths: tuple[str, ...], snapshot: Snapshot | None) -> Path:
     """The one candidate that shows a visible object (a bare slug in the three collections)."""
     looked = [(relative, found) for relative in paths if (found := _look(root, relative))]
     visible = [(relative, f.path) for relative, f in looked if f.path is not None]
@@ -173,6 +205,8 @@ def _only(identifier: str, root: Path, paths: tuple[str, ...]) -> Path:
         raise UserError(
             f"{identifier} exists but is not visible to you; see {hidden.stub}/README.md"
         )
+    if snapshot is not None:
+        raise snapshot.lacks(identifier)
     raise UserError(
         f"{identifier} was not found (an archive you may not see cannot be told apart from "
         "one that does not exist)"
@@ -199,8 +233,25 @@ def mount_root(mountpoint: Path | None) -> Path:
 def path_command(identifier: str, mountpoint: Path | None) -> int:
     """`gcfs path IDENTIFIER [MOUNTPOINT]`: print the object's path in the mount."""
     root = mount_root(mountpoint)
-    server: str | None = None
-    if "://" in identifier:
-        server = str(request(root, {"op": "status"})["status"]["server"])
-    print(locate(identifier, root, server))
+    status = request(root, {"op": "status"})["status"]
+    server = str(status["server"])
+    print(locate(identifier, root, server, _snapshot(status, server)))
     return 0
+
+
+def _snapshot(status: dict[str, Any], server: str) -> Snapshot | None:
+    """The snapshot an offline mount serves (None for an online mount), from the manifest
+    in its directory: `taken` and `server` stay what they were when the snapshot is
+    refreshed, so they are those of the tree the mount loaded."""
+    directory = status.get("offline")
+    if not directory:
+        return None
+    try:
+        manifest = load_manifest(Path(str(directory))) or {}
+    except UserError:
+        manifest = {}  # unreadable since the mount started: say what the status knows
+    return Snapshot(
+        taken=str(manifest.get("taken", "at a time its manifest no longer tells")),
+        server=str(manifest.get("server", server)),
+        identifiers=manifest.get("identifiers") is True,
+    )

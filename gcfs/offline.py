@@ -4,7 +4,9 @@
 filesystem core and file reader as an online mount: directories list the recorded names (and
 look up the recorded hidden ones: pk links, `api/`), files have the recorded sizes and bytes
 (read from DIR's block store, opened read-only), symlinks their targets, every node its
-recorded extended attributes. A name that was not recorded is ENOENT. The root README says
+recorded extended attributes. The snapshot holds the identifiers of its objects (pk links,
+`images/<pk>`, `api/v1/`, recorded as hidden entries: snapshot.py), so they answer as online
+with nothing special here. A name that was not recorded is ENOENT. The root README says
 that this is a snapshot, of which server, by whom, when and of what; `.gcfs/status.json` is
 there as online.
 
@@ -141,6 +143,12 @@ def _node(identity: str, name: str, spec: dict[str, Any]) -> Node:
 def snapshot_readme(manifest: dict[str, Any]) -> bytes:
     """The root README of an offline mount: what this is, of what, by whom, when."""
     subtrees = "\n".join(f"    {s or '/'}" for s in manifest.get("subtrees", []))
+    identifiers = (
+        "\nTheir objects are found as online: pks (archives/<pk>, ...), images/<pk> and API\n"
+        "URLs under api/v1/ (`gcfs path IDENTIFIER` prints where anything is).\n"
+        if manifest.get("identifiers") is True
+        else ""
+    )
     text = f"""# Grand Challenge: a snapshot, served offline by gcfs
 
 This is a read-only snapshot, not a live view: nothing here talks to the network, and
@@ -157,7 +165,7 @@ It holds these subtrees, exactly as that mount showed them; anything else is abs
 ("No such file or directory"):
 
 {subtrees}
-
+{identifiers}
 Refresh it on a machine with network access by running `gcfs snapshot PATH... --to DIR`
 again (only what changed or is missing is fetched).
 """

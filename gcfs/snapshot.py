@@ -8,7 +8,9 @@ and no network (offline.py).
 The format (FORMAT):
 
     DIR/manifest.json   which server, which user, when (taken, updated), on which machine,
-                        which subtrees, how many files and bytes; never the token
+                        which subtrees, how many files and bytes in them, whether the
+                        identifiers of every subtree are recorded ("identifiers"); never
+                        the token
     DIR/tree.json       {"format", "manifest": (the same), "root": the recorded tree}, nested:
                         {"type": "dir", "xattrs": {...}, "entries": {name: ...}}, files
                         {"type": "file", "size", "key", "xattrs"}, symlinks {"type":
@@ -19,12 +21,28 @@ The format (FORMAT):
 An offline mount reads tree.json only (one file replaced atomically: its manifest always
 belongs to its tree); manifest.json is its copy for people and scripts.
 
+Format 1 grew compatibly (no new entry types, so any gcfs serves any snapshot): snapshots
+now also hold the identifiers of what they record (below) and say so in the manifest
+("identifiers": true). An older snapshot, without them, still mounts and serves its subtrees;
+`gcfs path` there says that it lacks the identifiers and that taking it again adds them.
+
 What is recorded: each PATH's subtree as the mount shows it (names, sizes, symlinks, xattrs,
 README stubs, metadata files), the directories above it (holding only what leads to a
 recorded subtree, with their own xattrs), and the pk links of the archives, algorithms and
 reader studies it holds (`archives/<pk>`), which online are looked up rather than listed.
 The root README and `.gcfs/` belong to the offline mount itself. A PATH that is a symlink in
 the mount (`archives/<pk>`) is recorded as what it points to.
+
+Identifiers (offline parity: an offline mount finds by pk and API URL what online finds): the
+pk links of every archive, algorithm and reader study in the tree (also above a partial
+subtree) and `algorithms/<slug>/images/<pk>` -> `<pk>.json`; `images/<pk>` (image.json and
+its files, walked through the mount) for every image the recorded values show; and `api/`
+with a link or file for every object in the tree, as apitree.py answers online
+(record_identifiers). They cost no request: pks and kinds come from the recorded nodes' xattrs
+(user.gc.kind, user.gc.pk), questions and answers from the recorded questions.json and
+answers.json, and the image objects from the listings the daemon laid the values out from
+(the control op `images`, GcFilesystem.hold_images). `api/` is rebuilt from the whole tree
+on every run, so a refresh keeps it whole; `images/<pk>` recorded before stay, like subtrees.
 
 How: the listings are refreshed first (`gcfs refresh --recursive`: a snapshot shows the
 server as it is now, not the daemon's cache), the subtrees are walked through the mount, the
@@ -80,11 +98,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__, cachedir, marker, safeio
+from . import __version__, cachedir, marker, render, safeio
 from .blockstore import NO_LIMIT, BlockStore
 from .config import default_cache_dir
 from .control import find_mount, request
 from .errors import UserError
+from .names import API_DIR, is_uuid
+from .nodes import FileNode, describe
 from .prefetch import PATHS_PER_REQUEST
 from .progress import ProgressLine, fetch_parallel
 from .units import format_size
@@ -345,8 +365,242 @@ class Recorder:
             entries[pk] = {"type": "symlink", "target": name, "hidden": True}
 
 
+def _files_in(tree: dict[str, Any], subtree: str) -> list[dict[str, Any]]:
+    """The specs of the files recorded at and under `subtree`; for the whole mount (""),
+    without the identifiers' (images/<pk>, api/), which show the same objects again."""
+    spec: Any = tree
+    for name in (p for p in subtree.split("/") if p):
+        spec = _entries(spec).get(name)
+    if not isinstance(spec, dict):
+        return []
+    if spec.get("type") == "file":
+        return [spec]
+    if not subtree:
+        spec = {"entries": {k: v for k, v in _entries(spec).items() if k not in IDENTIFIERS}}
+    return [file for _, file in walk_files(spec)]
+
+
 def _is_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink()
+
+
+# -- identifiers: pks, images/<pk>, api/v1/ (what offline parity needs) ---------------------
+#
+# Online, an object is found by pk or API URL through lookups that cost requests (apitree.py):
+# an offline mount cannot make them, so the snapshot records their answers for every object it
+# holds, derived from what the walk saw (xattrs user.gc.kind/pk of the recorded nodes, the
+# recorded questions.json and answers.json) and from what the daemon holds already (the image
+# objects its value directories were laid out from): no request of its own. All of it is
+# plain tree.json entries (hidden ones: looked up, not listed, as online), so an offline mount
+# of any gcfs serves it, and an older snapshot without it still mounts.
+
+# Directories whose values may show images (tree.py: items, display sets, job inputs/outputs).
+VALUES_KINDS = frozenset({"archive-item", "display-set", "job-inputs", "job-outputs"})
+# The request line of a control request is bounded (control.MAX_REQUEST, 64 KiB): paths are
+# sent in batches of at most this many characters.
+IMAGES_REQUEST_CHARS = 32 * 1024
+# Where the tree shows each kind of object, and the api/v1/ directory that links to it:
+# (collection, its objects' kind, ((subdirectory, kind, api/v1 directory), ...)).
+API_PLACES = (
+    ("archives", "archive", (("items", "archive-item", "archives/items"),)),
+    (
+        "algorithms",
+        "algorithm",
+        (("jobs", "job", "algorithms/jobs"), ("images", "algorithm-image", "algorithms/images")),
+    ),
+    (
+        "reader-studies",
+        "reader-study",
+        (("display-sets", "display-set", "reader-studies/display-sets"),),
+    ),
+)
+# Reader-study files whose objects are files of their own under api/v1/ (apitree._detail_file):
+# (file in the study's directory, api/v1 directory, user.gc.kind of the object's file).
+API_FILES = (
+    ("questions.json", "reader-studies/questions", "question"),
+    ("answers.json", "reader-studies/answers", "answer"),
+)
+IMAGES_DIR = "images"
+# Top-level directories of identifiers only: nothing in them is counted in the manifest.
+IDENTIFIERS = frozenset({API_DIR, IMAGES_DIR})
+
+
+def _entries(spec: Any) -> dict[str, Any]:
+    entries = spec.get("entries") if isinstance(spec, dict) else None
+    return entries if isinstance(entries, dict) else {}
+
+
+def _kind_pk(spec: Any) -> tuple[str, str]:
+    """user.gc.kind and user.gc.pk of a recorded node ("" where it has none)."""
+    xattrs = spec.get("xattrs") if isinstance(spec, dict) else None
+    if not isinstance(xattrs, dict):
+        return "", ""
+    return str(xattrs.get("user.gc.kind", "")), str(xattrs.get("user.gc.pk", ""))
+
+
+def _values_dirs(tree: dict[str, Any], subtree: str) -> Iterator[str]:
+    """The values directories at, above and below `subtree` in the recorded tree."""
+    parts = [p for p in subtree.split("/") if p]
+    spec: Any = tree
+    for depth, name in enumerate(parts):
+        spec = _entries(spec).get(name)
+        if _kind_pk(spec)[0] in VALUES_KINDS:
+            yield "/".join(parts[: depth + 1])
+            return  # no values directory lies inside another one
+    if not isinstance(spec, dict):
+        return
+    pending = [(subtree, spec)]
+    while pending:
+        path, here = pending.pop()
+        for name, child in _entries(here).items():
+            if not isinstance(child, dict) or child.get("type") != "dir" or child.get("hidden"):
+                continue
+            below = f"{path}/{name}" if path else name
+            if _kind_pk(child)[0] in VALUES_KINDS:
+                yield below
+            else:
+                pending.append((below, child))
+
+
+def _batches(paths: list[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    used = 0
+    for path in paths:
+        if batch and used + len(path) + 4 > IMAGES_REQUEST_CHARS:
+            yield batch
+            batch, used = [], 0
+        batch.append(path)
+        used += len(path) + 4  # quotes, comma, space
+    if batch:
+        yield batch
+
+
+def record_images(root: Path, recorder: Recorder, tree: dict[str, Any], subtrees: list[str]) -> int:
+    """Record `images/<pk>` (hidden, as online: image.json + its files) for every image the
+    values under `subtrees` show; how many. The daemon names them and holds their objects
+    (the `images` op: from the listings the walk just made, no request), so walking
+    `images/<pk>` through the mount records exactly what online shows; its files are the
+    values' files (same keys: their bytes are fetched once)."""
+    paths = sorted({path for subtree in subtrees for path in _values_dirs(tree, subtree)})
+    seen: set[str] = set()
+    recorded = 0
+    for batch in _batches(paths):
+        reply = request(root, {"op": "images", "paths": batch})
+        images = sorted({str(pk) for pk in reply.get("images", []) if is_uuid(str(pk))} - seen)
+        seen.update(images)
+        # Walked batch by batch, while the answers the daemon was just asked about are
+        # fresh (they last its TTL; a large archive's walk alone may take longer).
+        for pk in images:
+            try:
+                recorder.place(tree, f"{IMAGES_DIR}/{pk}")
+            except FileNotFoundError:
+                # Shown a moment ago, gone now (its permission revoked in between): not
+                # recorded, like any name that vanished during the walk.
+                continue
+            recorded += 1
+    return recorded
+
+
+def record_identifiers(root: Path, tree: dict[str, Any], store: BlockStore) -> None:
+    """Record what makes every object of the tree findable by pk and API URL offline, as
+    online: the pk links of the collections' objects (`archives/<pk>`), the links
+    `algorithms/<slug>/images/<pk>` -> `<pk>.json`, and `api/` (hidden) with a link or a
+    file for every object the tree holds (apitree.py's answers). Built from the whole tree,
+    not only the subtrees just recorded, so a refresh keeps it whole; it replaces the `api/`
+    recorded before. Question and answer files are rendered from the recorded questions.json
+    and answers.json (read from `store`, which holds every byte of the tree by now) and
+    stored under the sha256 of their bytes. The store must be synced afterwards."""
+    api = Recorder(root).directory(API_DIR)  # its kinds' directories, as online lists them
+    api["hidden"] = True  # looked up, never listed (toplevel.RootDir)
+
+    def add(where: str, pk: str, spec: dict[str, Any]) -> None:
+        here: Any = api
+        for name in f"v1/{where}".split("/"):
+            here = _entries(here).get(name)
+        if isinstance(here, dict) and here.get("type") == "dir" and is_uuid(pk):
+            here.setdefault("entries", {}).setdefault(pk, {**spec, "hidden": True})
+
+    def link(where: str, pk: str, target: str) -> None:
+        up = "../" * len(f"{API_DIR}/v1/{where}".split("/"))  # relative: any mount point
+        add(where, pk, {"type": "symlink", "target": up + target})
+
+    top = _entries(tree)
+    for collection, kind, nested in API_PLACES:
+        objects = _entries(top.get(collection))
+        for name, spec in list(objects.items()):
+            if not isinstance(spec, dict) or spec.get("type") != "dir":
+                continue
+            if _kind_pk(spec)[0] == kind and (pk := _kind_pk(spec)[1]):
+                link(collection, pk, f"{collection}/{name}")
+                if pk != name and pk not in objects:  # also above a partial subtree
+                    objects[pk] = {"type": "symlink", "target": name, "hidden": True}
+            for sub, sub_kind, where in nested:
+                children = _entries(_entries(spec).get(sub))
+                for child_name, child in list(children.items()):
+                    child_kind, pk = _kind_pk(child)
+                    if child_kind != sub_kind or not pk:
+                        continue
+                    link(where, pk, f"{collection}/{name}/{sub}/{child_name}")
+                    if child_name == f"{pk}.json" and pk not in children:
+                        # The website's URL of a container image (tree.AlgorithmImagesDir).
+                        children[pk] = {"type": "symlink", "target": child_name, "hidden": True}
+            if kind == "reader-study":
+                for file_name, where, file_kind in API_FILES:
+                    for obj in _stored_objects(store, _entries(spec).get(file_name)):
+                        add(where, str(obj.get("pk", "")), _object_file(store, obj, file_kind))
+    for name, spec in _entries(top.get(IMAGES_DIR)).items():
+        kind, pk = _kind_pk(spec)
+        if kind == "image" and pk == name:
+            link("cases/images", pk, f"{IMAGES_DIR}/{name}")
+    top[API_DIR] = api
+
+
+def _stored_objects(store: BlockStore, spec: Any) -> list[dict[str, Any]]:
+    """The objects of a recorded JSON list file (questions.json, answers.json), read from
+    the store; [] when there is none or it is not whole."""
+    if not isinstance(spec, dict) or spec.get("type") != "file" or not spec.get("key"):
+        return []
+    size = int(spec.get("size", 0))
+    count = -(-size // store.block_size)
+    if count == 0:
+        return []
+    buffer = memoryview(bytearray(count * store.block_size))
+    got = store.read_into(str(spec["key"]), 0, count, buffer, size)
+    if sum(got.values()) != size or len(got) != count:
+        return []
+    try:
+        found = json.loads(bytes(buffer[:size]))
+    except ValueError:
+        return []
+    return [o for o in found if isinstance(o, dict)] if isinstance(found, list) else []
+
+
+def _object_file(store: BlockStore, obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The spec of a file holding `obj` as online's api/v1/ lookup shows it (the same bytes:
+    list and detail share a serializer), its bytes put in the store."""
+    data = render.metadata_json(obj)
+    key = generated_key(data)
+    if (
+        not store.fully_cached(key, len(data))
+        and store.write(key, 0, memoryview(data), len(data)) == 0
+    ):
+        raise UserError(
+            "cannot write to the snapshot's store (is its filesystem full or read-only? "
+            "see the messages above)"
+        )
+    xattrs = describe(FileNode("", ""), kind, obj).xattrs or {}
+    return {"type": "file", "size": len(data), "key": key, "xattrs": xattrs}
+
+
+def identifiers_complete(old: dict[str, Any] | None, subtrees: list[str]) -> bool:
+    """Whether every subtree of the snapshot has its identifiers recorded: true unless an
+    older gcfs recorded subtrees that this run did not record again (their images/<pk>)."""
+    if old is None or old.get("identifiers") is True:
+        return True
+    return all(
+        any(s == "" or kept == s or kept.startswith(s + "/") for s in subtrees)
+        for kept in old.get("subtrees", [])
+    )
 
 
 # -- fetching the bytes ----------------------------------------------------------------------
@@ -657,10 +911,12 @@ def _take(
             store = open_store(to)
             try:
                 fetcher = _record(root, subtrees, store, jobs, stream, tree)
+                record_identifiers(root, tree, store)
                 sync_store(store)
             finally:
                 store.close()
-            _publish(target, tree, old, server, user, subtrees)
+            identifiers = identifiers_complete(old, subtrees)
+            _publish(target, tree, old, server, user, subtrees, identifiers=identifiers)
     finally:
         os.close(target.fd)
     print(
@@ -680,6 +936,7 @@ def _record(
     recorder = Recorder(root)
     for subtree in subtrees:
         recorder.place(tree, subtree)
+    record_images(root, recorder, tree, subtrees)
     _file_keys(root, recorder.files)
     files = recorder.files
     missing = {
@@ -708,12 +965,14 @@ def _publish(
     server: str,
     user: str,
     subtrees: list[str],
+    *,
+    identifiers: bool,
 ) -> None:
     """tree.json (the one file an offline mount reads), then its copy manifest.json, each
     replaced atomically, then the directory synced: only after the store was."""
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    recorded = list(walk_files(tree))
     kept = _normalized([*(old or {}).get("subtrees", []), *subtrees])
+    recorded = [spec for subtree in kept for spec in _files_in(tree, subtree)]
     manifest = {
         "format": FORMAT,
         "server": server,
@@ -723,8 +982,10 @@ def _publish(
         "host": socket.gethostname(),
         "subtrees": kept,
         "files": len(recorded),
-        "bytes": sum(int(spec.get("size", 0)) for _, spec in recorded),
+        "bytes": sum(int(spec.get("size", 0)) for spec in recorded),
         "gcfs": __version__,
+        # pks, images/<pk> and api/v1/ recorded for every subtree (absent: an older gcfs's).
+        "identifiers": identifiers,
     }
     document = {"format": FORMAT, "manifest": manifest, "root": tree}
     _write_json(target.fd, TREE, document, target.file_mode)
