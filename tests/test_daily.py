@@ -267,3 +267,22 @@ def test_refresh_command_is_quoted_for_a_shell() -> None:
 
     line = refresh_command("/home/ann/my gc's/", "algorithms")
     assert shlex.split(line) == ["gcfs", "refresh", "/home/ann/my gc's/algorithms"]
+
+
+def test_imageless_socket_is_no_warning(mount: Mount, fake: FakeGC, world: Any) -> None:
+    """An image socket whose value holds no image (a valid state on the real server) is shown
+    as nothing and logged once at DEBUG, not as a WARNING at every relisting."""
+    archive = world.find_by_slug(world.archives.values(), "lidc-lung-ct")
+    image = next(i for i in world.images.values() if i.name == "LIDC-IDRI-0001.mha")
+    socket = world.add_socket("broken-image-ci", kind="Image", relative_path="images/broken")
+    value = world.add_value(socket, image=image)
+    value.image = None  # what the real server serves: `"image": null`
+    item = world.add_archive_item(archive, [value], title="image-less")
+    directory = mount.path / "archives" / "lidc-lung-ct" / "items" / item.pk
+    for _ in range(3):  # listed again after each refresh
+        assert sorted(os.listdir(directory)) == ["item.json"]
+        assert gcfs("refresh", "--recursive", str(mount.path / "archives")).returncode == 0
+    said = [line for line in mount.log_text().splitlines() if "holds no image" in line]
+    assert len(said) == 1 and " DEBUG " in said[0], said
+    assert f"value pk {value.pk}" in said[0]
+    assert not [line for line in mount.log_text().splitlines() if " WARNING " in line]

@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from typing import Any
+
+import pytest
 
 from gcfs import layout
 from gcfs.answers_csv import COLUMNS, render_answers_csv
@@ -86,6 +89,28 @@ def test_unreadable_image_is_marked() -> None:
     images = tree.entries["images"]
     assert isinstance(images, layout.Directory)
     assert isinstance(images.entries["ct"], layout.Unreadable)
+
+
+def test_imageless_value_is_said_once_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    """An image socket with `"image": null` (the real server has them) shows nothing and is
+    logged once per value pk at DEBUG, however often it is laid out; memory stays bounded."""
+    caplog.set_level(logging.DEBUG, logger="gcfs.layout")
+    layout._imageless_said.clear()
+    empty = {"interface": socket("broken-image-ci", "Image", "images/ci"), "image": None}
+    for _ in range(3):  # three relistings
+        assert layout.lay_out_values([{**empty, "pk": 6}], {}, {}).entries == {}
+    said = [r for r in caplog.records if "holds no image" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.DEBUG]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    layout.lay_out_values([{**empty, "pk": 7}], {}, {})  # another value is said too
+    assert len([r for r in caplog.records if "holds no image" in r.getMessage()]) == 2
+    for pk in range(10_000, 10_000 + 2 * layout.IMAGELESS_REMEMBERED):
+        layout.lay_out_values([{**empty, "pk": pk}], {}, {})
+    assert len(layout._imageless_said) == layout.IMAGELESS_REMEMBERED
+    # An image URL without a pk is still malformed: a warning, as before.
+    caplog.clear()
+    layout.lay_out_values([{**empty, "pk": 8, "image": "https://gc.test/nope/"}], {}, {})
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
 
 
 def test_unsafe_segments_are_dropped() -> None:
