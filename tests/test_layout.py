@@ -128,7 +128,8 @@ def test_metadata_renamed_when_a_value_takes_its_name() -> None:
 
 
 def test_answers_csv_turns_choices_into_titles() -> None:
-    """Choice ids become option titles; several choices share a cell; others are JSON."""
+    """Every answer cell is JSON: choice ids become option titles (a string, or a list for
+    several), and a Text answer "true" stays a string, told apart from a Bool true."""
     questions = [
         {
             "pk": "q1",
@@ -143,11 +144,13 @@ def test_answers_csv_turns_choices_into_titles() -> None:
             "options": [{"id": 3, "title": "Left, upper"}, {"id": 4, "title": "Right"}],
         },
         {"pk": "q3", "question_text": "Size", "answer_type": "Number", "options": []},
+        {"pk": "q4", "question_text": "Comment", "answer_type": "Text", "options": []},
+        {"pk": "q5", "question_text": "Nodule seen?", "answer_type": "Bool", "options": []},
     ]
     api = "https://gc.test/api/v1/reader-studies"
     ds = "e7f8a9b0-c1d2-4e3f-8a4b-5c6d7e8f9a0b"
-    q = {n: f"00000000-0000-4000-8000-00000000000{n}" for n in (1, 2, 3)}
-    for question, n in zip(questions, (1, 2, 3), strict=True):
+    q = {n: f"00000000-0000-4000-8000-00000000000{n}" for n in (1, 2, 3, 4, 5)}
+    for question, n in zip(questions, (1, 2, 3, 4, 5), strict=True):
         question["pk"] = q[n]
     answers = [
         {
@@ -174,11 +177,30 @@ def test_answers_csv_turns_choices_into_titles() -> None:
             "display_set": f"{api}/display-sets/{ds}/",
             "creator": "reader01",
         },
+        {"pk": "a4", "answer": "true", "question": f"{api}/questions/{q[4]}/"},
+        {"pk": "a5", "answer": True, "question": f"{api}/questions/{q[5]}/"},
+        {"pk": "a6", "answer": [3, 9], "question": f"{api}/questions/{q[2]}/"},  # 9: no option
     ]
     data = render_answers_csv(answers, questions, [{"pk": ds, "title_safe": "case 1"}])
     rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
     assert list(rows[0]) == list(COLUMNS)
-    assert [r["answer"] for r in rows] == ["Yes", "Left, upper; Right", "12.5"]
+    cells = [r["answer"] for r in rows]
+    assert cells == [
+        '"Yes"',
+        '["Left, upper", "Right"]',
+        "12.5",
+        '"true"',
+        "true",
+        '["Left, upper", 9]',
+    ]
+    assert [json.loads(c) for c in cells] == [
+        "Yes",
+        ["Left, upper", "Right"],
+        12.5,
+        "true",
+        True,
+        ["Left, upper", 9],
+    ]
     assert rows[0]["display_set_title"] == "case 1"
     assert rows[0]["question_text"] == "Nodule?"
     assert rows[1]["display_set_pk"] == ""
