@@ -1,9 +1,11 @@
 """Pure rendering of a reader study's answers as CSV, one row per answer.
 
-Choice answers hold option ids (gc-api.md §3.10); a reviewer wants the option titles, so ids
-are turned into titles through the study's questions, several choices joined with "; " in one
-cell. Other answer types (bool, number, text, annotations) are written as JSON, so a cell can
-be parsed back with `json.loads`. The file is UTF-8 with a header row and `\\r\\n` line ends
+The `answer` column has one rule: every cell is JSON, parsed back with `json.loads` whatever
+the question's type, so a Text answer `"true"` (the cell `"true"`, quotes included) is never
+taken for a Bool `true`, and a loader needs no other column to read it. Choice answers hold
+option ids (gc-api.md §3.10); a reviewer wants the option titles, so ids are turned into
+titles through the study's questions: a JSON string for one choice, a JSON list for several
+(an id with no option keeps its number). The file is UTF-8 with a header row and `\\r\\n` line ends
 (the csv module's default, what spreadsheets expect), and opens with `pandas.read_csv`.
 
 Malformed input (gc-api.md §9, "read tolerantly"): any JSON shape is accepted and nothing but
@@ -92,14 +94,15 @@ def _options(question: Mapping[str, Any]) -> dict[int, str]:
 
 
 def _cell(answer: object, question: Mapping[str, Any] | None) -> str:
+    """The `answer` cell: always JSON (module docstring), choice ids as option titles."""
     answer_type = question.get("answer_type") if question is not None else None
     if question is not None and isinstance(answer_type, str) and answer_type in CHOICE_TYPES:
         titles = _options(question)
-        ids = answer if isinstance(answer, list) else [answer]
-        if all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            return "; ".join(titles[i] if i in titles else str(i) for i in ids)
-    if isinstance(answer, str):
-        return answer
+        items: list[object] = answer if isinstance(answer, list) else [answer]
+        ids = [i for i in items if isinstance(i, int) and not isinstance(i, bool)]
+        if len(ids) == len(items):
+            named: list[object] = [titles.get(i, i) for i in ids]
+            return _json(named if isinstance(answer, list) else named[0])
     return _json(answer)
 
 

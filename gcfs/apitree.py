@@ -43,7 +43,16 @@ from . import render
 from .api import Existence
 from .errors import NotFound, Unavailable
 from .names import API_DIR, is_uuid
-from .nodes import DirNode, FileNode, Node, StaticDir, SymlinkNode, describe, stub_dir
+from .nodes import (
+    DirNode,
+    FileNode,
+    GeneratedFileNode,
+    Node,
+    StaticDir,
+    SymlinkNode,
+    describe,
+    stub_dir,
+)
 from .toplevel import ObjectDir
 from .tree import ImageDir, job_dir
 
@@ -193,8 +202,10 @@ def _restub(fs: GcFilesystem, here: LookupDir, name: str, stub: Node) -> Node:
     if not isinstance(stub, StaticDir) or "README.md" not in stub.entries:
         raise NotFound(f"{here.identity}/{name}: not an object we can show")
     readme = stub.entries["README.md"]
-    assert isinstance(readme, FileNode)
-    copy = stub_dir(f"{here.identity}/{name}", name, readme.data, exists=None)
+    assert isinstance(readme, FileNode | GeneratedFileNode)
+    # A text made when read (it names the mount point) stays so in the copy.
+    text = readme.produce if isinstance(readme, GeneratedFileNode) else readme.data
+    copy = stub_dir(f"{here.identity}/{name}", name, text, exists=None)
     for node in (copy, *copy.entries.values()):
         node.xattrs = dict(stub.xattrs or {})
     return fs.inodes.add(copy)

@@ -193,7 +193,7 @@ class GcfsOperations(pyfuse3.Operations):
             # open. pyfuse3's FileInfo keeps the cache unless told otherwise.
             # The root README's size may change within its 1 s attribute lifetime: direct I/O
             # makes the kernel read to our EOF instead of stopping at the size it cached.
-            direct = isinstance(node, GeneratedFileNode)
+            direct = node.volatile  # a stub README (LateFileNode) does not change once mounted
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=direct)
 
         return await self._guard(f"open {inode}", run)

@@ -32,6 +32,8 @@ or is not http(s), an image URL without a pk, a value that cannot be serialised)
 with a warning in the log, and the others are laid out: one broken value must not hide the
 good ones. `BadResponse` (EIO for that directory) is raised only when the argument as a whole
 is unusable: `values` is not a list, or an image passed to `image_files` is not an object.
+An image socket's value with `"image": null` is not malformed (the real server has them): it
+shows nothing and is logged once per value at DEBUG.
 
 Nothing here does I/O: callers fetch images and DICOM instances first and pass them in.
 """
@@ -250,6 +252,26 @@ def _with_socket(entry: Entry, socket: Attrs) -> Entry:
     return dataclasses.replace(entry, attrs=entry.attrs + socket)
 
 
+# An image socket whose value holds no image (`"image": null`) is a state the real server
+# serves (issue 16: a `broken-image-ci` value at every relisting), not a malformed answer:
+# it is shown as nothing and said once, at DEBUG, per value pk, since every relisting lays
+# the same values out again. The pks said are remembered in insertion order,
+# at most this many: past that the oldest is forgotten (and may be said once more).
+IMAGELESS_REMEMBERED = 4096
+_imageless_said: dict[object, None] = {}
+
+
+def _note_imageless(what: str, value_pk: object) -> None:
+    key = value_pk if isinstance(value_pk, int | str) and not isinstance(value_pk, bool) else None
+    if key is not None:
+        if key in _imageless_said:
+            return
+        _imageless_said[key] = None
+        if len(_imageless_said) > IMAGELESS_REMEMBERED:
+            del _imageless_said[next(iter(_imageless_said))]
+    log.debug("values: %s (value pk %r) holds no image; nothing to show", what, value_pk)
+
+
 def lay_out_values(
     values: Sequence[object],
     images: Mapping[str, object],
@@ -289,7 +311,10 @@ def _lay_out_value(
     if super_kind == "Image" or value.get("image") is not None:
         pk = image_pk_of(value)
         if pk is None:
-            log.warning("values: skipping %s: no image pk in %.200r", what, value.get("image"))
+            if value.get("image") is None:
+                _note_imageless(what, value.get("pk"))
+            else:
+                log.warning("values: skipping %s: no image pk in %.200r", what, value.get("image"))
             return
         image = images.get(pk)
         if image is None:

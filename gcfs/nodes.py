@@ -98,6 +98,15 @@ class GeneratedFileNode(Node):
         return len(self.produce())
 
 
+class LateFileNode(GeneratedFileNode):
+    """A small file whose bytes depend on what is known only once mounted (a stub README
+    names the mount point): made at each open, like the root README, but unchanging while
+    mounted, so the kernel keeps its attributes for the cache lifetime like any file's."""
+
+    __slots__ = ()
+    volatile = False
+
+
 @dataclass(eq=False, slots=True)
 class SymlinkNode(Node):
     target: str = ""
@@ -166,16 +175,26 @@ class StaticDir(DirNode):
 
 
 def stub_dir(
-    identity: str, name: str, readme: bytes, *, exists: bool | None, url: str = ""
+    identity: str,
+    name: str,
+    readme: bytes | Callable[[], bytes],
+    *,
+    exists: bool | None,
+    url: str = "",
 ) -> StaticDir:
-    """A directory holding only README.md: what stands in for what we may not see.
+    """A directory holding only README.md: what stands in for what we may not see. `readme`
+    is its bytes, or makes them when read (a text that names the mount point, LateFileNode).
 
     Both carry `user.gc.kind` `no-access`, `user.gc.url` the request-access page (`url`, where
     there is one) and `user.gc.exists`: `yes` when the server confirmed that the object
     exists, `unknown` when it cannot tell (archive slugs, archive items), absent when the
     README stands for a file or image that a visible object names (it exists)."""
     extra = {} if exists is None else {"user.gc.exists": "yes" if exists else "unknown"}
-    readme_node = FileNode(f"{identity}/README.md", "README.md", data=readme)
+    readme_node: Node = (
+        LateFileNode(f"{identity}/README.md", "README.md", readme)
+        if callable(readme)
+        else FileNode(f"{identity}/README.md", "README.md", data=readme)
+    )
     describe(readme_node, "no-access", url=url, extra=extra)
     directory = StaticDir(identity, name, {"README.md": readme_node})
     return describe(directory, "no-access", url=url, extra=extra)

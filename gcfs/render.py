@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from typing import Any
 
@@ -81,6 +82,16 @@ request access. Every write fails with "Read-only file system".
 _KIND_NOUN = {"archives": "archive", "algorithms": "algorithm", "reader-studies": "reader study"}
 
 
+def refresh_command(mountpoint: str, relative: str) -> str:
+    """The `gcfs refresh` line a stub README prints, quoted for a shell: the mount point
+    is only known once mounted (GcFilesystem.mountpoint), so README texts that name it are
+    made when read; until then (never while mounted) it is named in words."""
+    if not mountpoint:
+        return f"gcfs refresh <mount point>/{relative}"
+    path = mountpoint.rstrip("/") + "/" + relative
+    return f"gcfs refresh {shlex.quote(path)}"
+
+
 def stub_readme(
     *,
     collection: str,
@@ -89,11 +100,15 @@ def stub_readme(
     username: str,
     ttl: float,
     certain: bool,
+    mountpoint: str = "",
 ) -> bytes:
     """The README that stands in for an object the token may not see (layout.md).
 
     `certain` says whether the server confirmed that the object exists; for archive slugs it
-    cannot (gc-api.md §4), and the text says so plainly.
+    cannot (gc-api.md §4), and the text says so plainly. It is reached as
+    `<collection>/<name>`, and also as `api/v1/<collection>/<pk>` (and, for an archive item
+    of an archive we may not see, `api/v1/archives/items/<item pk>`): the text names the
+    object by `name`, never as "this directory".
     """
     noun = _KIND_NOUN[collection]
     by_pk = "-" in name and len(name) == 36
@@ -107,7 +122,7 @@ def stub_readme(
         )
     if by_pk:
         pages = (
-            f"This name is the {noun}'s primary key; its page is found by slug. Ask the owner\n"
+            f"`{name}` is the {noun}'s primary key; its page is found by slug. Ask the owner\n"
             f"for the slug, then request access on\n"
             f"  {base_url}/{collection}/<slug>/permission-requests/create/"
         )
@@ -123,18 +138,19 @@ def stub_readme(
 {pages}
 
 The {noun}'s editors approve requests by hand, so it can take a couple of hours.
-Once access is granted, show it at once with
+Once access is granted, show it at {collection}/{name} at once with
 
-    gcfs refresh <mount point>/{collection}
+    {refresh_command(mountpoint, collection)}
 
-(or wait {ttl:g} s, the time gcfs trusts what it has seen).
+(or wait {ttl:g} s, the time gcfs trusts what it has seen; other paths that lead to it,
+under api/, follow within that time).
 """
     return text.encode("utf-8")
 
 
 def unreadable_readme(what: str, url: str, *, username: str, ttl: float) -> bytes:
-    """The README standing in for an image or file that a visible object references but the
-    token may not read."""
+    """The README standing in for an image or file that a visible object (an archive item, a
+    display set, a job's inputs or outputs) references but the token may not read."""
     text = f"""# No access to {what}
 
 An object you can see refers to {what}, but your account ({username}) may not read it:
@@ -142,7 +158,31 @@ An object you can see refers to {what}, but your account ({username}) may not re
 
 Access to images and files follows the archive, reader study or algorithm job they belong
 to. Ask the owner of that object for access; once it is granted, `gcfs refresh` on the
-directory above this one shows the real files at once (or wait {ttl:g} s).
+archive item, display set or job directory that holds this shows the real files at once
+(or wait {ttl:g} s).
+"""
+    return text.encode("utf-8")
+
+
+def hidden_image_readme(
+    pk: str, url: str, *, username: str, ttl: float, mountpoint: str = ""
+) -> bytes:
+    """The README standing in for `images/<pk>` (or `api/v1/cases/images/<pk>`) of an image
+    that exists but the token may not read. Nothing visible led here: the pk was typed in,
+    so the text claims no referring object (the server confirmed only that the image exists,
+    through the jobs' `input_image` filter)."""
+    text = f"""# No access to image {pk}
+
+The image {pk} exists, but your account ({username}) may not read it:
+  {url}
+
+Access to an image follows the archive, reader study or algorithm job it belongs to. Ask
+the owner of that object for access; once it is granted,
+
+    {refresh_command(mountpoint, "images")}
+
+shows it at images/{pk} at once (or wait {ttl:g} s, the time gcfs trusts what it has seen;
+other paths that lead to it, under api/, follow within that time).
 """
     return text.encode("utf-8")
 

@@ -198,14 +198,20 @@ class CollectionDir(DirNode):
             fs.username,
             existence.value,
         )
-        readme = render.stub_readme(
-            collection=c.name,
-            name=name,
-            base_url=fs.base_url,
-            username=fs.username,
-            ttl=fs.ttl,
-            certain=existence is Existence.HIDDEN,
-        )
+        certain = existence is Existence.HIDDEN
+
+        def readme() -> bytes:
+            # Made when read: it names the mount point (fs.mountpoint, set once mounted).
+            return render.stub_readme(
+                collection=c.name,
+                name=name,
+                base_url=fs.base_url,
+                username=fs.username,
+                ttl=fs.ttl,
+                certain=certain,
+                mountpoint=fs.mountpoint,
+            )
+
         request_url = f"{fs.base_url}/{c.name}/{name}/permission-requests/create/"
         stub = stub_dir(
             f"stub:{c.name}:{name}",

@@ -782,6 +782,17 @@ class ImageDir(DirNode):
         return nodes
 
 
+def _image_object_key(key: Hashable) -> bool:
+    """A cache key of an image object (`("object", "cases/images/<pk>/")`)."""
+    return (
+        isinstance(key, tuple)
+        and len(key) == 2
+        and key[0] == "object"
+        and isinstance(key[1], str)
+        and key[1].startswith("cases/images/")
+    )
+
+
 class ImagesRootDir(DirNode):
     """`images/`: any image the token may see, by pk; lookup only (listing it is empty)."""
 
@@ -789,6 +800,13 @@ class ImagesRootDir(DirNode):
 
     def forget_lookups(self, fs: GcFilesystem, name: str | None = None) -> None:
         fs.forget_lookups_of(self, "image-dir", name)
+        # A lookup is built from the image's own object, whose 404 the cache remembers for a
+        # few seconds: forget it too, or the refresh a stub's README prints (`gcfs refresh
+        # <mount>/images`) right after access is granted would show the stub again.
+        if name is not None:
+            fs.cache.forget(("object", f"cases/images/{name}/"))
+        else:
+            fs.cache.forget_matching(_image_object_key)
 
     async def build(self, fs: GcFilesystem) -> dict[str, Node]:
         return {}
@@ -812,9 +830,13 @@ class ImagesRootDir(DirNode):
         if existence.value == "absent":
             fs.remember_absent(self, pk)
             raise NotFound(f"images/{pk}: does not exist")
-        readme = render.unreadable_readme(
-            f"image {pk}", f"{fs.api.api_url}cases/images/{pk}/", username=fs.username, ttl=fs.ttl
-        )
+        url = f"{fs.api.api_url}cases/images/{pk}/"
+
+        def readme() -> bytes:  # made when read: it names the mount point
+            return render.hidden_image_readme(
+                pk, url, username=fs.username, ttl=fs.ttl, mountpoint=fs.mountpoint
+            )
+
         return fs.inodes.add(stub_dir(f"stub:image:{pk}", pk, readme, exists=True))
 
 

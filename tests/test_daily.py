@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 from collections.abc import Callable
@@ -42,18 +43,56 @@ def test_refresh_shows_a_new_item_at_once(mount: Mount, fake: FakeGC, world: Any
     assert set(os.listdir(items)) == before | {new.pk}
 
 
+def refresh_line(readme: Path) -> list[str]:
+    """The `gcfs refresh ...` command a stub README tells the user to run, as argv."""
+    lines = [line.strip() for line in readme.read_text().splitlines()]
+    commands = [line for line in lines if line.startswith("gcfs refresh ")]
+    assert len(commands) == 1, lines
+    return shlex.split(commands[0])
+
+
 def test_refresh_after_access_is_granted(mount: Mount, fake: FakeGC, world: Any) -> None:
-    """A stub becomes the real directory after `gcfs refresh`, as its README says."""
+    """A stub becomes the real directory after the `gcfs refresh` its README prints, which
+    names the real mount point (no `<mount point>` placeholder), also when reached by pk."""
     hidden = next(a for a in world.algorithms.values() if not a.visible_to("demo"))
     stub = mount.path / "algorithms" / hidden.slug
     assert os.listdir(stub) == ["README.md"]
-    assert "gcfs refresh" in (stub / "README.md").read_text()
+    command = refresh_line(stub / "README.md")
+    assert command == ["gcfs", "refresh", f"{mount.path}/algorithms"]
+    by_pk = (mount.path / "algorithms" / hidden.pk / "README.md").read_text()
+    assert refresh_line(mount.path / "algorithms" / hidden.pk / "README.md") == command
+    assert f"`{hidden.pk}` is the algorithm's primary key" in by_pk
+    via_api = mount.path / "api" / "v1" / "algorithms" / hidden.pk / "README.md"
+    assert via_api.read_text() == by_pk
     hidden.viewers.add("demo")  # the owner approved the request
     assert os.listdir(stub) == ["README.md"]
-    result = gcfs("refresh", str(mount.path / "algorithms"))
+    result = gcfs(*command[1:])
     assert result.returncode == 0, result.stderr
     assert "algorithm.json" in os.listdir(stub)
     assert hidden.slug in os.listdir(mount.path / "algorithms")
+
+
+def test_image_by_pk_stub_is_true(mount: Mount, fake: FakeGC, world: Any) -> None:
+    """`images/<pk>` of an image the token may not read: its README claims no object that
+    refers to it (none does: the pk was typed in), says the image exists, and its refresh
+    command, run after access is granted, shows the image."""
+    private = world.find_by_slug(world.archives.values(), "brain-mri-private")
+    image = next(i for i in world.images.values() if i.name == "brain-0001.mha")
+    assert not image.visible_to("demo")
+    stub = mount.path / "images" / image.pk
+    assert os.listdir(stub) == ["README.md"]
+    text = (stub / "README.md").read_text()
+    assert "refers to" not in text
+    assert f"The image {image.pk} exists, but your account (demo) may not read it" in text
+    assert f"{fake.base_url}/api/v1/cases/images/{image.pk}/" in text
+    command = refresh_line(stub / "README.md")
+    assert command == ["gcfs", "refresh", f"{mount.path}/images"]
+    via_api = mount.path / "api" / "v1" / "cases" / "images" / image.pk / "README.md"
+    assert via_api.read_text() == text
+    private.viewers.add("demo")  # access granted through the image's archive
+    result = gcfs(*command[1:])
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(stub)) == ["brain-0001.mha", "image.json"]
 
 
 def test_recursive_refresh_and_sighup(mount: Mount, fake: FakeGC, world: Any) -> None:
@@ -220,3 +259,30 @@ def test_memory_follows_what_the_kernel_holds(mount: Mount, fake: FakeGC) -> Non
     )
     for path, (inode, size) in before.items():
         assert (path.stat().st_ino, path.stat().st_size) == (inode, size)
+
+
+def test_refresh_command_is_quoted_for_a_shell() -> None:
+    """A mount point with a space or a quote still gives a command that runs as printed."""
+    from gcfs.render import refresh_command
+
+    line = refresh_command("/home/ann/my gc's/", "algorithms")
+    assert shlex.split(line) == ["gcfs", "refresh", "/home/ann/my gc's/algorithms"]
+
+
+def test_imageless_socket_is_no_warning(mount: Mount, fake: FakeGC, world: Any) -> None:
+    """An image socket whose value holds no image (a valid state on the real server) is shown
+    as nothing and logged once at DEBUG, not as a WARNING at every relisting."""
+    archive = world.find_by_slug(world.archives.values(), "lidc-lung-ct")
+    image = next(i for i in world.images.values() if i.name == "LIDC-IDRI-0001.mha")
+    socket = world.add_socket("broken-image-ci", kind="Image", relative_path="images/broken")
+    value = world.add_value(socket, image=image)
+    value.image = None  # what the real server serves: `"image": null`
+    item = world.add_archive_item(archive, [value], title="image-less")
+    directory = mount.path / "archives" / "lidc-lung-ct" / "items" / item.pk
+    for _ in range(3):  # listed again after each refresh
+        assert sorted(os.listdir(directory)) == ["item.json"]
+        assert gcfs("refresh", "--recursive", str(mount.path / "archives")).returncode == 0
+    said = [line for line in mount.log_text().splitlines() if "holds no image" in line]
+    assert len(said) == 1 and " DEBUG " in said[0], said
+    assert f"value pk {value.pk}" in said[0]
+    assert not [line for line in mount.log_text().splitlines() if " WARNING " in line]

@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from typing import Any
+
+import pytest
 
 from gcfs import layout
 from gcfs.answers_csv import COLUMNS, render_answers_csv
@@ -88,6 +91,28 @@ def test_unreadable_image_is_marked() -> None:
     assert isinstance(images.entries["ct"], layout.Unreadable)
 
 
+def test_imageless_value_is_said_once_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    """An image socket with `"image": null` (the real server has them) shows nothing and is
+    logged once per value pk at DEBUG, however often it is laid out; memory stays bounded."""
+    caplog.set_level(logging.DEBUG, logger="gcfs.layout")
+    layout._imageless_said.clear()
+    empty = {"interface": socket("broken-image-ci", "Image", "images/ci"), "image": None}
+    for _ in range(3):  # three relistings
+        assert layout.lay_out_values([{**empty, "pk": 6}], {}, {}).entries == {}
+    said = [r for r in caplog.records if "holds no image" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.DEBUG]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    layout.lay_out_values([{**empty, "pk": 7}], {}, {})  # another value is said too
+    assert len([r for r in caplog.records if "holds no image" in r.getMessage()]) == 2
+    for pk in range(10_000, 10_000 + 2 * layout.IMAGELESS_REMEMBERED):
+        layout.lay_out_values([{**empty, "pk": pk}], {}, {})
+    assert len(layout._imageless_said) == layout.IMAGELESS_REMEMBERED
+    # An image URL without a pk is still malformed: a warning, as before.
+    caplog.clear()
+    layout.lay_out_values([{**empty, "pk": 8, "image": "https://gc.test/nope/"}], {}, {})
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+
+
 def test_unsafe_segments_are_dropped() -> None:
     value = {"interface": socket("x", "Value", "../../etc/./passwd"), "value": 1}
     tree = layout.lay_out_values([value], {}, {})
@@ -103,7 +128,8 @@ def test_metadata_renamed_when_a_value_takes_its_name() -> None:
 
 
 def test_answers_csv_turns_choices_into_titles() -> None:
-    """Choice ids become option titles; several choices share a cell; others are JSON."""
+    """Every answer cell is JSON: choice ids become option titles (a string, or a list for
+    several), and a Text answer "true" stays a string, told apart from a Bool true."""
     questions = [
         {
             "pk": "q1",
@@ -118,11 +144,13 @@ def test_answers_csv_turns_choices_into_titles() -> None:
             "options": [{"id": 3, "title": "Left, upper"}, {"id": 4, "title": "Right"}],
         },
         {"pk": "q3", "question_text": "Size", "answer_type": "Number", "options": []},
+        {"pk": "q4", "question_text": "Comment", "answer_type": "Text", "options": []},
+        {"pk": "q5", "question_text": "Nodule seen?", "answer_type": "Bool", "options": []},
     ]
     api = "https://gc.test/api/v1/reader-studies"
     ds = "e7f8a9b0-c1d2-4e3f-8a4b-5c6d7e8f9a0b"
-    q = {n: f"00000000-0000-4000-8000-00000000000{n}" for n in (1, 2, 3)}
-    for question, n in zip(questions, (1, 2, 3), strict=True):
+    q = {n: f"00000000-0000-4000-8000-00000000000{n}" for n in (1, 2, 3, 4, 5)}
+    for question, n in zip(questions, (1, 2, 3, 4, 5), strict=True):
         question["pk"] = q[n]
     answers = [
         {
@@ -149,11 +177,30 @@ def test_answers_csv_turns_choices_into_titles() -> None:
             "display_set": f"{api}/display-sets/{ds}/",
             "creator": "reader01",
         },
+        {"pk": "a4", "answer": "true", "question": f"{api}/questions/{q[4]}/"},
+        {"pk": "a5", "answer": True, "question": f"{api}/questions/{q[5]}/"},
+        {"pk": "a6", "answer": [3, 9], "question": f"{api}/questions/{q[2]}/"},  # 9: no option
     ]
     data = render_answers_csv(answers, questions, [{"pk": ds, "title_safe": "case 1"}])
     rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
     assert list(rows[0]) == list(COLUMNS)
-    assert [r["answer"] for r in rows] == ["Yes", "Left, upper; Right", "12.5"]
+    cells = [r["answer"] for r in rows]
+    assert cells == [
+        '"Yes"',
+        '["Left, upper", "Right"]',
+        "12.5",
+        '"true"',
+        "true",
+        '["Left, upper", 9]',
+    ]
+    assert [json.loads(c) for c in cells] == [
+        "Yes",
+        ["Left, upper", "Right"],
+        12.5,
+        "true",
+        True,
+        ["Left, upper", 9],
+    ]
     assert rows[0]["display_set_title"] == "case 1"
     assert rows[0]["question_text"] == "Nodule?"
     assert rows[1]["display_set_pk"] == ""

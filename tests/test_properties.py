@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gcfs import layout
-from gcfs.answers_csv import COLUMNS, render_answers_csv
+from gcfs.answers_csv import CHOICE_TYPES, COLUMNS, render_answers_csv
 from gcfs.errors import BadResponse
 from gcfs.safenames import NAME_MAX, is_safe_name
 
@@ -450,10 +450,18 @@ def test_answers_csv_takes_any_json(
         assert len(row) == len(COLUMNS)
         if isinstance(answer.get("pk"), str):
             assert row[0] == answer["pk"]
-        if isinstance(answer.get("answer"), str):
-            question_type = row[COLUMNS.index("answer_type")]
-            if question_type not in ("Choice", "Multiple choice"):
-                assert row[COLUMNS.index("answer")] == answer["answer"]
+        # One rule for the answer column: every cell is JSON; outside choice questions it is
+        # the answer itself (a text "true" stays a string, never a Bool).
+        cell = json.loads(row[COLUMNS.index("answer")])
+        if row[COLUMNS.index("answer_type")] not in CHOICE_TYPES:
+            assert json.dumps(cell, ensure_ascii=False) == _as_written(answer.get("answer"))
+
+
+def _as_written(value: Any) -> str:
+    """`value` as JSON text the way a UTF-8 file can hold it (a lone surrogate becomes
+    U+FFFD); compared as text because NaN is not equal to itself."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def test_answers_csv_rejects_only_non_lists() -> None:

@@ -382,7 +382,7 @@ def test_dicom_image_set_shows_instances(mount: Mount, world: Any) -> None:
 
 def test_reader_study_files(mount: Mount, fake: FakeGC) -> None:
     """questions.json, display sets with their values, answers.json as served, answers.csv
-    one row per answer with choice titles."""
+    one row per answer, every answer cell JSON, with choice titles."""
     study = api(fake, "reader-studies/", slug="lung-nodule-reader-study")["results"][0]
     directory = mount.path / "reader-studies" / "lung-nodule-reader-study"
     assert json.loads((directory / "questions.json").read_bytes()) == study["questions"]
@@ -405,11 +405,16 @@ def test_reader_study_files(mount: Mount, fake: FakeGC) -> None:
     choice_rows = 0
     for row, answer in zip(rows, answers, strict=True):
         question = questions[row["question_pk"]]
+        cell = json.loads(row["answer"])  # every cell, whatever the type
         if question["answer_type"] in ("Choice", "Multiple choice"):
-            ids = answer["answer"] if isinstance(answer["answer"], list) else [answer["answer"]]
             titles = {o["id"]: o["title"] for o in question["options"]}
-            assert row["answer"] == "; ".join(titles[i] for i in ids)
+            if isinstance(answer["answer"], list):
+                assert cell == [titles[i] for i in answer["answer"]]
+            else:
+                assert cell == titles[answer["answer"]]
             choice_rows += 1
+        else:
+            assert cell == answer["answer"]  # a Text answer stays a string, a Bool a bool
         assert row["creator"] == answer["creator"]
     assert choice_rows > 0
 

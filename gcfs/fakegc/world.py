@@ -78,8 +78,8 @@ class GeneratedContent:
 
     Byte i is byte i % 1 MiB of SHAKE-128(seed || block index as 8 bytes little-endian) for
     block i // 1 MiB, after an optional literal `header` that replaces the first bytes (e.g. a
-    TIFF signature). Any range is computable without the bytes before it; `sha256()` of the
-    whole is computed once, on first use, and cached.
+    TIFF's header and IFD, tiled_tiff). Any range is computable without the bytes before it;
+    `sha256()` of the whole is computed once, on first use, and cached.
     """
 
     def __init__(self, size: int, seed: str, *, header: bytes = b"") -> None:
@@ -181,18 +181,70 @@ def dicom_uid(name: str) -> str:
     return DICOM_UID_ROOT + digits[: 62 - len(DICOM_UID_ROOT)]
 
 
-def dicom_bytes(sop_instance_uid: str, *, payload: bytes = b"") -> bytes:
-    """A tiny stand-in DICOM Part 10 file: 128-byte preamble, "DICM", a few meta elements."""
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+# VRs whose explicit-VR element has 2 reserved bytes and a 4-byte length (PS3.5 §7.1.2).
+_LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"})
 
-    def element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
-        if len(value) % 2:
-            value += b"\x00"
-        return struct.pack("<HH", group, elem) + vr + struct.pack("<H", len(value)) + value
 
-    meta = element(0x0002, 0x0003, b"UI", sop_instance_uid.encode()) + element(
-        0x0002, 0x0010, b"UI", EXPLICIT_VR_LITTLE_ENDIAN.encode()
+def _dicom_element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit-VR little-endian element, its value padded to even length (UIDs with
+    NUL, text with a space, as PS3.5 §6.2 asks)."""
+    if len(value) % 2:
+        value += b"\x00" if vr in (b"UI", b"OB") else b" "
+    tag = struct.pack("<HH", group, elem) + vr
+    if vr in _LONG_VRS:
+        return tag + b"\x00\x00" + struct.pack("<I", len(value)) + value
+    return tag + struct.pack("<H", len(value)) + value
+
+
+def dicom_bytes(
+    sop_instance_uid: str,
+    *,
+    study_instance_uid: str = "",
+    series_instance_uid: str = "",
+    instance_number: int = 1,
+    rows: int = 4,
+    columns: int = 4,
+    seed: int = 0,
+) -> bytes:
+    """A small but valid DICOM Part 10 file (an 8-bit MR slice, explicit VR little endian)
+    that pydicom reads, pixels included: 128-byte preamble, "DICM", the file meta group with
+    its length, then the dataset's elements in ascending tag order."""
+
+    def us(n: int) -> bytes:  # an unsigned short value
+        return struct.pack("<H", n)
+
+    meta = b"".join(
+        [
+            _dicom_element(0x0002, 0x0001, b"OB", b"\x00\x01"),
+            _dicom_element(0x0002, 0x0002, b"UI", MR_IMAGE_STORAGE.encode()),
+            _dicom_element(0x0002, 0x0003, b"UI", sop_instance_uid.encode()),
+            _dicom_element(0x0002, 0x0010, b"UI", EXPLICIT_VR_LITTLE_ENDIAN.encode()),
+            _dicom_element(0x0002, 0x0012, b"UI", dicom_uid("gcfs fakegc").encode()),
+        ]
     )
-    return b"\x00" * 128 + b"DICM" + meta + payload
+    pixels = bytes((i * 5 + seed) % 256 for i in range(rows * columns))
+    dataset = b"".join(
+        [
+            _dicom_element(0x0008, 0x0016, b"UI", MR_IMAGE_STORAGE.encode()),
+            _dicom_element(0x0008, 0x0018, b"UI", sop_instance_uid.encode()),
+            _dicom_element(0x0008, 0x0060, b"CS", b"MR"),
+            _dicom_element(0x0020, 0x000D, b"UI", study_instance_uid.encode()),
+            _dicom_element(0x0020, 0x000E, b"UI", series_instance_uid.encode()),
+            _dicom_element(0x0020, 0x0013, b"IS", str(instance_number).encode()),
+            _dicom_element(0x0028, 0x0002, b"US", us(1)),
+            _dicom_element(0x0028, 0x0004, b"CS", b"MONOCHROME2"),
+            _dicom_element(0x0028, 0x0010, b"US", us(rows)),
+            _dicom_element(0x0028, 0x0011, b"US", us(columns)),
+            _dicom_element(0x0028, 0x0100, b"US", us(8)),
+            _dicom_element(0x0028, 0x0101, b"US", us(8)),
+            _dicom_element(0x0028, 0x0102, b"US", us(7)),
+            _dicom_element(0x0028, 0x0103, b"US", us(0)),
+            _dicom_element(0x7FE0, 0x0010, b"OB", pixels),
+        ]
+    )
+    group_length = _dicom_element(0x0002, 0x0000, b"UL", struct.pack("<I", len(meta)))
+    return b"\x00" * 128 + b"DICM" + group_length + meta + dataset
 
 
 def stable_pk(kind: str, name: str) -> str:
@@ -877,7 +929,15 @@ class World:
         for n, content in enumerate(contents):
             sop = dicom_uid(f"sop:{image.pk}:{n}")
             if content is None:
-                content = dicom_bytes(sop, payload=f"fake instance {n} of {image.name}".encode())
+                content = dicom_bytes(
+                    sop,
+                    study_instance_uid=study,
+                    series_instance_uid=series,
+                    instance_number=n + 1,
+                    rows=image.height or 4,
+                    columns=image.width or 4,
+                    seed=n,
+                )
             instance = DicomInstance(sop, study, series, content)
             image.dicom_instances.append(instance)
             self.dicom_instances[sop] = (image, instance)
@@ -1795,21 +1855,77 @@ def demo_world() -> World:
 
 WSI_SIZE = 300 * 1024 * 1024
 TIFF_SIGNATURE = b"II*\x00\x08\x00\x00\x00"
+TILE = 256  # tile edge of the whole-slide TIFF, in pixels
+TILE_BYTES = TILE * TILE * 3  # an uncompressed 8-bit RGB tile: 192 KiB
+# 41 x 39 tiles = 1599 tiles, which with one tile's room for the header and IFD ahead of them
+# make exactly WSI_SIZE (1600 x 192 KiB = 300 MiB).
+WSI_COLUMNS, WSI_ROWS = 41, 39
+
+
+def tiled_tiff(columns: int, rows: int, seed: str) -> GeneratedContent:
+    """A tiled, uncompressed 8-bit RGB TIFF of `columns` x `rows` tiles of TILE x TILE
+    pixels (one level, no pyramid: tifffile reads it, and so does OpenSlide's generic-TIFF
+    driver, which needs tiles), made lazily: only the header is held.
+
+    Layout: the 8-byte header, one IFD at offset 8 (tags in ascending order, as TIFF 6.0
+    asks), the BitsPerSample triple and the TileOffsets and TileByteCounts arrays after it,
+    zeros up to one tile's room (TILE_BYTES); then tile k (row-major) at TILE_BYTES * (k + 1),
+    its pixels GeneratedContent's pseudo-random bytes (noise, but valid pixels). Offsets
+    are arithmetic, so no byte of a tile is needed to write the header.
+    """
+    count = columns * rows
+    ifd_entries = 12
+    ifd_size = 2 + 12 * ifd_entries + 4
+    bits_at = 8 + ifd_size
+    offsets_at = bits_at + 6
+    counts_at = offsets_at + 4 * count
+    header_end = counts_at + 4 * count
+    if header_end > TILE_BYTES:
+        raise ValueError(f"{count} tiles: their offsets do not fit ahead of the first tile")
+    SHORT, LONG = 3, 4  # TIFF field types
+    entries = [
+        (256, LONG, 1, columns * TILE),  # ImageWidth
+        (257, LONG, 1, rows * TILE),  # ImageLength
+        (258, SHORT, 3, bits_at),  # BitsPerSample: 8, 8, 8 (stored apart: 6 bytes > 4)
+        (259, SHORT, 1, 1),  # Compression: none
+        (262, SHORT, 1, 2),  # PhotometricInterpretation: RGB
+        (277, SHORT, 1, 3),  # SamplesPerPixel
+        (284, SHORT, 1, 1),  # PlanarConfiguration: contiguous (RGBRGB...)
+        (296, SHORT, 1, 1),  # ResolutionUnit: none
+        (322, LONG, 1, TILE),  # TileWidth
+        (323, LONG, 1, TILE),  # TileLength
+        (324, LONG, count, offsets_at),  # TileOffsets
+        (325, LONG, count, counts_at),  # TileByteCounts
+    ]
+    assert len(entries) == ifd_entries
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, n, value in entries:
+        # A single SHORT sits left-justified in the 4-byte value field.
+        packed = (
+            struct.pack("<HH", value, 0) if kind == SHORT and n == 1 else struct.pack("<I", value)
+        )
+        ifd += struct.pack("<HHI", tag, kind, n) + packed
+    ifd += struct.pack("<I", 0)  # no next IFD
+    header = (
+        TIFF_SIGNATURE
+        + ifd
+        + struct.pack("<3H", 8, 8, 8)
+        + struct.pack(f"<{count}I", *(TILE_BYTES * (k + 1) for k in range(count)))
+        + struct.pack(f"<{count}I", *([TILE_BYTES] * count))
+    )
+    return GeneratedContent(TILE_BYTES * (count + 1), seed, header=header.ljust(TILE_BYTES, b"\0"))
 
 
 def _demo_large_files(w: World) -> None:
     """A 300 MiB whole-slide TIFF (generated content) as item picai-10005 of prostate-mri-picai."""
     picai = w.find_by_slug(w.archives.values(), "prostate-mri-picai")
+    content = tiled_tiff(WSI_COLUMNS, WSI_ROWS, "biopsy-10005-wsi.tif")
+    assert content.size == WSI_SIZE
     wsi = w.add_image(
         "biopsy-10005-wsi.tif",
-        [
-            (
-                "biopsy-10005-wsi.tif",
-                GeneratedContent(WSI_SIZE, "biopsy-10005-wsi.tif", header=TIFF_SIGNATURE),
-            )
-        ],
-        width=98304,
-        height=215040,
+        [("biopsy-10005-wsi.tif", content)],
+        width=WSI_COLUMNS * TILE,
+        height=WSI_ROWS * TILE,
         color_space="RGB",
         modality="XC",
     )
