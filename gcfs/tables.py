@@ -177,7 +177,7 @@ def value_cells(
 ) -> dict[str, str]:
     """slug -> cell for a list of values laid out in the directory `base` (relative to the
     table). `images`: image pk -> image JSON of every image the token may read; None when
-    the images are not known (a job's: the table then names each image's directory)."""
+    the images are not known (the cell then names each image's directory)."""
     inline = _inline_cells(values, base)
     if inline is not None:
         return inline

@@ -194,11 +194,12 @@ def test_display_sets_csv_cells_are_the_values_and_paths_that_open(
 
 def test_jobs_csv_columns_and_cells(mount_gcfs: Callable[..., Mount], fake: FakeGC) -> None:
     """jobs.csv: pk, status (no `created`: jobs have none), then `input:<slug>` and
-    `output:<slug>` columns. Value and file cells as in items.csv; an image cell names the
-    image's directory under inputs/ or outputs/ (its files are not listed without a request
-    per job), which holds the image's files."""
+    `output:<slug>` columns; every cell as in items.csv: a value's bytes, a file's path, an
+    image's `.mha` (or `.mhd`, `.tif`, DICOM directory) under inputs/ or outputs/, opened and
+    compared with the server's bytes. The job image filters fail as on the real server (500),
+    so the images come one by one, as for the jobs' inputs/ and outputs/ directories."""
     mount = mount_gcfs()
-    images = 0
+    kinds: list[str] = []
     for slug in ("corads-ai", "nodule-detector"):
         table_dir = mount.path / "algorithms" / slug
         header, rows = read_table(table_dir / "jobs.csv")
@@ -219,18 +220,9 @@ def test_jobs_csv_columns_and_cells(mount_gcfs: Callable[..., Mount], fake: Fake
                 group, _, socket = column.partition(":")
                 key = f"{group}s"
                 value = values_by_slug(job[key]).get(socket)
-                cell, base = row[column], f"jobs/{job['pk']}/{key}"
-                if value is None or not value.get("image"):
-                    check_value_cell(fake, table_dir, base, cell, value)
-                    continue
-                segments = layout.path_segments(layout.socket_of(value)["relative_path"])
-                assert cell == "/".join([base, *segments])
-                image = httpx.get(value["image"], headers=AUTH).json()
-                names = {layout.file_name_of(f["file"]) for f in image["files"]}
-                names = {n for n in names if not n.endswith(".dzi")}
-                assert names and names <= set(os.listdir(table_dir / cell))
-                images += 1
-    assert images
+                base = f"jobs/{job['pk']}/{key}"
+                kinds.append(check_value_cell(fake, table_dir, base, row[column], value))
+    assert "image" in kinds and "value" in kinds
 
 
 def test_a_table_of_10000_items_costs_only_its_listing(
