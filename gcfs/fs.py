@@ -39,7 +39,6 @@ from .apitree import api_root
 from .cache import MetadataCache
 from .errors import (
     BadResponse,
-    GcfsError,
     NotADirectory,
     NotFound,
     PermissionDenied,
@@ -570,18 +569,9 @@ class GcFilesystem:
             self._children_of.pop(inode, None)
 
     async def listdir(self, inode: int) -> list[Node]:
-        nodes = list((await self.children(self.directory(inode))).values())
-        shown = []
-        for node in nodes:
-            try:
-                await self.ready(node)  # READDIRPLUS gives the kernel every entry's size
-            except GcfsError as exc:
-                # A table whose listing fails must not fail its directory (archive.json and
-                # items/ still list): it is left out, and looking it up gives the error.
-                log.info("%s left out of its directory: %s", node.identity, exc)
-                continue
-            shown.append(node)
-        return shown
+        # A table (tree.TableFile) is listed without being rendered: its attributes expire at
+        # once (fuse_ops), so its size is made true by the getattr that precedes any use.
+        return list((await self.children(self.directory(inode))).values())
 
 
 class _StoredAnswers:

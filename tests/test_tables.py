@@ -292,15 +292,17 @@ def test_a_table_changes_when_its_listing_does(
 def test_a_table_whose_listing_fails_leaves_its_directory_listing(
     mount_gcfs: Callable[..., Mount], fake: FakeGC
 ) -> None:
-    """The server fails the item listing: the archive's directory still lists (without
-    items.csv), items.csv itself is EIO, and once the server answers the table is back."""
+    """The server fails the item listing: the archive's directory still lists (a table is
+    listed before it is rendered), items.csv itself is EIO (stat and read), and once the
+    server answers the table is back."""
     mount = mount_gcfs()
     directory = mount.path / "archives" / "lidc-lung-ct"
     fake.faults.configure(error_rates={500: 1.0}, only={"archives-items-list"})
-    assert sorted(os.listdir(directory)) == ["archive.json", "items"]
-    with pytest.raises(OSError) as failed:
-        (directory / "items.csv").read_bytes()
-    assert failed.value.errno == errno.EIO
+    assert sorted(os.listdir(directory)) == ["archive.json", "items", "items.csv"]
+    for attempt in (os.stat, Path.read_bytes):
+        with pytest.raises(OSError) as failed:
+            attempt(directory / "items.csv")
+        assert failed.value.errno == errno.EIO
     fake.faults.clear()
 
     def back() -> bool:
@@ -312,3 +314,28 @@ def test_a_table_whose_listing_fails_leaves_its_directory_listing(
             return False
 
     poll(back, 15, "items.csv once the listing answers")
+
+
+def test_listing_a_large_archive_does_not_wait_for_its_table(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC, world: Any
+) -> None:
+    """`ls` of an archive whose item listing is still arriving answers at once: the table
+    is listed before it is rendered (no item listing request at all for the `ls`), and its
+    size is true as soon as a program looks at it (stat waits for the listing and the
+    render, and equals the bytes read)."""
+    big_archive(world, 3000)
+    mount = mount_gcfs()
+    directory = mount.path / "archives" / "big"
+    fake.reset_counts()
+    fake.faults.hold_pages_from = 100
+    try:
+        assert sorted(os.listdir(directory)) == ["archive.json", "items", "items.csv"]
+        assert fake.count("archives-items-list") == 0
+    finally:
+        fake.faults.hold_pages_from = None
+    size = os.stat(directory / "items.csv").st_size
+    data = (directory / "items.csv").read_bytes()
+    assert size == len(data) and data.count(b"\r\n") == 3001
+    # What a directory walk sees (scandir's stat) is the same true size.
+    sizes = {e.name: e.stat().st_size for e in os.scandir(directory) if e.is_file()}
+    assert sizes["items.csv"] == size
