@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import marker, safeio
-from .blockfiles import STORE_DIR, key_digest
+from .blockfiles import STORE_DIR, _pread_all, key_digest
 from .blockindex import KIND_BLOCK, KIND_DROPPED, RECORD_SIZE, parse_records
 from .blockstore import DEFAULT_BLOCK_SIZE, INDEX_LIMIT
 from .errors import UserError
@@ -394,7 +394,7 @@ class Checker:
         damaged: list[int] = []
         for first, last in _runs(sorted(blocks), SPAN):
             length = (last - first) * bs + blocks[last][0]
-            got = _pread_full(fd, view[:length], first * bs)
+            got = _pread_all(fd, view[:length], first * bs)
             for i in range(first, last + 1):
                 size_i, crc = blocks[i]
                 at = (i - first) * bs
@@ -405,17 +405,6 @@ class Checker:
             if progress is not None:
                 progress.add(got)
         return damaged
-
-
-def _pread_full(fd: int, view: memoryview, offset: int) -> int:
-    """Fill `view` from `offset`; fewer bytes only at the end of the file."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            break
-        done += n
-    return done
 
 
 def _runs(indices: list[int], span: int) -> Iterator[tuple[int, int]]:
