@@ -24,7 +24,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -286,16 +286,32 @@ async def _mount_and_serve(
     operations = GcfsOperations(fs, op_timeout=cfg.op_timeout)
     # Resolved before mounting: afterwards, looking at the mount point would ask us.
     canonical = await trio.to_thread.run_sync(os.path.realpath, cfg.mountpoint)
-    try:
-        pyfuse3.init(operations, str(cfg.mountpoint), mount_options(cfg, MOUNT_OPTIONS))
-    except RuntimeError as exc:
-        raise UserError(f"cannot mount on {cfg.mountpoint}: {exc}") from None
+    # The receiver is open before the mount appears: a SIGTERM sent as soon as the mount is
+    # seen (systemd stopping a unit just started, a script) is queued for _handle_signals
+    # instead of killing the daemon by its default action and leaving a dead mount behind.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        try:
+            pyfuse3.init(operations, str(cfg.mountpoint), mount_options(cfg, MOUNT_OPTIONS))
+        except RuntimeError as exc:
+            raise UserError(f"cannot mount on {cfg.mountpoint}: {exc}") from None
+        await _serve(cfg, fs, operations, canonical, username, on_ready, signals)
+
+
+async def _serve(
+    cfg: Config,
+    fs: GcFilesystem,
+    operations: GcfsOperations,
+    canonical: str,
+    username: str,
+    on_ready: Callable[[], None],
+    signals: AsyncIterator[int],
+) -> None:
     fs.mountpoint = str(cfg.mountpoint)
     fs.log_file = str(cfg.log_file) if cfg.log_file is not None else None
     try:
         async with trio.open_nursery() as nursery:
             fs.attach(nursery)
-            nursery.start_soon(_handle_signals, fs)
+            nursery.start_soon(_handle_signals, fs, signals)
             if not fs.offline:  # issue 15: a down server answers at once; one task probes it
                 fs.api.outage.watch(nursery, fs.api.probe)
                 fs.cache.attach(nursery, deadline=cfg.op_timeout, origin=fs.api.outage)
@@ -332,14 +348,13 @@ async def _when_initialized(
     on_ready()
 
 
-async def _handle_signals(fs: GcFilesystem) -> None:
+async def _handle_signals(fs: GcFilesystem, signals: AsyncIterator[int]) -> None:
     """SIGTERM/SIGINT unmount; SIGHUP forgets every cached listing and object."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                entries, inodes = fs.forget_everything()
-                await invalidate(entries, inodes)
-                log.info("SIGHUP: forgot every cached listing and object")
-                continue
-            log.info("%s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            entries, inodes = fs.forget_everything()
+            await invalidate(entries, inodes)
+            log.info("SIGHUP: forgot every cached listing and object")
+            continue
+        log.info("%s: unmounting", signal.Signals(signum).name)
+        pyfuse3.terminate()
