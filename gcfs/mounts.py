@@ -80,7 +80,9 @@ def gcfs_mountpoints(mountinfo: str, uid: int) -> list[str]:
 def _runtime_dirs() -> list[Path]:
     """Where daemons of this user leave pid files: the runtime directory, and /tmp/gcfs-UID
     too (a mount started without XDG_RUNTIME_DIR, from cron or a batch job, uses that)."""
-    candidates = [runtime.runtime_dir(), Path(f"/tmp/gcfs-{os.getuid()}")]
+    candidates = [Path(f"/tmp/gcfs-{os.getuid()}")]
+    with contextlib.suppress(runtime.UnsafeRuntimeDir):
+        candidates.insert(0, runtime.runtime_dir())
     found: list[Path] = []
     for directory in candidates:
         with contextlib.suppress(OSError):

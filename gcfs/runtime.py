@@ -3,7 +3,8 @@
 `gcfs umount` uses the pid file to wait until the daemon has really gone (and with it the
 demo server), instead of returning while it is still shutting down. Files live in
 `$XDG_RUNTIME_DIR/gcfs` (per user, tmpfs, removed at logout) or, without it,
-`/tmp/gcfs-<uid>`; the directory is 0700.
+`/tmp/gcfs-<uid>`; the directory is 0700, and one that is not private to the user (a
+link, another user's, open to others) is refused, never repaired.
 
 Each mount's files there are named by a key, 16 hex digits of a hash of its mount point:
 `<key>.pid`, `<key>.sock` and, in the background, `<key>.log` with its rotated backups
@@ -23,17 +24,45 @@ import time
 from pathlib import Path
 
 from . import safeio
+from .errors import UserError
 from .logsetup import BACKUP_COUNT
 
 
+class UnsafeRuntimeDir(UserError):
+    """The runtime directory is not a private directory of the user's."""
+
+
 def runtime_dir() -> Path:
+    """`$XDG_RUNTIME_DIR/gcfs`, else `/tmp/gcfs-<uid>`, made 0700 if missing. /tmp is
+    everybody's: another user may have made that name first, as a directory of theirs or a
+    link to one (to /etc, for a daemon run as root). Such a directory is refused, never
+    chmod-ed or written into (as tmux and ssh-agent refuse theirs): the pid file, the control
+    socket and the log would be another user's to read, replace or point elsewhere."""
     base = os.environ.get("XDG_RUNTIME_DIR")
     path = Path(base) / "gcfs" if base else Path(f"/tmp/gcfs-{os.getuid()}")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        path.chmod(0o700)
+    try:
+        # O_NOFOLLOW: a link in its place is refused (ELOOP), and so is anything not a directory.
+        fd, _ = safeio.make_directory(path, 0o700)
+    except OSError as exc:
+        raise UnsafeRuntimeDir(
+            f"cannot use {path} for gcfs's pid and log files ({exc.strerror}); it must be a"
+            f" directory of yours, not a link: remove it, or set XDG_RUNTIME_DIR"
+        ) from None
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise UnsafeRuntimeDir(
+            f"{path} is not private to you ({_owner_and_mode(info)}): gcfs keeps its pid and"
+            f" log files there; remove it, or set XDG_RUNTIME_DIR"
+        )
     return path
+
+
+def _owner_and_mode(info: os.stat_result) -> str:
+    owner = "yours" if info.st_uid == os.getuid() else f"owned by uid {info.st_uid}"
+    return f"{owner}, mode {stat.S_IMODE(info.st_mode):04o}"
 
 
 def _key(mountpoint: Path) -> str:
@@ -65,7 +94,7 @@ def read_pid(mountpoint: Path) -> int | None:
     try:
         first = pid_file(mountpoint).read_text(encoding="utf-8").split("\n", 1)[0]
         return int(first)
-    except (OSError, ValueError):
+    except (OSError, ValueError, UnsafeRuntimeDir):  # never a pid another user wrote
         return None
 
 
@@ -107,7 +136,7 @@ def remove_stale(now: float | None = None) -> list[str]:
     now = time.time() if now is None else now
     try:
         fd = safeio.open_directory(runtime_dir())
-    except OSError:
+    except (OSError, UnsafeRuntimeDir):
         return []
     removed: list[str] = []
     try:
