@@ -148,6 +148,35 @@ def read_xattrs(path: Path) -> dict[str, str]:
 # limits only bound what a hostile or mistaken file makes us read.
 MANIFEST_LIMIT = 1 << 20
 TREE_LIMIT = 1 << 32
+# The deepest directory a snapshot records is about 8 below its root (api/v1/<kind>/<pk>/...
+# or archives/<slug>/items/<pk>/<dicom set>/); a tree.json nested deeper than 64 is refused, so
+# nothing that walks the tree comes near Python's recursion limit of 1,000, which a hostile
+# file nested 100,000 deep would otherwise reach (a RecursionError, not a message).
+TREE_DEPTH_LIMIT = 64
+
+
+def decode_json(data: bytes) -> Any:
+    """json.loads, where JSON nested too deeply for the decoder (a RecursionError) is a
+    ValueError like any other file that is not JSON."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def too_deep(root: dict[str, Any], limit: int = TREE_DEPTH_LIMIT) -> bool:
+    """Whether directories in the recorded tree nest deeper than `limit` (without recursion)."""
+    stack: list[tuple[Any, int]] = [(root, 0)]
+    while stack:
+        spec, depth = stack.pop()
+        if depth > limit:
+            return True
+        stack.extend(
+            (child, depth + 1)
+            for child in _entries(spec).values()
+            if isinstance(child, dict) and child.get("type") == "dir"
+        )
+    return False
 
 
 def _read_json(directory_fd: int, name: str, limit: int) -> Any:
@@ -160,7 +189,7 @@ def _read_json(directory_fd: int, name: str, limit: int) -> Any:
         if size > limit:
             raise OSError(errno.EFBIG, f"larger than {limit} bytes")
         with os.fdopen(os.dup(fd), "rb") as stream:
-            return json.loads(stream.read(limit + 1))
+            return decode_json(stream.read(limit + 1))
     finally:
         os.close(fd)
 
@@ -225,15 +254,33 @@ def _tree_at(directory_fd: int, shown: str) -> tuple[dict[str, Any], dict[str, A
         or tree.get("format") != FORMAT
     ):
         raise UserError(f"the {TREE} in {shown} holds no {FORMAT} tree")
+    if too_deep(root):
+        raise UserError(
+            f"the {TREE} in {shown} holds no {FORMAT} tree: its directories nest deeper"
+            f" than {TREE_DEPTH_LIMIT}"
+        )
     return root, manifest
 
 
 def walk_files(spec: dict[str, Any], relative: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-    """(path, spec) of every file below a recorded directory."""
-    for name, child in spec.get("entries", {}).items():
-        path = f"{relative}/{name}" if relative else name
+    """(path, spec) of every file below a recorded directory, depth first in recorded order;
+    entries that are not records of a file or directory are passed over. Without recursion:
+    however deep a (hostile) tree, no RecursionError."""
+    stack: list[Iterator[tuple[str, Any]]] = [iter(_entries(spec).items())]
+    prefixes = [relative]
+    while stack:
+        step = next(stack[-1], None)
+        if step is None:
+            stack.pop()
+            prefixes.pop()
+            continue
+        name, child = step
+        path = f"{prefixes[-1]}/{name}" if prefixes[-1] else name
+        if not isinstance(child, dict):
+            continue
         if child.get("type") == "dir":
-            yield from walk_files(child, path)
+            stack.append(iter(_entries(child).items()))
+            prefixes.append(path)
         elif child.get("type") == "file":
             yield path, child
 
@@ -569,7 +616,7 @@ def _stored_objects(store: BlockStore, spec: Any) -> list[dict[str, Any]]:
     if sum(got.values()) != size or len(got) != count:
         return []
     try:
-        found = json.loads(bytes(buffer[:size]))
+        found = decode_json(bytes(buffer[:size]))
     except ValueError:
         return []
     return [o for o in found if isinstance(o, dict)] if isinstance(found, list) else []
@@ -995,9 +1042,11 @@ def _publish(
 
 __all__ = [
     "FORMAT",
+    "decode_json",
     "generated_key",
     "load_manifest",
     "load_tree",
     "snapshot_command",
+    "too_deep",
     "walk_files",
 ]

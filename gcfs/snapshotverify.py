@@ -35,7 +35,6 @@ tree.json or a record gives. Paths printed from tree.json have control character
 from __future__ import annotations
 
 import errno
-import json
 import mmap
 import os
 import sys
@@ -53,7 +52,7 @@ from .blockindex import KIND_BLOCK, KIND_DROPPED, RECORD_SIZE, parse_records
 from .blockstore import DEFAULT_BLOCK_SIZE, INDEX_LIMIT
 from .errors import UserError
 from .progress import ProgressLine, fetch_parallel
-from .snapshot import FORMAT, TREE, TREE_LIMIT, walk_files
+from .snapshot import FORMAT, TREE, TREE_DEPTH_LIMIT, TREE_LIMIT, decode_json, too_deep, walk_files
 from .units import format_size
 
 SHOWN = "the snapshot directory given with --verify"  # never its path: an option's value
@@ -182,7 +181,7 @@ def _load_tree(top: int) -> dict[str, Any]:
         if os.fstat(fd).st_size > TREE_LIMIT:
             raise OSError(errno.EFBIG, f"larger than {TREE_LIMIT} bytes")
         with os.fdopen(os.dup(fd), "rb") as stream:
-            tree = json.loads(stream.read(TREE_LIMIT + 1))
+            tree = decode_json(stream.read(TREE_LIMIT + 1))
     except OSError as exc:
         raise UserError(f"the {TREE} in {SHOWN} cannot be read: {_reason(exc)}") from None
     except ValueError:
@@ -193,6 +192,11 @@ def _load_tree(top: int) -> dict[str, Any]:
     root = tree.get("root") if isinstance(tree, dict) else None
     if not isinstance(root, dict) or root.get("type") != "dir" or tree.get("format") != FORMAT:
         raise UserError(f"the {TREE} in {SHOWN} holds no {FORMAT} tree")
+    if too_deep(root):
+        raise UserError(
+            f"the {TREE} in {SHOWN} holds no {FORMAT} tree: its directories nest deeper"
+            f" than {TREE_DEPTH_LIMIT}"
+        )
     return root
 
 
