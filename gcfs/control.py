@@ -32,7 +32,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -228,6 +228,25 @@ def request(mountpoint: Path, message: dict[str, Any], *, timeout: float = 120.0
     if not reply.get("ok"):
         raise UserError(str(reply.get("error", "the daemon refused")))
     return reply
+
+
+# Files asked about per "files" request: its answer is one JSON line of ~100 bytes per file.
+PATHS_PER_REQUEST = 500
+
+
+def files_info(mountpoint: Path, paths: list[str], *, cached: bool = False) -> Iterator[Any]:
+    """The daemon's answer about each of `paths` (inside the mount), in order, asked of it
+    PATHS_PER_REQUEST at a time: one request per file was a round trip each, seconds for
+    10,000 files before prefetch read a byte. `cached`: with the bytes the cache holds."""
+    for start in range(0, len(paths), PATHS_PER_REQUEST):
+        batch = paths[start : start + PATHS_PER_REQUEST]
+        message: dict[str, Any] = {"op": "files", "paths": batch}
+        if cached:
+            message["cached"] = True
+        answers = request(mountpoint, message)["files"]
+        if not isinstance(answers, list) or len(answers) != len(batch):
+            raise UserError(f"the gcfs daemon of {mountpoint} answered for other files")
+        yield from answers
 
 
 def refresh_command(path: Path, *, recursive: bool) -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .control import find_mount, request
+from .control import files_info, find_mount, request
 from .errors import UserError
 from .progress import ProgressLine, fetch_parallel
 from .units import format_size
@@ -30,8 +30,6 @@ CHUNK = 1 << 20  # read size: the daemon's block size
 # S3) before its first byte; eight overlap those for small files, and for large ones the
 # daemon's 64 MiB read-ahead budget is what they share (one file alone fills 32 MiB).
 PARALLEL_FILES = 8
-# Files asked about per control request: its answer is one JSON line of ~100 bytes per file.
-PATHS_PER_REQUEST = 500
 
 
 @dataclass
@@ -56,19 +54,16 @@ def require_existing(path: Path) -> None:
 
 def make_plan(path: Path, mountpoint: Path, relative: str) -> Plan:
     """The files under PATH with their sizes and what the block cache holds of them, asked
-    of the daemon PATHS_PER_REQUEST at a time (one request per file was a round trip each:
-    seconds for 10,000 files before the first byte)."""
+    of the daemon in batches (control.files_info)."""
     files: list[tuple[Path, str, int, int]] = []
     walk_root = mountpoint / relative if relative != "." else mountpoint
     candidates = [walk_root] if walk_root.is_file() else []
     for directory, _, names in os.walk(walk_root):
         candidates.extend(Path(directory) / name for name in sorted(names))
-    for start in range(0, len(candidates), PATHS_PER_REQUEST):
-        batch = candidates[start : start + PATHS_PER_REQUEST]
-        inside = [str(candidate.relative_to(mountpoint)) for candidate in batch]
-        reply = request(mountpoint, {"op": "files", "paths": inside, "cached": True})
-        for candidate, where, info in zip(batch, inside, reply["files"], strict=True):
-            files.append((candidate, where, int(info["size"]), int(info["cached_bytes"])))
+    inside = [str(candidate.relative_to(mountpoint)) for candidate in candidates]
+    answers = files_info(mountpoint, inside, cached=True)
+    for candidate, where, info in zip(candidates, inside, answers, strict=True):
+        files.append((candidate, where, int(info["size"]), int(info["cached_bytes"])))
     return Plan(files)
 
 

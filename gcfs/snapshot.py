@@ -101,11 +101,10 @@ from typing import Any, TextIO
 from . import __version__, cachedir, marker, render, safeio
 from .blockstore import NO_LIMIT, BlockStore
 from .config import default_cache_dir
-from .control import find_mount, request
+from .control import files_info, find_mount, request
 from .errors import UserError
 from .names import API_DIR, is_uuid
 from .nodes import FileNode, describe
-from .prefetch import PATHS_PER_REQUEST
 from .progress import ProgressLine, fetch_parallel
 from .units import format_size
 
@@ -910,13 +909,11 @@ def _normalized(subtrees: list[str]) -> list[str]:
 
 def _file_keys(root: Path, files: list[tuple[str, dict[str, Any]]]) -> None:
     """Ask the daemon which files are remote (their key) and generated (no key)."""
-    for start in range(0, len(files), PATHS_PER_REQUEST):
-        batch = files[start : start + PATHS_PER_REQUEST]
-        reply = request(root, {"op": "files", "paths": [relative for relative, _ in batch]})
-        for (_, spec), info in zip(batch, reply["files"], strict=True):
-            if info.get("key"):
-                spec["key"] = str(info["key"])
-                spec["size"] = int(info["size"])
+    answers = files_info(root, [relative for relative, _ in files])
+    for (_, spec), info in zip(files, answers, strict=True):
+        if info.get("key"):
+            spec["key"] = str(info["key"])
+            spec["size"] = int(info["size"])
 
 
 def snapshot_command(
