@@ -997,9 +997,18 @@ def _record(
     )
     fetcher = Fetcher(root, store, jobs)
     fetcher.run(files, progress)
-    fetcher.files = len(files)
+    fetcher.files = sum(1 for relative, _ in files if _counted(relative, subtrees))
     progress.finish()
     return fetcher
+
+
+def _counted(relative: str, subtrees: list[str]) -> bool:
+    """Whether a recorded file counts as one of the snapshot's files, as the manifest counts
+    them: a file under images/ or api/ shows an object already counted under archives/,
+    algorithms/ or reader-studies/ again, unless it is inside a subtree the user named."""
+    if relative.split("/", 1)[0] not in IDENTIFIERS:
+        return True
+    return any(s and (relative == s or relative.startswith(s + "/")) for s in subtrees)
 
 
 def _publish(

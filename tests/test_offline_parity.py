@@ -116,6 +116,10 @@ def api_requests(fake: FakeGC) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
 def snapshot_of(online: Mount, to: Path) -> None:
     taken = gcfs("snapshot", *(str(online.path / s) for s in SUBTREES), "--to", str(to))
     assert taken.returncode == 0, taken.stderr
+    # The end line counts files as the manifest does: images/<pk> is not counted twice.
+    manifest = json.loads((to / "manifest.json").read_text())
+    last = taken.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"snapshot: {manifest['files']} files under "), (last, manifest)
 
 
 def test_an_offline_mount_resolves_every_identifier_its_snapshot_holds(
