@@ -23,6 +23,7 @@ from .config import TokenSource
 from .errors import BadResponse, GcfsError, NotFound, PermissionDenied, Unavailable, one_error
 from .health import EndpointHealth, endpoint_family
 from .retry import (
+    LIVENESS_TIMEOUT,
     PROBE_BUDGET,
     OutageLog,
     RetryPolicy,
@@ -98,6 +99,15 @@ class GcApiClient:
             headers={"User-Agent": "gcfs", "Accept": "application/json"},
             transport=transport,
         )
+        # The liveness check's own connection (retry.STALL_AFTER): the pool above may be full
+        # of the very requests that wait, and the check must not queue behind them.
+        self._check_http = httpx.AsyncClient(
+            timeout=httpx.Timeout(min(http_timeout, LIVENESS_TIMEOUT)),
+            limits=httpx.Limits(max_connections=1),
+            follow_redirects=False,
+            headers={"User-Agent": "gcfs", "Accept": "application/json"},
+            transport=transport,
+        )
 
     @property
     def auth_headers(self) -> Mapping[str, str]:
@@ -107,6 +117,7 @@ class GcApiClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self._check_http.aclose()
 
     async def __aenter__(self) -> GcApiClient:
         return self
@@ -235,6 +246,21 @@ class GcApiClient:
         one authenticated GET of `profiles/users/self/` (small, the one request every token
         may make). Any answer ends the outage, whatever its status (`retrying` notices)."""
         await self._send(self.api_url + "profiles/users/self/", None, auth=True, retry=PROBE_RETRY)
+
+    async def check_alive(self) -> None:
+        """Whether the site answers anything now, for the liveness check of a request that
+        waits (OutageLog.watch): one GET of `profiles/users/self/` on a connection of its own,
+        no retry, at most LIVENESS_TIMEOUT s. Any HTTP answer is an answer, whatever its
+        status; none raises Unreachable. Not counted as a request of the mount's: it reads
+        nothing for a user."""
+        url = self.api_url + "profiles/users/self/"
+        try:
+            response = await self._check_http.get(url, headers=dict(self.token.headers))
+        except httpx.TimeoutException as exc:
+            raise Unreachable(f"GET {url}: timed out", timed_out=True) from exc
+        except httpx.HTTPError as exc:
+            raise Unreachable(f"GET {url}: {type(exc).__name__}") from exc
+        log.debug("liveness check: GET %s -> %d", url, response.status_code)
 
     # -- listings --------------------------------------------------------------------------
 

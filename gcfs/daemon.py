@@ -313,7 +313,7 @@ async def _serve(
             fs.attach(nursery)
             nursery.start_soon(_handle_signals, fs, signals)
             if not fs.offline:  # issue 15: a down server answers at once; one task probes it
-                fs.api.outage.watch(nursery, fs.api.probe)
+                fs.api.outage.watch(nursery, fs.api.probe, check=fs.api.check_alive)
                 fs.cache.attach(nursery, deadline=cfg.op_timeout, origin=fs.api.outage)
             await nursery.start(serve_control, fs, cfg.mountpoint, invalidate)
             nursery.start_soon(_when_initialized, operations, canonical, on_ready)

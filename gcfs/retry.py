@@ -14,13 +14,14 @@ reset, timeouts) or 502/503/504 after the retries; a 500 or a 429 is an answer.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import email.utils
 import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -102,6 +103,19 @@ PROBE_MAX_DELAY = 30.0
 # back, and the probe waits on nobody.
 PROBE_BUDGET = 10.0
 
+# Telling a silent origin from a slow one before a request's own timeout (30 s by default):
+# once an attempt has waited STALL_AFTER seconds and the origin has answered nothing at all
+# since it began, one liveness check (`watch(check=...)`: the smallest request, on a
+# connection of its own) gets LIVENESS_TIMEOUT seconds. Any answer: the origin is slow on
+# that request, which keeps its budget. None: the origin is down, and every attempt waiting on
+# it ends at once (a black-holed server: a path never seen gets EIO after ~7 s, not 30; one
+# seen is served from the cache after STALE_GRACE all along). 5 s is ~20x what the real
+# site takes for `profiles/users/self/`; a server slower than that on its cheapest request,
+# while answering nothing else, is not serving. A check repeats only after another
+# STALL_AFTER of silence.
+STALL_AFTER = 2.0
+LIVENESS_TIMEOUT = 5.0
+
 # Set in the probe task of an origin: the only task whose requests go out while it is down.
 _PROBING: contextvars.ContextVar[OutageLog | None] = contextvars.ContextVar(
     "gcfs_probing", default=None
@@ -137,9 +151,16 @@ class OutageLog:
         self.last_outage: float | None = None  # seconds the previous outage lasted
         self.probes = 0
         self.last_answer_at = -math.inf  # trio's clock: the last answer of the origin
+        self.liveness_checks = 0
         self._nursery: trio.Nursery | None = None
         self._probe: Callable[[], Awaitable[object]] | None = None
         self._probing = False
+        # Attempts waiting on the origin (their cancel scopes, when each began), for the
+        # liveness check; as many as run at once (the client's connection limit and those
+        # queued for it), each removed when it ends.
+        self._check: Callable[[], Awaitable[object]] | None = None
+        self._waiting: dict[trio.CancelScope, float] = {}
+        self._waiting_changed = trio.Event()
 
     def is_down(self) -> bool:
         return self.down_since is not None
@@ -149,14 +170,96 @@ class OutageLog:
         """A background probe notices the end of an outage (`watch`)."""
         return self._probe is not None
 
-    def watch(self, nursery: trio.Nursery, probe: Callable[[], Awaitable[object]]) -> None:
+    def watch(
+        self,
+        nursery: trio.Nursery,
+        probe: Callable[[], Awaitable[object]],
+        *,
+        check: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
         """From now on, while the origin is down no request goes out but `probe()`, called by
         one task in `nursery` with backoff until the origin answers. `probe` must send its
-        request through `retrying` with this OutageLog (that is how an answer is noticed)."""
+        request through `retrying` with this OutageLog (that is how an answer is noticed).
+        With `check` (one request, not through `retrying`, raising GcfsError if it gets no
+        answer), a task in `nursery` tells a silent origin from a slow one (STALL_AFTER)."""
         self._nursery = nursery
         self._probe = probe
+        if check is not None and self._check is None:
+            self._check = check
+            nursery.start_soon(self._watch_for_silence)
         if self.is_down():
             self._start_probe()
+
+    @contextlib.contextmanager
+    def attempt(self) -> Iterator[trio.CancelScope]:
+        """Around one attempt: while it waits, the liveness check may find the origin silent
+        and end it (the scope's `cancelled_caught`: the caller raises Unreachable)."""
+        scope = trio.CancelScope()
+        if self._check is None:
+            with scope:
+                yield scope
+            return
+        self._waiting[scope] = trio.current_time()
+        self._wake()
+        try:
+            with scope:
+                yield scope
+        finally:
+            del self._waiting[scope]
+
+    def _wake(self) -> None:
+        self._waiting_changed.set()
+        self._waiting_changed = trio.Event()
+
+    def _silence(self) -> float | None:
+        """Seconds the oldest waiting attempt has waited with no answer from the origin since
+        (None: nothing waits, or the origin is known down already)."""
+        if self.is_down() or not self._waiting:
+            return None
+        since = max(min(self._waiting.values()), self.last_answer_at)
+        return trio.current_time() - since
+
+    async def _watch_for_silence(self) -> None:
+        """The one task that runs liveness checks. Raises nothing: it runs in the daemon's
+        nursery, where an exception would end the mount."""
+        while True:
+            try:
+                silence = self._silence()
+                if silence is None or silence < STALL_AFTER:
+                    wait = math.inf if silence is None else STALL_AFTER - silence
+                    with trio.move_on_after(wait):
+                        await self._waiting_changed.wait()
+                    continue
+                await self._check_liveness(silence)
+            except Exception as exc:
+                report_bug("the liveness check of the server", exc)
+                await trio.sleep(STALL_AFTER)
+
+    async def _check_liveness(self, silence: float) -> None:
+        assert self._check is not None
+        self.liveness_checks += 1
+        began = trio.current_time()
+        try:
+            with trio.fail_after(LIVENESS_TIMEOUT):
+                await self._check()
+        except (GcfsError, trio.TooSlowError) as exc:
+            if self.last_answer_at >= began or self.is_down():
+                return  # something else answered meanwhile, or another request found out
+            reason = "no answer" if isinstance(exc, trio.TooSlowError) else str(exc)
+            waited = trio.current_time() - began
+            self.gave_up(
+                Unreachable(
+                    f"no answer for {silence + waited:.1f} s, nor to a check ({reason})",
+                    timed_out=True,
+                )
+            )
+            for scope in list(self._waiting):
+                scope.cancel()
+            return
+        log.debug(
+            "%s: slow, not silent: a check answered after %.0f s of silence", self.origin, silence
+        )
+        self.last_answer_at = max(self.last_answer_at, trio.current_time())
 
     def failed(self, error: Exception) -> None:
         self.failures += 1
@@ -200,13 +303,14 @@ class OutageLog:
 
     def snapshot(self) -> dict[str, Any]:
         """For `gcfs status`: down (bool), down_since (epoch seconds, None), outages,
-        last_outage_seconds, probes."""
+        last_outage_seconds, probes, liveness_checks."""
         return {
             "down": self.is_down(),
             "down_since": None if self.down_since is None else round(self.down_since, 1),
             "outages": self.outages,
             "last_outage_seconds": None if self.last_outage is None else round(self.last_outage, 1),
             "probes": self.probes,
+            "liveness_checks": self.liveness_checks,
         }
 
     def _start_probe(self) -> None:
@@ -271,7 +375,16 @@ async def retrying(
         for number in range(1_000):
             began = trio.current_time()
             try:
-                result = await attempt()
+                if outage is None:
+                    result = await attempt()
+                else:
+                    with outage.attempt() as watched:
+                        result = await attempt()
+                    if watched.cancelled_caught:
+                        raise Unreachable(
+                            f"{what}: no answer, and {outage.origin} answers nothing",
+                            timed_out=True,
+                        )
             except Unavailable as exc:
                 if outage is not None:
                     outage.failed(exc)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from gcfs.fakegc import FakeGC
+from gcfs.retry import LIVENESS_TIMEOUT, STALL_AFTER
 from tests.conftest import Mount, poll, run_gcfs
 from tests.test_soak import timed
 
@@ -130,26 +132,29 @@ def test_a_gone_server_answers_at_once(
     assert "lung-nodule-reader-study" in os.listdir(mount.path / "reader-studies")
     back = status_of(mount)["outage"]
     assert not back["down"] and back["down_since"] is None
-    assert back["outages"] == 1 and back["last_outage_seconds"] > 0
+    assert back["outages"] == 1 and back["last_outage_seconds"] > 0, site_lines(mount, fake, "is")
     assert "offline since" not in (mount.path / "README.md").read_text()
     assert len(site_lines(mount, fake, "is down")) == 1
     assert len(site_lines(mount, fake, "is back")) == 1
     assert "last outage:" in run_gcfs("status", str(mount.path), timeout=30).stdout
 
 
+@pytest.mark.parametrize("seconds", [1.5, 3.0])
 def test_a_slow_server_is_not_down(
-    mount_gcfs: Callable[..., Mount], fake: FakeGC, world: Any, tmp_path: Path
+    mount_gcfs: Callable[..., Mount], fake: FakeGC, world: Any, tmp_path: Path, seconds: float
 ) -> None:
-    """Every answer takes 1.5 s (longer than the grace, shorter than the HTTP timeout): a
-    seen directory answers stale within the bar and its refresh finishes in the background,
-    so the change shows on a later look; nothing is ever called down, and what was never seen
-    is fetched (slowly) rather than refused."""
-    mount = mount_gcfs("--ttl", "1", "--timeout", TIMEOUT)
+    """Every answer takes 1.5 s (longer than the grace, shorter than the HTTP timeout), or
+    3 s (longer than STALL_AFTER too: the liveness check runs, and is answered in 3 s, within
+    LIVENESS_TIMEOUT): a seen directory answers stale within the bar and its refresh
+    finishes in the background, so the change shows on a later look; nothing is ever called
+    down, and what was never seen is fetched (slowly) rather than refused."""
+    timeout = TIMEOUT if seconds < 2 else "60"  # 3 s answers need more than a 3 s attempt
+    mount = mount_gcfs("--ttl", "1", "--timeout", timeout)
     items_dir = mount.path / "archives" / "lidc-lung-ct" / "items"
     items = sorted(os.listdir(items_dir))
     found = world.find_by_slug(world.archives.values(), "lidc-lung-ct")
     new = world.add_archive_item(found, [], title="added-while-slow")
-    fake.faults.configure(stall_rate=1.0, stall_seconds=1.5)
+    fake.faults.configure(stall_rate=1.0, stall_seconds=seconds)
 
     def shows_the_new_item() -> bool:
         took, names, error = timed(lambda: sorted(os.listdir(items_dir)))
@@ -166,3 +171,40 @@ def test_a_slow_server_is_not_down(
     assert not status_of(mount)["outage"]["down"]
     assert status_of(mount)["outage"]["outages"] == 0
     assert not site_lines(mount, fake, "is down")
+    if seconds > STALL_AFTER:  # the check ran, was answered, and called nothing down
+        assert status_of(mount)["outage"]["liveness_checks"] >= 1
+
+
+def test_a_black_hole_is_known_down_long_before_the_request_timeout(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC
+) -> None:
+    """The default timeouts (one HTTP attempt may wait 30 s): a server that accepts and never
+    answers is known down after one liveness check (STALL_AFTER + LIVENESS_TIMEOUT s after the
+    first unanswered request), not after 30 s; the look at a path never seen that found out
+    gets EIO then, and so does one that began while it waited."""
+    mount = mount_gcfs("--ttl", "1")
+    assert "archives" in os.listdir(mount.path)
+    fake.faults.configure(blackhole=True)
+    known_down = STALL_AFTER + LIVENESS_TIMEOUT
+    results: dict[str, tuple[float, Any, OSError | None]] = {}
+
+    def look(name: str, path: Path) -> None:
+        results[name] = timed(lambda: os.listdir(path))
+
+    first = threading.Thread(
+        target=look, args=("first", mount.path / "reader-studies" / "lung-nodule-reader-study")
+    )
+    second = threading.Thread(target=look, args=("second", mount.path / "algorithms"))
+    first.start()
+    poll(lambda: fake.faults.injected.get("blackhole", 0) > 0, 10, "the first held request")
+    second.start()  # while the first waits
+    first.join(60)
+    second.join(60)
+    for name in ("first", "second"):
+        took, _, error = results[name]
+        assert error is not None and error.errno == errno.EIO, (name, error)
+        assert took < known_down + 2.0, (name, took)  # 30 s before the liveness check
+    outage = status_of(mount)["outage"]
+    assert outage["down"] and outage["liveness_checks"] == 1, outage
+    assert len(site_lines(mount, fake, "is down")) == 1, mount.log_text()
+    assert "nor to a check" in site_lines(mount, fake, "is down")[0]

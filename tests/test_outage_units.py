@@ -14,8 +14,10 @@ from gcfs.cache import SLOW_MEMORY, STALE_GRACE, MetadataCache
 from gcfs.errors import NotFound, Unavailable
 from gcfs.retry import (
     CONFIRM_DOWN,
+    LIVENESS_TIMEOUT,
     PROBE_FIRST_DELAY,
     PROBE_MAX_DELAY,
+    STALL_AFTER,
     OutageLog,
     RetryPolicy,
     Unreachable,
@@ -254,3 +256,90 @@ async def test_without_a_nursery_callers_wait_as_before(
     start = trio.current_time()
     assert await cache.get("k", fetch) == "v"
     assert trio.current_time() - start == pytest.approx(5)
+
+
+async def hangs() -> str:
+    await trio.sleep_forever()
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("check_answers_after", [None, LIVENESS_TIMEOUT - 1])
+async def test_a_liveness_check_tells_a_silent_site_from_a_slow_one(
+    autojump_clock: trio.testing.MockClock, check_answers_after: float | None
+) -> None:
+    """Two requests wait on a site that answers nothing (the 45 s budget would be theirs).
+    After STALL_AFTER s of silence one check runs: if it gets no answer within
+    LIVENESS_TIMEOUT, the site is down and both requests end at once with its error; if it
+    answers, the site is slow and both keep waiting, and a check runs again only after
+    another STALL_AFTER s of silence."""
+    outage = OutageLog("site", fail_fast=True)
+    checks: list[float] = []
+
+    async def check() -> None:
+        checks.append(trio.current_time())
+        if check_answers_after is None:
+            await trio.sleep_forever()
+        await trio.sleep(check_answers_after)
+
+    async def probe() -> None:
+        await trio.sleep_forever()
+
+    ended: list[tuple[float, str]] = []
+
+    async def request(delay: float) -> None:
+        await trio.sleep(delay)
+        try:
+            await retrying(hangs, policy=POLICY, what="t", outage=outage)
+        except Unavailable as exc:
+            ended.append((trio.current_time(), str(exc)))
+
+    async with trio.open_nursery() as nursery:
+        outage.watch(nursery, probe, check=check)
+        start = trio.current_time()
+        nursery.start_soon(request, 0)
+        nursery.start_soon(request, 1)  # began later: ends with the first
+        if check_answers_after is None:
+            await trio.sleep(STALL_AFTER + LIVENESS_TIMEOUT + 1)
+            assert checks == [start + STALL_AFTER]
+            assert outage.is_down() and outage.liveness_checks == 1
+            assert [when for when, _ in ended] == [start + STALL_AFTER + LIVENESS_TIMEOUT] * 2
+            assert all("answers nothing" in text or "gave up" in text for _, text in ended)
+        else:
+            await trio.sleep(3 * (STALL_AFTER + check_answers_after))
+            assert not outage.is_down() and ended == []
+            first = start + STALL_AFTER
+            second = first + check_answers_after + STALL_AFTER
+            assert checks[:2] == [first, second], checks
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_check_while_the_site_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A request that waits long while others are answered is not silence: no check."""
+    outage = OutageLog("site", fail_fast=True)
+    checks = 0
+
+    async def check() -> None:
+        nonlocal checks
+        checks += 1
+
+    async def quick() -> str:
+        await trio.sleep(0.5)
+        return "ok"
+
+    async def probe() -> None:
+        pass
+
+    async with trio.open_nursery() as nursery:
+        outage.watch(nursery, probe, check=check)
+
+        async def slow() -> None:
+            with trio.move_on_after(20):
+                await retrying(hangs, policy=POLICY, what="t", outage=outage)
+
+        nursery.start_soon(slow)
+        for _ in range(30):  # an answer every 0.5 s for 15 s
+            assert await retrying(quick, policy=POLICY, what="t", outage=outage) == "ok"
+        assert checks == 0 and not outage.is_down()
+        nursery.cancel_scope.cancel()
