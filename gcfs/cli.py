@@ -850,7 +850,7 @@ def run_daemon(cfg: Config, *, demo: bool, on_ready: Callable[[], None]) -> None
         removed = runtime.remove_stale()
         if removed:
             log.info(
-                "removed %d log and pid files of mounts that ended over a week ago from %s",
+                "removed %d log, pid and socket files of mounts that ended over a week ago from %s",
                 len(removed),
                 runtime.runtime_dir(),
             )

@@ -117,22 +117,24 @@ def is_alive(pid: int) -> bool:
 # enough that a user mounting on a new mount point for each of 100 jobs a day keeps at most
 # ~700 ended mounts' files rather than every one since the machine was installed.
 STALE_AFTER = 7 * 24 * 3600.0
-# What remove_stale may remove: the pid file and the logs of a key, exactly as named above.
-# Not the socket: the daemon removes it as it stops, and a killed one's is replaced by the
-# next mount on that mount point (control.serve_control).
+# What remove_stale may remove: the pid file, the logs and the control socket of a key,
+# exactly as named above. The daemon removes its socket as it stops; a killed one's stays
+# until the next mount on that mount point replaces it (control.serve_control), which for a
+# batch job's one-off mount point is never: so it goes with the pid file.
 _BACKUPS = "|".join(str(n) for n in range(1, BACKUP_COUNT + 1))
-_STALE_NAME = re.compile(rf"([0-9a-f]{{16}})\.(?:pid|log(?:\.(?:{_BACKUPS}))?)")
+_STALE_NAME = re.compile(rf"([0-9a-f]{{16}})\.(?:pid|sock|log(?:\.(?:{_BACKUPS}))?)")
 _PID_LIMIT = 4096  # a pid file holds a pid and a mount point (PATH_MAX is 4096)
 
 
 def remove_stale(now: float | None = None) -> list[str]:
-    """Remove the pid files and logs of mounts that no longer run and that nothing has changed
-    for STALE_AFTER seconds; the names removed. Only names that match gcfs's own exactly,
-    only regular files with one link that the user owns (lstat: a link is never followed,
-    and is left alone), only in a runtime directory that is not a link and that only the
-    user may write. A key whose pid file holds a live pid keeps all its files (the mount's
-    own too: it writes its pid file first); one whose pid file cannot be read (a link, a
-    FIFO) also does. Never raises OSError: cleaning up is no reason for a mount to fail."""
+    """Remove the pid files, logs and sockets of mounts that no longer run and that nothing
+    has changed for STALE_AFTER seconds; the names removed. Only names that match gcfs's own
+    exactly, only regular files (a socket for `.sock`) with one link that the user owns
+    (lstat: a link is never followed, and is left alone), only in a runtime directory that is
+    not a link and that only the user may write. A key whose pid file holds a live pid keeps
+    all its files (the mount's own too: it writes its pid file first); one whose pid file
+    cannot be read (a link, a FIFO) also does. Never raises OSError: cleaning up is no reason
+    for a mount to fail."""
     now = time.time() if now is None else now
     try:
         fd = safeio.open_directory(runtime_dir())
@@ -152,8 +154,13 @@ def remove_stale(now: float | None = None) -> list[str]:
                 found = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except OSError:
                 continue
+            kind_ok = (
+                stat.S_ISSOCK(found.st_mode)
+                if name.endswith(".sock")
+                else stat.S_ISREG(found.st_mode)
+            )
             if (
-                not stat.S_ISREG(found.st_mode)
+                not kind_ok
                 or found.st_uid != os.getuid()
                 or found.st_nlink != 1
                 or now - found.st_mtime < STALE_AFTER

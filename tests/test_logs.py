@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import time
@@ -145,6 +146,14 @@ def write(path: Path, text: str, *, age: float) -> Path:
     return path
 
 
+def bound_socket(path: Path, *, age: float) -> Path:
+    """A unix socket file at `path`, as a daemon killed with -9 leaves its control socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(path))
+    set_age(path, age)
+    return path
+
+
 def set_age(path: Path, age: float) -> None:
     then = time.time() - age
     os.utime(path, (then, then), follow_symlinks=False)
@@ -157,15 +166,17 @@ def test_a_mount_removes_the_stale_logs_and_pid_files_of_ended_mounts_and_nothin
     mount_gcfs: Callable[..., Mount],
     tmp_path: Path,
 ) -> None:
-    """What a mount starting removes: the pid files and logs (with backups) of mounts whose
-    pid is gone, untouched for over a week. What it keeps: fresh ones; those of a running
-    daemon, however old; a symlink, a directory, a FIFO or a hard link with a gcfs name; and
-    names gcfs does not make (a fourth backup, other suffixes, capitals, 15 digits)."""
+    """What a mount starting removes: the pid files, logs (with backups) and control sockets
+    of mounts whose pid is gone, untouched for over a week. What it keeps: fresh ones; those
+    of a running daemon, however old; a symlink, a directory, a FIFO or a hard link with a
+    gcfs name; a regular file named like a socket; and names gcfs does not make (a fourth
+    backup, other suffixes, capitals, 15 digits)."""
     mount_in_background(fake, token_file, mountpoint)  # the live daemon
     run = runtime.runtime_dir()
     old = WEEK + 3600  # an hour past the week
     live_pid, live_log = runtime.pid_file(mountpoint), runtime.default_log_file(mountpoint)
-    for path in (live_pid, live_log):
+    live_sock = runtime.control_socket(mountpoint)
+    for path in (live_pid, live_log, live_sock):
         set_age(path, old)
 
     dead = dead_pid()
@@ -177,6 +188,7 @@ def test_a_mount_removes_the_stale_logs_and_pid_files_of_ended_mounts_and_nothin
         write(run / f"{k1}.log.3", "x\n", age=old),
         write(run / f"{k2}.log", "x\n", age=old),  # ended cleanly: no pid file
         write(run / f"{k2}.log.2", "x\n", age=old),
+        bound_socket(run / f"{k2}.sock", age=old),  # a killed daemon's control socket
     ]
     fresh = [
         write(run / f"{k3}.pid", f"{dead}\n/gone\n", age=60),
@@ -185,7 +197,7 @@ def test_a_mount_removes_the_stale_logs_and_pid_files_of_ended_mounts_and_nothin
     foreign = [
         write(run / f"{k1}.log.4", "x\n", age=old),
         write(run / f"{k1}.log.bak", "x\n", age=old),
-        write(run / f"{k1}.sock", "x\n", age=old),
+        write(run / f"{k1}.sock", "x\n", age=old),  # not a socket
         write(run / "notes.log", "x\n", age=old),
         write(run / f"{'A' * 16}.log", "x\n", age=old),
         write(run / f"{'4' * 15}.log", "x\n", age=old),
@@ -209,13 +221,14 @@ def test_a_mount_removes_the_stale_logs_and_pid_files_of_ended_mounts_and_nothin
     os.link(linked, hard)
     set_age(hard, old)
     kept = [*fresh, *foreign, link, directory, fifo, behind_fifo, hard, live_pid, live_log]
+    kept.append(live_sock)
 
     starting = mount_gcfs()  # a mount starting cleans up
     assert [p.name for p in stale if os.path.lexists(p)] == []
     assert [p.name for p in kept if not os.path.lexists(p)] == []
     assert link.is_symlink() and target.read_text() == "keep me\n"
     assert linked.exists() and hard.stat().st_nlink == 2
-    assert f"removed {len(stale)} log and pid files" in starting.log_text()
+    assert f"removed {len(stale)} log, pid and socket files" in starting.log_text()
     # The live daemon still logs to the file it kept.
     assert run_gcfs("refresh", str(mountpoint / "archives")).returncode == 0
     poll(lambda: "refresh archives" in live_log.read_text(), 10, "the live daemon's log line")
