@@ -134,6 +134,7 @@ class GcFilesystem:
         # What is known of each generated table (tree.TableState: stamps and size, a few
         # hundred bytes), by identity; its bytes live in the store.
         self.tables: LRUCache[str, tree.TableState] = LRUCache(TABLE_STATES)
+        self.table_renders = trio.CapacityLimiter(tree.TABLE_RENDERS)
         self.offline = offline
         self.root = root if root is not None else describe(RootDir("root", ""), "root")
         self.inodes.add_root(self.root)

@@ -32,7 +32,8 @@ import trio
 
 from . import layout, render, tables
 from .answers_csv import render_answers_csv
-from .errors import NotFound, one_error
+from .background import InternalError, report_bug
+from .errors import GcfsError, NotFound, Timeout, one_error
 from .listing import BATCH, Listing, ListingChildren
 from .metastore import StoreError, key_text
 from .names import is_uuid
@@ -292,6 +293,29 @@ class TableState:
     length: int = 0
     data: bytes | None = None  # only when the metadata store could not keep the bytes
     lock: trio.Lock = field(default_factory=trio.Lock)
+    render: TableRender | None = None  # the latest render, running or ended
+
+
+@dataclass
+class TableRender:
+    """One render of a table, run in the daemon's nursery rather than in the operation that
+    wanted it: a table that takes longer than the operation's deadline (items.csv takes
+    ~31 s per million rows here, the deadline is 60 s) keeps rendering after that operation
+    got EIO, and the next look finds it done instead of starting over, and failing, again."""
+
+    items_stamp: str  # of the listing it renders
+    done: trio.Event = field(default_factory=trio.Event)
+    error: GcfsError | None = None
+    # Cancelled when a newer render of the table starts: nobody waits on this one then (a
+    # waiter holds the table's lock), and its older table must not be stored over the newer.
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+# A render in the background still ends: after ten minutes (~20 million rows at the rate
+# above), it fails as an operation would, and the next look starts again.
+TABLE_RENDER_DEADLINE = 600.0
+# Renders at once: each holds its table's text (~55 bytes per row) until it is stored.
+TABLE_RENDERS = 2
 
 
 def _stamp(listing: Listing) -> str:
@@ -376,28 +400,73 @@ class TableFile(Node):
                     data = state.data if state.data is not None else self._stored_bytes(fs)
                     if data is not None and len(data) == length:
                         return data
-            started = trio.current_time()
-            stamp, chunks, length = await self._render(fs, listing)
-            log.info(
-                "%s: rendered %d bytes in %.1f s",
-                self.identity,
-                length,
-                trio.current_time() - started,
-            )
-            header = json.dumps({"stamp": stamp, "size": length, "format": tables.FORMAT})
-            # One copy of the text (the chunks go with this frame); bytes only for `open`.
-            body = "".join([header, "\n", *chunks])
-            del chunks
-            try:
-                # 200,000 rows are ~11 MB: written in a worker thread.
-                await trio.to_thread.run_sync(fs.store.put_answer, self.store_key, body, 0.0)
-                kept = None
-            except StoreError:
-                kept = body[len(header) + 1 :].encode()  # memory keeps it (bounded by fs.tables)
-            state.stamp, state.length, state.data = stamp, length, kept
+            render = state.render
+            # A render still running for this listing is joined (its first waiter ran out of
+            # time); one that ended is not reused: the state checks above found it stale.
+            if render is None or render.done.is_set() or render.items_stamp != items_stamp:
+                if render is not None:
+                    render.scope.cancel()
+                render = state.render = TableRender(items_stamp)
+                nursery = fs.listings.nursery
+                if nursery is None:  # no daemon nursery (a unit test): in this operation
+                    await self._render_into(fs, listing, render)
+                else:
+                    nursery.start_soon(self._render_into, fs, listing, render)
+            await render.done.wait()
+            if render.error is not None:
+                raise render.error
             if not want_bytes:
                 return None
-            return kept if kept is not None else body[len(header) + 1 :].encode()
+            data = state.data if state.data is not None else self._stored_bytes(fs)
+            if data is None or len(data) != state.length:
+                raise InternalError(f"{self.identity}: the rendered table was not kept")
+            return data
+
+    async def _render_into(self, fs: GcFilesystem, listing: Listing, render: TableRender) -> None:
+        """Render, store, and record the result in the shared state; then wake the waiters.
+        Raises nothing: it runs in the daemon's nursery, where an exception ends the mount."""
+        state = self.state
+        # Its rows stay while it reads them, however long: a refresh of the listing meanwhile
+        # (its TTL is 60 s) would otherwise delete the generation under the render.
+        fs.listings.pin(listing)
+        try:
+            with render.scope, trio.fail_after(TABLE_RENDER_DEADLINE):
+                async with fs.table_renders:
+                    started = trio.current_time()
+                    stamp, chunks, length = await self._render(fs, listing)
+                    log.info(
+                        "%s: rendered %d bytes in %.1f s",
+                        self.identity,
+                        length,
+                        trio.current_time() - started,
+                    )
+                    header = json.dumps({"stamp": stamp, "size": length, "format": tables.FORMAT})
+                    # One copy of the text (the chunks go with this frame).
+                    body = "".join([header, "\n", *chunks])
+                    del chunks
+                    try:
+                        # 200,000 rows are ~11 MB: written in a worker thread.
+                        await trio.to_thread.run_sync(
+                            fs.store.put_answer, self.store_key, body, 0.0
+                        )
+                        kept = None
+                    except StoreError:
+                        # Memory keeps it instead (bounded by fs.tables).
+                        kept = body[len(header) + 1 :].encode()
+                    state.stamp, state.length, state.data = stamp, length, kept
+        except GcfsError as exc:
+            render.error = exc
+        except trio.TooSlowError:
+            render.error = Timeout(
+                f"{self.identity}: rendering took over {TABLE_RENDER_DEADLINE:g} s"
+            )
+        except Exception as exc:
+            render.error = report_bug(f"rendering {self.name}", exc)
+        finally:
+            fs.listings.unpin(listing)
+            if render.scope.cancelled_caught:
+                render.error = Timeout(f"{self.identity}: superseded by a newer render")
+            render.done.set()
 
     def _stored(self, fs: GcFilesystem) -> tuple[dict[str, Any], str] | None:
         """The stored table's header and CSV text, if a table of this format is stored."""

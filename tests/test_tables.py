@@ -339,3 +339,38 @@ def test_listing_a_large_archive_does_not_wait_for_its_table(
     # What a directory walk sees (scandir's stat) is the same true size.
     sizes = {e.name: e.stat().st_size for e in os.scandir(directory) if e.is_file()}
     assert sizes["items.csv"] == size
+
+
+def test_a_render_that_outlives_its_operation_finishes_for_the_next_look(
+    mount_gcfs: Callable[..., Mount], fake: FakeGC
+) -> None:
+    """A table whose render takes longer than the operation that asked for it (a deadline of
+    4 s here; a table of millions of rows with the default 60 s): that operation gets EIO,
+    the render goes on in the background and is stored, and the next look reads it at once,
+    rendered once. Every answer takes 1.5 s (within the 2 s an attempt may take), and jobs.csv
+    needs three rounds of them: the jobs, each job's image filters (which fail with 500 as on
+    the real server), then each image."""
+    mount = mount_gcfs("--timeout", "4")
+    table = mount.path / "algorithms" / "corads-ai" / "jobs.csv"
+    assert "jobs.csv" in os.listdir(table.parent)
+    fake.faults.configure(stall_rate=1.0, stall_seconds=1.5, spare={"profiles-self"})
+    with pytest.raises(OSError) as late:
+        table.read_bytes()
+    assert late.value.errno == errno.EIO
+
+    def rendered() -> list[str]:
+        return [
+            line
+            for line in mount.log_text().splitlines()
+            if "jobs.csv" in line and "rendered" in line
+        ]
+
+    # Nothing looks at the mount meanwhile: the render that line reports is the first one,
+    # finishing after its operation gave up (before the change, it was cancelled with it).
+    poll(lambda: bool(rendered()), 60, "the render to finish in the background")
+    fake.faults.clear()
+    fake.reset_counts()
+    header, rows = read_table(table)
+    assert header[:2] == ["pk", "status"] and len(rows) == 3
+    assert fake.requests == []  # the stored render, within the TTL
+    assert len(rendered()) == 1, rendered()
