@@ -70,6 +70,21 @@ def plant(kind: str, shared: Path, lab: Lab) -> Path:
     return target
 
 
+def runtime_env(shared: Path) -> dict[str, str]:
+    """The environment of a user whose runtime directory is to be made in `shared`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["XDG_RUNTIME_DIR"] = str(shared)
+    return env
+
+
+def mount(
+    fake: FakeGC, token_file: Path, mountpoint: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """`gcfs mount` in the background, as a user types it."""
+    command = ["mount", str(mountpoint), "--base-url", fake.base_url]
+    return run_gcfs(*command, "--token-file", str(token_file), env=env, timeout=60)
+
+
 KINDS = [
     "link to a directory of root's",
     "another user's directory",
@@ -86,19 +101,8 @@ def test_a_planted_runtime_directory_is_refused_and_left_alone(
     before = {path: state(path) for path in (planted, victim)}
     mountpoint = tmp_path / "gc"
     mountpoint.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    env["XDG_RUNTIME_DIR"] = str(shared)
-
-    mounting = run_gcfs(
-        "mount",
-        str(mountpoint),
-        "--base-url",
-        fake.base_url,
-        "--token-file",
-        str(token_file),
-        env=env,
-        timeout=60,
-    )
+    env = runtime_env(shared)
+    mounting = mount(fake, token_file, mountpoint, env)
     if os.path.ismount(mountpoint):  # it should not have mounted: leave no mount behind
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False, timeout=30)
     assert mounting.returncode == 1, mounting.stderr
@@ -125,18 +129,8 @@ def test_a_missing_runtime_directory_is_made_private(
     """The same shared directory, nothing planted: gcfs makes its own, 0700, and mounts."""
     mountpoint = tmp_path / "gc"
     mountpoint.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    env["XDG_RUNTIME_DIR"] = str(shared)
-    mounting = run_gcfs(
-        "mount",
-        str(mountpoint),
-        "--base-url",
-        fake.base_url,
-        "--token-file",
-        str(token_file),
-        env=env,
-        timeout=60,
-    )
+    env = runtime_env(shared)
+    mounting = mount(fake, token_file, mountpoint, env)
     try:
         assert mounting.returncode == 0, mounting.stderr
         made = (shared / "gcfs").lstat()
