@@ -16,6 +16,7 @@ pid files that no running mount owns and nothing has written for a week (`remove
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -43,10 +44,17 @@ def runtime_dir() -> Path:
     try:
         # O_NOFOLLOW: a link in its place is refused (ELOOP), and so is anything not a directory.
         fd, _ = safeio.make_directory(path, 0o700)
-    except OSError as exc:
+    except FileNotFoundError:
         raise UnsafeRuntimeDir(
-            f"cannot use {path} for gcfs's pid and log files ({exc.strerror}); it must be a"
-            f" directory of yours, not a link: remove it, or set XDG_RUNTIME_DIR"
+            f"XDG_RUNTIME_DIR names {path.parent}, which does not exist: make it, or unset it"
+        ) from None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EEXIST):
+            what = "it is a link or not a directory: remove it, or set XDG_RUNTIME_DIR"
+        else:
+            what = "set XDG_RUNTIME_DIR to a directory of yours"
+        raise UnsafeRuntimeDir(
+            f"cannot use {path} for gcfs's pid and log files ({exc.strerror}); {what}"
         ) from None
     try:
         info = os.fstat(fd)

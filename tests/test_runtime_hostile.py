@@ -139,3 +139,19 @@ def test_a_missing_runtime_directory_is_made_private(
         assert any(name.endswith(".pid") for name in os.listdir(shared / "gcfs"))
     finally:
         assert run_gcfs("umount", str(mountpoint), env=env).returncode == 0
+
+
+def test_a_runtime_directory_named_where_nothing_is_is_one_line(
+    fake: FakeGC, token_file: Path, tmp_path: Path
+) -> None:
+    """XDG_RUNTIME_DIR kept from another login (`su`), naming a directory that is not there:
+    one line that says so, and nothing is made in its place."""
+    missing = tmp_path / "run-of-a-login-gone"
+    mountpoint = tmp_path / "gc"
+    mountpoint.mkdir()
+    mounting = mount(fake, token_file, mountpoint, runtime_env(missing))
+    assert mounting.returncode == 1, mounting.stderr
+    assert mounting.stderr.strip().splitlines() == [
+        f"gcfs: XDG_RUNTIME_DIR names {missing}, which does not exist: make it, or unset it"
+    ]
+    assert not missing.exists() and not os.path.ismount(mountpoint)
