@@ -52,7 +52,16 @@ from .blockindex import KIND_BLOCK, KIND_DROPPED, RECORD_SIZE, parse_records
 from .blockstore import DEFAULT_BLOCK_SIZE, INDEX_LIMIT
 from .errors import UserError
 from .progress import ProgressLine, fetch_parallel
-from .snapshot import FORMAT, TREE, TREE_DEPTH_LIMIT, TREE_LIMIT, decode_json, too_deep, walk_files
+from .snapshot import (
+    FORMAT,
+    IDENTIFIERS,
+    TREE,
+    TREE_DEPTH_LIMIT,
+    TREE_LIMIT,
+    decode_json,
+    too_deep,
+    walk_files,
+)
 from .units import format_size
 
 SHOWN = "the snapshot directory given with --verify"  # never its path: an option's value
@@ -117,7 +126,11 @@ def verify_command(directory: Path, *, jobs: int = DEFAULT_JOBS, out: TextIO | N
             checker.close()
     finally:
         os.close(top)
-    files = sum(len(paths) for _, paths in keys.values()) + len(problems)  # tree's problems
+    # Counted as the manifest and `gcfs snapshot` count files: images/<pk> and api/ hold paths
+    # to files already counted under archives/, algorithms/ and reader-studies/.
+    paths = [path for _, named in keys.values() for path in named] + [p for p, _ in problems]
+    files = sum(1 for path in paths if not _is_identifier(path))
+    also = _also(len(paths) - files)
     for key, checked in results.items():
         for path in keys[key][1]:
             problems.extend((path, problem) for problem in checked.problems)
@@ -132,19 +145,34 @@ def verify_command(directory: Path, *, jobs: int = DEFAULT_JOBS, out: TextIO | N
         f"; {records} damaged index record{'s' if records != 1 else ''} skipped" if records else ""
     )
     if problems:
-        damaged = len({path for path, _ in problems})
+        bad = {path for path, _ in problems}
+        damaged = sum(1 for path in bad if not _is_identifier(path))
+        if len(bad) > damaged:
+            also = _also(len(paths) - files, damaged=len(bad) - damaged)
         print(
-            f"snapshot damaged: {damaged} of {files} files missing or damaged; "
+            f"snapshot damaged: {damaged} of {files} files{also} missing or damaged; "
             f"{blocks} blocks ({format_size(read)}) checked in {elapsed:.1f} s{skipped}",
             file=stream,
         )
         return 1
     print(
-        f"snapshot intact: {files} files, {blocks} blocks ({format_size(read)}) read and "
+        f"snapshot intact: {files} files{also}, {blocks} blocks ({format_size(read)}) read and "
         f"checked in {elapsed:.1f} s ({speed}){skipped}",
         file=stream,
     )
     return 0
+
+
+def _is_identifier(path: str) -> bool:
+    return path.split("/", 1)[0] in IDENTIFIERS
+
+
+def _also(count: int, *, damaged: int = 0) -> str:
+    """What the summary adds about paths under images/ and api/ (none: nothing)."""
+    if not count:
+        return ""
+    of_them = f", {damaged} of them damaged" if damaged else ""
+    return f" (and {count} paths to them under images/ and api/{of_them})"
 
 
 # -- what the tree names ------------------------------------------------------------------

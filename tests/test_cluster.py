@@ -453,10 +453,19 @@ def store_files(snapshot: Path, spec: dict[str, Any]) -> tuple[Path, Path]:
     return folder / f"{digest}.data", folder / f"{digest}.index"
 
 
-def showing(files: dict[str, dict[str, Any]], *paths: str) -> int:
-    """How many paths of the tree show the files at `paths` (their store keys)."""
-    keys = {files[path]["key"] for path in paths}
-    return sum(1 for spec in files.values() if spec.get("key") in keys)
+def counted(files: dict[str, dict[str, Any]], *damaged: str) -> str:
+    """The summary's count of `files` as `gcfs snapshot` and the manifest count them (the
+    paths under images/ and api/ show files counted elsewhere), with the paths that show
+    the `damaged` files' bytes counted the same way."""
+    extra = [path for path in files if path.split("/", 1)[0] in ("images", "api")]
+    keys = {files[path]["key"] for path in damaged}
+    bad = [path for path, spec in files.items() if spec.get("key") in keys]
+    bad_extra = [path for path in bad if path in extra]
+    of_them = f", {len(bad_extra)} of them damaged" if bad_extra else ""
+    also = f" (and {len(extra)} paths to them under images/ and api/{of_them})" if extra else ""
+    if not damaged:
+        return f"{len(files) - len(extra)} files{also}"
+    return f"{len(bad) - len(bad_extra)} of {len(files) - len(extra)} files{also}"
 
 
 def path_of(files: dict[str, dict[str, Any]], name: str) -> str:
@@ -497,7 +506,8 @@ def test_snapshot_verify_passes_an_intact_snapshot_and_changes_nothing(
     assert state() == before
     files = tree_files(snapshot)
     lines = checked.stdout.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"snapshot intact: {len(files)} files, ")
+    assert len(lines) == 1 and lines[0].startswith(f"snapshot intact: {counted(files)}, ")
+    assert "(and " in lines[0]  # the images/<pk> paths of the archive's images
     stored = sum(-(-spec["size"] // MiB) for spec in {s["key"]: s for s in files.values()}.values())
     assert f" {stored} blocks " in lines[0], (stored, lines[0])
 
@@ -540,9 +550,10 @@ def test_snapshot_verify_names_missing_and_damaged_files_by_their_path(
     ), lines
     intact = path_of(files, "verified-03.mha")
     assert not any(line.startswith(intact) for line in lines)
-    # Counted by path: a damaged file is also shown under images/<pk>/ (offline parity).
-    shown = showing(files, removed, flipped, cut)
-    assert lines[-1].startswith(f"snapshot damaged: {shown} of {len(files)} files"), lines[-1]
+    # A damaged file is also shown under images/<pk>/ (offline parity): counted there apart.
+    expected = f"snapshot damaged: {counted(files, removed, flipped, cut)} missing or damaged"
+    assert lines[-1].startswith(expected), (lines[-1], expected)
+    assert "3 of them damaged" in lines[-1]
 
 
 def test_snapshot_verify_reports_planted_links_without_following_them(
@@ -572,5 +583,5 @@ def test_snapshot_verify_reports_planted_links_without_following_them(
     lines = checked.stdout.splitlines()
     assert f"{linked}: its data file is a symbolic link (not followed)" in lines
     assert f"{fifo}: its index file is not a regular file" in lines
-    shown = showing(files, linked, fifo)
-    assert lines[-1].startswith(f"snapshot damaged: {shown} of {len(files)} files"), lines[-1]
+    expected = f"snapshot damaged: {counted(files, linked, fifo)} missing or damaged"
+    assert lines[-1].startswith(expected), (lines[-1], expected)
