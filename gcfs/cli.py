@@ -998,7 +998,7 @@ def unmount(path: Path, *, lazy: bool = False) -> int:
     from .control import GCFS_TYPE, mount_type
 
     mountpoint = path.expanduser().absolute()
-    pid = runtime.read_pid(mountpoint)
+    pid = runtime.daemon_pid(mountpoint)
     kind = mount_type(mountpoint)
     if kind is None:
         raise UserError(f"{path} is not mounted")

@@ -136,13 +136,6 @@ def _canonical(path: str) -> str:
     return os.path.join(os.path.realpath(parent), name)
 
 
-def _own_process(pid: int) -> bool:
-    try:
-        return os.stat(f"/proc/{pid}").st_uid == os.getuid()
-    except OSError:
-        return False
-
-
 def ask_status(sock_path: Path, timeout: float) -> dict[str, Any]:
     """The daemon's status, within `timeout` seconds in all; OSError or ValueError if not."""
     deadline = time.monotonic() + timeout
@@ -178,7 +171,7 @@ def _describe(mountpoint: str, pid_file: _PidFile | None, timeout: float) -> Mou
             "XDG_RUNTIME_DIR?); `gcfs status` may still reach it from that environment",
         )
     info = MountInfo(mountpoint, "answering", pid=pid_file.pid, log_file=pid_file.log_file)
-    if not runtime.is_alive(pid_file.pid) or not _own_process(pid_file.pid):
+    if not runtime.is_alive(pid_file.pid) or not runtime.is_gcfs_process(pid_file.pid):
         info.state = "no daemon"
         info.problem = (
             f"its daemon (pid {pid_file.pid}) is gone; unmount with: gcfs umount {mountpoint}"

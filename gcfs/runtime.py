@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
 import re
 import stat
@@ -104,6 +105,36 @@ def read_pid(mountpoint: Path) -> int | None:
         return int(first)
     except (OSError, ValueError, UnsafeRuntimeDir):  # never a pid another user wrote
         return None
+
+
+def daemon_pid(mountpoint: Path) -> int | None:
+    """The pid in the mount's pid file while it is still a gcfs process of ours. A daemon
+    killed with -9 leaves its pid file, and its pid may be given to another process since:
+    `gcfs umount` waits for the daemon and then sends it SIGTERM, which must never reach the
+    user's editor or job that got the pid."""
+    pid = read_pid(mountpoint)
+    return pid if pid is not None and is_alive(pid) and is_gcfs_process(pid) else None
+
+
+def is_gcfs_process(pid: int) -> bool:
+    """Whether `pid` is a process of this user running gcfs: its command line names gcfs
+    (`gcfs ...`, `mount.gcfs ...`, `python .../bin/gcfs ...`, `python -m gcfs ...`), as every
+    daemon's does (a background daemon is a fork of its `gcfs mount`; `mount.gcfs` runs the
+    daemon in its own process, `python -m gcfs.mount_helper` in the tests)."""
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return False
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            words = cmdline.read(1 << 16).split(b"\0")
+    except OSError:
+        return False
+    head = words[:4]  # the program, or an interpreter and its script or `-m MODULE`
+    if any(os.path.basename(word) in (b"gcfs", b"mount.gcfs") for word in head[:2]):
+        return True
+    return any(
+        flag == b"-m" and (module == b"gcfs" or module.startswith(b"gcfs."))
+        for flag, module in itertools.pairwise(head)
+    )
 
 
 def is_alive(pid: int) -> bool:
@@ -204,4 +235,4 @@ def _key_alive(key: str, dir_fd: int) -> bool:
         pid = int(data.split(b"\n", 1)[0])
     except ValueError:
         return False
-    return pid > 0 and is_alive(pid)
+    return pid > 0 and is_alive(pid) and is_gcfs_process(pid)

@@ -165,9 +165,11 @@ def test_a_mount_removes_the_stale_logs_and_pid_files_of_ended_mounts_and_nothin
     mountpoint: Path,
     mount_gcfs: Callable[..., Mount],
     tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     """What a mount starting removes: the pid files, logs (with backups) and control sockets
-    of mounts whose pid is gone, untouched for over a week. What it keeps: fresh ones; those
+    of mounts whose pid is gone (or now names a process that is not gcfs), untouched for over
+    a week. What it keeps: fresh ones; those
     of a running daemon, however old; a symlink, a directory, a FIFO or a hard link with a
     gcfs name; a regular file named like a socket; and names gcfs does not make (a fourth
     backup, other suffixes, capitals, 15 digits)."""
@@ -180,6 +182,8 @@ def test_a_mount_removes_the_stale_logs_and_pid_files_of_ended_mounts_and_nothin
         set_age(path, old)
 
     dead = dead_pid()
+    bystander = subprocess.Popen(["sleep", "300"])
+    request.addfinalizer(bystander.kill)
     k1, k2, k3 = "1" * 16, "2" * 16, "3" * 16
     stale = [
         write(run / f"{k1}.pid", f"{dead}\n/gone\n", age=old),
@@ -189,6 +193,9 @@ def test_a_mount_removes_the_stale_logs_and_pid_files_of_ended_mounts_and_nothin
         write(run / f"{k2}.log", "x\n", age=old),  # ended cleanly: no pid file
         write(run / f"{k2}.log.2", "x\n", age=old),
         bound_socket(run / f"{k2}.sock", age=old),  # a killed daemon's control socket
+        # A killed daemon whose pid went to another process of ours since (not gcfs).
+        write(run / f"{'a' * 16}.pid", f"{bystander.pid}\n/gone\n", age=old),
+        write(run / f"{'a' * 16}.log", "x\n", age=old),
     ]
     fresh = [
         write(run / f"{k3}.pid", f"{dead}\n/gone\n", age=60),

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gcfs import cli, mounts
+from gcfs import cli, mounts, runtime
 from gcfs.control import format_duration
 from gcfs.fakegc import DEMO_TOKEN, FakeGC
 from gcfs.units import format_size
@@ -156,6 +156,31 @@ def test_a_mount_whose_daemon_was_killed_is_listed_with_the_fix(
     text = block_of(gcfs_ok("mounts"), mount.path)
     assert text[0] == f"{mount.path}  (no daemon)"
     assert "  log:       stderr (the journal under systemd)" in text
+
+
+def test_a_killed_daemons_pid_given_to_another_process_is_never_signalled(
+    mount_gcfs: Callable[..., Mount],
+) -> None:
+    """A daemon killed with -9 leaves its pid file; the kernel may give its pid to another
+    process of the user since (here: that file names a `sleep` of ours). `gcfs mounts` says
+    the daemon is gone, and `gcfs umount` unmounts at once without waiting for that process
+    or sending it SIGTERM, which it did after waiting 10 s before."""
+    mount = mount_gcfs()
+    assert mount.process is not None
+    mount.process.kill()
+    mount.process.wait(timeout=10)
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        pid_file = runtime.pid_file(mount.path)
+        pid_file.write_text(f"{bystander.pid}\n{mount.path}\n\n", encoding="utf-8")
+        shown = mounts_json()[str(mount.path)]
+        assert shown["state"] == "no daemon", shown
+        assert run_gcfs("umount", str(mount.path), timeout=60).returncode == 0
+        assert not os.path.ismount(mount.path)
+        assert bystander.poll() is None  # alive: neither waited for nor signalled
+    finally:
+        bystander.kill()
+        bystander.wait(timeout=10)
 
 
 def test_only_the_callers_gcfs_mounts_are_listed() -> None:
