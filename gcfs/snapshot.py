@@ -193,7 +193,9 @@ def _read_json(directory_fd: int, name: str, limit: int) -> Any:
         os.close(fd)
 
 
-def _open_directory(directory: Path, shown: str) -> int:
+def open_snapshot_directory(directory: Path, shown: str) -> int:
+    """A descriptor of the snapshot directory the user named (their path: links followed);
+    one line naming it as `shown` when it cannot be opened."""
     try:
         return safeio.open_directory(directory, follow=True)
     except FileNotFoundError:
@@ -207,7 +209,7 @@ def _open_directory(directory: Path, shown: str) -> int:
 def load_manifest(directory: Path, shown: str | None = None) -> dict[str, Any] | None:
     """The manifest of the snapshot in `directory`; None when there is none. `shown` names
     the directory in messages (default: its path)."""
-    fd = _open_directory(directory, shown or str(directory))
+    fd = open_snapshot_directory(directory, shown or str(directory))
     try:
         return _manifest_at(fd, shown or str(directory))
     finally:
@@ -230,7 +232,7 @@ def _manifest_at(directory_fd: int, shown: str) -> dict[str, Any] | None:
 
 def load_tree(directory: Path, shown: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The root of the recorded tree in `directory`, and the manifest that belongs to it."""
-    fd = _open_directory(directory, shown or str(directory))
+    fd = open_snapshot_directory(directory, shown or str(directory))
     try:
         return _tree_at(fd, shown or str(directory))
     finally:
@@ -1052,6 +1054,7 @@ __all__ = [
     "generated_key",
     "load_manifest",
     "load_tree",
+    "open_snapshot_directory",
     "snapshot_command",
     "too_deep",
     "walk_files",

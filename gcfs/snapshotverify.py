@@ -59,6 +59,7 @@ from .snapshot import (
     TREE_DEPTH_LIMIT,
     TREE_LIMIT,
     decode_json,
+    open_snapshot_directory,
     too_deep,
     walk_files,
 )
@@ -95,14 +96,7 @@ def verify_command(directory: Path, *, jobs: int = DEFAULT_JOBS, out: TextIO | N
     """`gcfs snapshot --verify DIR` (module docstring): 0 when intact, 1 when not."""
     stream = out or sys.stdout
     started = time.monotonic()
-    try:
-        top = safeio.open_directory(directory.expanduser().absolute(), follow=True)
-    except FileNotFoundError:
-        raise UserError(f"{SHOWN} does not exist") from None
-    except NotADirectoryError:
-        raise UserError(f"{SHOWN} is not a directory") from None
-    except OSError as exc:
-        raise UserError(f"cannot open {SHOWN}: {exc.strerror}") from None
+    top = open_snapshot_directory(directory.expanduser().absolute(), SHOWN)
     try:
         root = _load_tree(top)
         keys, problems = _files_by_key(root)

@@ -453,6 +453,19 @@ def store_files(snapshot: Path, spec: dict[str, Any]) -> tuple[Path, Path]:
     return folder / f"{digest}.data", folder / f"{digest}.index"
 
 
+def verified_snapshot(
+    mount_gcfs: Callable[..., Mount], world: Any, tmp_path: Path
+) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """A snapshot of the archive `verified` (VERIFIED_SIZES), taken and the mount gone; its
+    directory and the files its tree records."""
+    add_archive(world, "verified", VERIFIED_SIZES)
+    online = mount_gcfs("--cache-dir", str(tmp_path / "cache"))
+    snapshot = tmp_path / "snapshot"
+    take_snapshot(online, snapshot, "archives/verified")
+    online.unmount()
+    return snapshot, tree_files(snapshot)
+
+
 def counted(files: dict[str, dict[str, Any]], *damaged: str) -> str:
     """The summary's count of `files` as `gcfs snapshot` and the manifest count them (the
     paths under images/ and api/ show files counted elsewhere), with the paths that show
@@ -518,12 +531,7 @@ def test_snapshot_verify_names_missing_and_damaged_files_by_their_path(
     """A removed data file, a flipped byte in block 2 and an index cut in its second record:
     each reported by the file's path in the tree, the blocks named; the intact files are
     not named; exit 1."""
-    add_archive(world, "verified", VERIFIED_SIZES)
-    online = mount_gcfs("--cache-dir", str(tmp_path / "cache"))
-    snapshot = tmp_path / "snapshot"
-    take_snapshot(online, snapshot, "archives/verified")
-    online.unmount()
-    files = tree_files(snapshot)
+    snapshot, files = verified_snapshot(mount_gcfs, world, tmp_path)
     removed, flipped, cut = (path_of(files, f"verified-{n:02d}.mha") for n in range(3))
     store_files(snapshot, files[removed])[0].unlink()
     data = store_files(snapshot, files[flipped])[0]
@@ -562,12 +570,7 @@ def test_snapshot_verify_reports_planted_links_without_following_them(
     """A shared snapshot directory is hostile: a data file replaced by a symlink to an intact
     copy of its bytes is reported, not followed (followed, the copy would pass), and an
     index replaced by a FIFO is reported at once, not waited on."""
-    add_archive(world, "verified", VERIFIED_SIZES)
-    online = mount_gcfs("--cache-dir", str(tmp_path / "cache"))
-    snapshot = tmp_path / "snapshot"
-    take_snapshot(online, snapshot, "archives/verified")
-    online.unmount()
-    files = tree_files(snapshot)
+    snapshot, files = verified_snapshot(mount_gcfs, world, tmp_path)
     linked, fifo = path_of(files, "verified-00.mha"), path_of(files, "verified-01.mha")
     data = store_files(snapshot, files[linked])[0]
     copy = tmp_path / "elsewhere.data"
